@@ -1,0 +1,221 @@
+"""Log-semiring tensor kernels: the only place where tensors meet arithmetic.
+
+Every tensor handled here has leading *batch* dims (broadcast like torch) followed
+by *labelled* dims, one per character of a label string.  The kernels are
+
+* :func:`log_reduce`: ``log(sum(exp(x)))`` over some labelled dims (stable, exact);
+* :func:`log_contract_pair`: ``log(einsum(exp(a), exp(b)))`` for two operands, by
+  the fast path of appendix E (per-operand max shift, ``exp``, BLAS einsum,
+  ``log``) followed by a *repair* of the entries where that fast path lost
+  precision (they are recomputed with a gathered, blocked logsumexp);
+* :func:`log_product`: the plate product, i.e. a plain sum of log-factors over dims.
+
+``-inf`` (zero probability) is a first-class value: results are ``-inf`` exactly
+where every term is ``-inf`` and gradients stay finite (zero for terms of zero
+weight); no kernel produces NaN from finite or ``-inf`` input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+# Entries of the fast-path sum C = sum_j exp(a_ij - a_i) exp(b_jk - b_k) below
+# this fraction of the dtype's range are recomputed.  C >= max term, and terms
+# are lost only below the denormal threshold (2**-126 in float32), so C above
+# sqrt(tiny) (2**-63 in float32) carries full relative precision.
+_REPAIR_BLOCK_ELEMENTS = 1 << 22
+
+
+def _threshold(dtype: torch.dtype) -> float:
+    return math.sqrt(torch.finfo(dtype).tiny)
+
+
+def _labelled_dims(ndim: int, labels: str, subset: Sequence[str]) -> Tuple[int, ...]:
+    offset = ndim - len(labels)
+    return tuple(offset + labels.index(c) for c in subset)
+
+
+def _max_shift(x: torch.Tensor, dims: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Max over ``dims`` (keepdim, detached): returns (raw, finite) versions.
+
+    ``raw`` keeps ``-inf`` where a whole slice is ``-inf``; ``finite`` has 0 there so
+    that ``x - finite`` never produces NaN.
+    """
+    raw = x.detach().amax(dim=dims, keepdim=True)
+    return raw, torch.nan_to_num(raw, nan=0.0, neginf=0.0, posinf=0.0)
+
+
+def log_reduce(x: torch.Tensor, labels: str, keep: str) -> torch.Tensor:
+    """``log(sum(exp(x)))`` over the labelled dims not in ``keep``; exact and stable.
+
+    Args:
+        x: tensor ``(*batch, *labels)``.
+        labels: one character per trailing dim of ``x``.
+        keep: labels to keep, in the order wanted for the result.
+
+    Returns:
+        tensor ``(*batch, *keep)``.  ``-inf`` where every summed term is ``-inf``,
+        with zero (not NaN) gradient there.
+    """
+    summed = [c for c in labels if c not in keep]
+    if summed:
+        dims = _labelled_dims(x.dim(), labels, summed)
+        raw, shift = _max_shift(x, dims)
+        total = torch.exp(x - shift).sum(dim=dims, keepdim=True)
+        # total is 0 only where every term is -inf, otherwise >= 1: the clamp makes
+        # log's gradient finite there and the raw (-inf) max restores the value.
+        x = torch.log(total.clamp_min(0.5)) + raw
+        x = x.squeeze(dims) if len(dims) > 0 else x
+        labels = "".join(c for c in labels if c in keep)
+    return align(x, labels, keep)
+
+
+def align(x: torch.Tensor, labels: str, target: str) -> torch.Tensor:
+    """Permute the labelled dims of ``x`` to ``target`` order, inserting size-1 dims
+    for labels of ``target`` that ``x`` lacks (a view, no copy)."""
+    if labels == target:
+        return x
+    nbatch = x.dim() - len(labels)
+    present = [c for c in target if c in labels]
+    perm = list(range(nbatch)) + [nbatch + labels.index(c) for c in present]
+    x = x.permute(perm)
+    if len(present) != len(target):
+        shape = list(x.shape[:nbatch])
+        sizes = dict(zip(present, x.shape[nbatch:]))
+        shape += [sizes.get(c, 1) for c in target]
+        x = x.reshape(shape)
+    return x
+
+
+def log_product(x: torch.Tensor, labels: str, keep: str) -> torch.Tensor:
+    """Product over plate dims in the log domain: sum ``x`` over labels not in ``keep``."""
+    summed = [c for c in labels if c not in keep]
+    if summed:
+        x = x.sum(dim=_labelled_dims(x.dim(), labels, summed))
+        labels = "".join(c for c in labels if c in keep)
+    return align(x, labels, keep)
+
+
+def _batch_shape(a: torch.Tensor, la: str, b: torch.Tensor, lb: str) -> torch.Size:
+    return torch.broadcast_shapes(a.shape[: a.dim() - len(la)], b.shape[: b.dim() - len(lb)])
+
+
+def log_contract_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str) -> torch.Tensor:
+    """``log(einsum('...la,...lb->...out', exp(a), exp(b)))`` without over/underflow.
+
+    Labels of ``a`` or ``b`` missing from ``out`` are summed.  The fast path shifts
+    each operand by its max over its summed labels, so every exponential is <= 1
+    and the BLAS sum cannot overflow; entries whose sum fell below ``sqrt(tiny)``
+    (maxima of the two operands at different, far-apart positions) are detected
+    and recomputed exactly by :func:`_repair`.
+
+    Args:
+        a: ``(*batch_a, *la)``; b: ``(*batch_b, *lb)``.
+        out: labels of the result, each in ``la`` or ``lb``.
+
+    Returns:
+        ``(*broadcast(batch_a, batch_b), *out)``.
+    """
+    sum_a = [c for c in la if c not in out]
+    sum_b = [c for c in lb if c not in out]
+    if not sum_a or not sum_b:
+        # One side has nothing to sum: reduce the other exactly, then broadcast-add.
+        ra = log_reduce(a, la, "".join(c for c in out if c in la))
+        rb = log_reduce(b, lb, "".join(c for c in out if c in lb))
+        ka = "".join(c for c in out if c in la)
+        kb = "".join(c for c in out if c in lb)
+        return align(ra, ka, out) + align(rb, kb, out)
+
+    raw_a, shift_a = _max_shift(a, _labelled_dims(a.dim(), la, sum_a))
+    raw_b, shift_b = _max_shift(b, _labelled_dims(b.dim(), lb, sum_b))
+    inplace = not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+    ea = (a - shift_a).exp_() if inplace else torch.exp(a - shift_a)
+    eb = (b - shift_b).exp_() if inplace else torch.exp(b - shift_b)
+    total = torch.einsum(f"...{la},...{lb}->...{out}", ea, eb)
+    del ea, eb
+    ka = "".join(c for c in la if c not in sum_a)
+    kb = "".join(c for c in lb if c not in sum_b)
+    sa = align(_squeeze_labels(raw_a, la, sum_a), ka, out)
+    sb = align(_squeeze_labels(raw_b, lb, sum_b), kb, out)
+    thr = _threshold(total.dtype)
+    needs_repair = total.numel() > 0 and bool(total.amin() < thr)
+    flagged = total < thr if needs_repair else None
+    tiny = torch.finfo(total.dtype).tiny
+    if inplace:
+        result = total.clamp_min_(tiny).log_().add_(sa).add_(sb)
+    else:
+        result = torch.log(total.clamp_min(tiny)) + sa + sb
+    if flagged is not None:
+        # Structural zeros (an operand's slice entirely -inf) are already exact:
+        # the raw -inf shift made those entries -inf.
+        flagged &= result > -math.inf
+        index = flagged.reshape(-1).nonzero().squeeze(-1)
+        if index.numel():
+            result = _repair(a, la, b, lb, out, result, index)
+    return result
+
+
+def _squeeze_labels(x: torch.Tensor, labels: str, summed: Sequence[str]) -> torch.Tensor:
+    dims = _labelled_dims(x.dim(), labels, summed)
+    return x.squeeze(dims) if dims else x
+
+
+def _repair(
+    a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str, result: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """Recompute ``result.flatten()[index]`` exactly: for each flagged output entry,
+    gather its row of ``a`` and column of ``b`` over the summed labels and take a
+    stable logsumexp, in blocks of bounded memory.  Differentiable."""
+    # Labels summed on one side only are reduced exactly first.
+    shared = [c for c in la if c in lb and c not in out]
+    a = log_reduce(a, la, "".join(c for c in la if c in out or c in lb))
+    la = "".join(c for c in la if c in out or c in lb)
+    b = log_reduce(b, lb, "".join(c for c in lb if c in out or c in la))
+    lb = "".join(c for c in lb if c in out or c in la)
+    batch = tuple(result.shape[: result.dim() - len(out)])
+    out_sizes = dict(zip(out, result.shape[len(batch) :]))
+    coords = torch.unravel_index(index, result.shape)
+
+    def rows(x: torch.Tensor, lx: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        kept = "".join(c for c in out if c in lx)
+        x = align(x, lx, kept + "".join(shared))
+        x = x.expand(*batch, *x.shape[x.dim() - len(kept) - len(shared) :])
+        kept_sizes = [out_sizes[c] for c in kept]
+        x = x.reshape(-1, math.prod(x.shape[len(batch) + len(kept) :]))
+        # flat row index over (*batch, *kept)
+        row = torch.zeros_like(index)
+        for dim, size in zip(range(len(batch)), batch):
+            row = row * size + coords[dim]
+        for c, size in zip(kept, kept_sizes):
+            row = row * size + coords[len(batch) + out.index(c)]
+        return x, row
+
+    a2, row_a = rows(a, la)
+    b2, row_b = rows(b, lb)
+    width = a2.shape[-1]
+    block = max(1, _REPAIR_BLOCK_ELEMENTS // max(1, width))
+    values = [
+        log_reduce(a2[row_a[i : i + block]] + b2[row_b[i : i + block]], "bj", "b")
+        for i in range(0, index.numel(), block)
+    ]
+    fixed = result.reshape(-1).index_put((index,), torch.cat(values))
+    return fixed.reshape(result.shape)
+
+
+def log_contract(operands: Sequence[torch.Tensor], labels: Sequence[str], out: str) -> torch.Tensor:
+    """One step of a plan: a unary reduction or a pairwise contraction; more
+    operands are folded left to right (plans built here never need it)."""
+    if len(operands) == 1:
+        return log_reduce(operands[0], labels[0], out)
+    x, lx = operands[0], labels[0]
+    for i in range(1, len(operands)):
+        rest = set("".join(labels[i + 1 :])) | set(out)
+        lo = "".join(dict.fromkeys(c for c in lx + labels[i] if c in rest))
+        if i == len(operands) - 1:
+            lo = out
+        x = log_contract_pair(x, lx, operands[i], labels[i], lo)
+        lx = lo
+    return x

@@ -1,0 +1,274 @@
+"""Structure -> Plan.  Works on labels and sizes only; never touches a tensor.
+
+A plan is a list of *stages* over numbered values (the inputs are ``0..n-1``,
+every stage appends one value):
+
+* :class:`EinsumStage`: a log-domain einsum of some values, executed as a
+  pairwise path (``steps``), optionally sliced to respect a memory limit;
+* :class:`ProductStage`: a plate product, i.e. a sum of log-factors over plate dims.
+
+Plates are eliminated by tensor variable elimination (Obermeyer et al. 2019, as
+in Pyro's ``contract_tensor_tree``): take a maximal set of plates L present among
+the factors; within each component of factors in L connected by indices whose
+plates are exactly L, sum those indices out with the plate dims as batch dims
+(one einsum); the remaining indices live in a smaller plate set L'; multiply over
+the plates L \\ L'; repeat until no plate is left, then contract what remains.
+When L' = L the plates cannot be eliminated without unrolling, and compilation
+fails with an error naming the factors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+import networkx as nx
+from networkx.algorithms.approximation import treewidth_min_degree, treewidth_min_fill_in
+from opt_einsum import get_symbol
+
+from . import paths
+from .errors import TMCError
+
+if TYPE_CHECKING:
+    from .graph import FactorGraph
+    from .plan import Plan
+
+Step = Tuple[Tuple[int, ...], Tuple[str, ...], str]  # linear positions, operand labels, result labels
+
+
+@dataclass(frozen=True)
+class EinsumStage:
+    """A log-einsum of values ``inputs`` (labels ``input_labels``) to ``output_labels``.
+
+    ``steps`` follow ``path`` (linear format).  ``slices`` lists ``(label, chunk)``:
+    the stage runs once per chunk of each sliced label; chunks of kept labels are
+    concatenated, chunks of summed labels accumulated by logsumexp.
+    """
+
+    inputs: Tuple[int, ...]
+    input_labels: Tuple[str, ...]
+    output_labels: str
+    sizes: Tuple[Tuple[str, int], ...]
+    path: Tuple[Tuple[int, ...], ...]
+    steps: Tuple[Step, ...]
+    candidates: Tuple[paths.Candidate, ...]
+    slices: Tuple[Tuple[str, int], ...]
+
+    @property
+    def cost(self) -> paths.PathCost:
+        return self.candidates[0].cost
+
+
+@dataclass(frozen=True)
+class ProductStage:
+    """Sum the log-value ``inputs[0]`` over the plate dims not in ``output_labels``."""
+
+    inputs: Tuple[int]
+    input_labels: Tuple[str]
+    output_labels: str
+
+
+Stage = object  # EinsumStage | ProductStage
+
+
+def _slice_stage(steps: Sequence[Step], output: str, sizes: Dict[str, int], limit: int) -> Tuple[Tuple[str, int], ...]:
+    """Choose chunk sizes so that every intermediate has at most ``limit`` elements.
+
+    Kept labels are chunked first (exact, no extra FLOPs), summed labels after
+    (their chunks are accumulated in the log domain).  Best effort: an
+    intermediate made only of labels already at chunk 1 cannot shrink further.
+    """
+    chunk: Dict[str, int] = {}
+
+    def size(labels: str) -> int:
+        return math.prod(chunk.get(c, sizes[c]) for c in labels)
+
+    while True:
+        worst = max((result for _, _, result in steps), key=size, default="")
+        largest = size(worst)
+        if largest <= limit:
+            break
+        kept = [c for c in worst if c in output and chunk.get(c, sizes[c]) > 1]
+        summed = [c for c in worst if c not in output and chunk.get(c, sizes[c]) > 1]
+        pool = kept or summed
+        if not pool:
+            break
+        label = max(pool, key=lambda c: chunk.get(c, sizes[c]))
+        factor = -(-largest // limit)
+        chunk[label] = max(1, chunk.get(label, sizes[label]) // factor)
+    return tuple(sorted(chunk.items()))
+
+
+def compile_einsum(
+    inputs: Sequence[str],
+    output: str,
+    sizes: Dict[str, int],
+    *,
+    input_ids: Optional[Sequence[int]] = None,
+    optimize: str = "auto",
+    memory_limit: Optional[int] = None,
+) -> EinsumStage:
+    """Plan one log-einsum: search paths, expand the winner into steps, slice."""
+    candidates = paths.search(inputs, output, sizes, optimize)
+    best = candidates[0]
+    steps = [
+        (tuple(positions), operands, result)
+        for (operands, result), positions in zip(paths.step_outputs(inputs, output, list(best.path)), best.path)
+    ]
+    used = set("".join(inputs)) | set(output)
+    stage_sizes = {c: sizes[c] for c in used}
+    slices = _slice_stage(steps, output, stage_sizes, memory_limit) if memory_limit is not None else ()
+    return EinsumStage(
+        inputs=tuple(input_ids if input_ids is not None else range(len(inputs))),
+        input_labels=tuple(inputs),
+        output_labels=output,
+        sizes=tuple(sorted(stage_sizes.items())),
+        path=best.path,
+        steps=tuple(steps),
+        candidates=tuple(candidates),
+        slices=slices,
+    )
+
+
+def label_treewidth(terms: Sequence[str]) -> int:
+    """Upper bound on the tree-width of the interaction graph of ``terms``' labels
+    (the better of networkx's min-fill-in and min-degree heuristics)."""
+    g = nx.Graph()
+    for term in terms:
+        g.add_nodes_from(term)
+        g.add_edges_from((a, b) for i, a in enumerate(term) for b in term[i + 1 :])
+    if g.number_of_nodes() == 0:
+        return 0
+    return min(treewidth_min_fill_in(g)[0], treewidth_min_degree(g)[0])
+
+
+def _check_optimize(optimize: str) -> None:
+    if optimize not in paths.OPTIMIZERS:
+        raise TMCError(f"unknown optimize={optimize!r}; expected one of {sorted(paths.OPTIMIZERS)}")
+
+
+def _check_memory_limit(memory_limit: Optional[int]) -> None:
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 1):
+        raise TMCError(f"memory_limit must be None or a positive int (elements), got {memory_limit!r}")
+
+
+_GRAPH_CACHE: "OrderedDict[tuple, Plan]" = OrderedDict()
+_CACHE_SIZE = 128
+
+
+def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit: Optional[int] = None) -> "Plan":
+    """Compile a :class:`~tmcgraph.FactorGraph` (see the module doc); cached by structure."""
+    from .plan import InputSpec, Plan
+
+    _check_optimize(optimize)
+    _check_memory_limit(memory_limit)
+    key = (graph.structure_key(), optimize, memory_limit)
+    if key in _GRAPH_CACHE:
+        _GRAPH_CACHE.move_to_end(key)
+        return _GRAPH_CACHE[key]
+    if not graph.factors:
+        raise TMCError("the factor graph has no factors; declare at least one with g.factor(...)")
+
+    symbol: Dict[str, str] = {}
+    for name in list(graph.plates) + list(graph.indices):
+        symbol[name] = get_symbol(len(symbol))
+    names = {s: n for n, s in symbol.items()}
+    sizes = {symbol[p]: s for p, s in graph.plates.items()}
+    sizes.update({symbol[i]: spec.size for i, spec in graph.indices.items()})
+    index_plates = {symbol[i]: frozenset(spec.plates) for i, spec in graph.indices.items()}
+    plate_order = {symbol[p]: k for k, p in enumerate(graph.plates)}
+
+    def plate_labels(plates: FrozenSet[str]) -> str:
+        return "".join(sorted((symbol[p] for p in plates), key=plate_order.__getitem__))
+
+    inputs = []
+    # live values: id -> (labels, ordinal, factor names it came from)
+    live: Dict[int, Tuple[str, FrozenSet[str], Tuple[str, ...]]] = {}
+    for k, (name, spec) in enumerate(graph.factors.items()):
+        labels = "".join(symbol[p] for p in spec.plates) + "".join(symbol[i] for i in spec.indices)
+        dims = tuple(f"plate {p!r}" for p in spec.plates) + tuple(f"index {i!r}" for i in spec.indices)
+        inputs.append(InputSpec(name, labels, graph.factor_shape(name), dims))
+        live[k] = (labels, frozenset(spec.plates), (name,))
+
+    stages: List[Stage] = []
+
+    def add(stage: Stage, ordinal: FrozenSet[str], origin: Tuple[str, ...]) -> None:
+        stages.append(stage)
+        live[len(inputs) + len(stages) - 1] = (stage.output_labels, ordinal, origin)
+
+    while True:
+        ordinals = {o for _, o, _ in live.values()}
+        if ordinals <= {frozenset()}:
+            break
+        leaf = max((o for o in ordinals if not any(o < p for p in ordinals)), key=lambda o: (len(o), sorted(o)))
+        level = [k for k, (_, o, _) in live.items() if o == leaf]
+        local = {c for k in level for c in live[k][0] if c in index_plates and index_plates[c] == leaf}
+        # connected components of the level's values, linked by local indices
+        comp = nx.Graph()
+        comp.add_nodes_from(level)
+        owner: Dict[str, int] = {}
+        for k in level:
+            for c in live[k][0]:
+                if c in local:
+                    if c in owner:
+                        comp.add_edge(owner[c], k)
+                    owner[c] = k
+        for members in sorted(nx.connected_components(comp), key=min):
+            members = sorted(members)
+            origin = tuple(n for k in members for n in live[k][2])
+            rest = "".join(dict.fromkeys(c for k in members for c in live[k][0] if c in index_plates and c not in local))
+            parent = frozenset().union(*(index_plates[c] for c in rest)) if rest else frozenset()
+            if parent == leaf:
+                culprits = [n for n in origin if any(symbol[i] in rest for i in graph.factors[n].indices)]
+                described = ", ".join(f"{names[c]!r} (plates {sorted(index_plates[c])})" for c in rest)
+                raise TMCError(
+                    f"factor {culprits[0]!r} (plates {sorted(leaf)}) couples indices {described} whose plates are "
+                    f"not nested: contracting them would require unrolling a plate. Restructure the model so that "
+                    f"the plates of the indices a factor touches are nested (factors involved: {culprits})"
+                )
+            labels_in = [live[k][0] for k in members]
+            value, value_labels = members[0], labels_in[0]
+            has_local = any(c in local for c in "".join(labels_in))
+            if len(members) > 1 or has_local:
+                out = plate_labels(leaf) + rest
+                stage = compile_einsum(
+                    labels_in, out, sizes, input_ids=members, optimize=optimize, memory_limit=memory_limit
+                )
+                stages.append(stage)  # consumed at once by the product below
+                value, value_labels = len(inputs) + len(stages) - 1, out
+            for k in members:
+                del live[k]
+            keep = plate_labels(parent) + rest
+            add(ProductStage((value,), (value_labels,), keep), parent, origin)
+    final = sorted(live)
+    stages.append(
+        compile_einsum(
+            [live[k][0] for k in final], "", sizes, input_ids=final, optimize=optimize, memory_limit=memory_limit
+        )
+    )
+    untouched = [i for i in graph.indices if not any(i in f.indices for f in graph.factors.values())]
+    constant = sum(
+        math.log(graph.indices[i].size) * math.prod(graph.plates[p] for p in graph.indices[i].plates)
+        for i in untouched
+    )
+    treewidth = label_treewidth(["".join(symbol[i] for i in f.indices) for f in graph.factors.values()])
+    log10_naive = sum(
+        math.log10(spec.size) * math.prod(graph.plates[p] for p in spec.plates) for spec in graph.indices.values()
+    ) + math.log10(max(1, sum(math.prod(graph.plates[p] for p in f.plates) for f in graph.factors.values())))
+    plan = Plan(
+        inputs=tuple(inputs),
+        stages=tuple(stages),
+        output_labels="",
+        label_names=tuple(sorted(names.items())),
+        constant=constant,
+        treewidth=treewidth,
+        log10_naive_flops=log10_naive,
+        optimize=optimize,
+        memory_limit=memory_limit,
+    )
+    _GRAPH_CACHE[key] = plan
+    if len(_GRAPH_CACHE) > _CACHE_SIZE:
+        _GRAPH_CACHE.popitem(last=False)
+    return plan

@@ -1,0 +1,6 @@
+"""The one error type of tmcgraph."""
+
+
+class TMCError(ValueError):
+    """Bad input to tmcgraph: the message names the factor, index, plate, operand
+    or argument, says what was expected and what was found."""

@@ -1,0 +1,330 @@
+"""Plan: runs compiled stages on tensors; explains itself.  Never parses."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import opt_einsum
+import torch
+from opt_einsum import paths as oe_paths
+
+from ._kernels import align, log_contract, log_product, log_reduce
+from .compile import EinsumStage, ProductStage, _slice_stage
+from .errors import TMCError
+
+_STACK_LABEL = opt_einsum.get_symbol(100_000)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of a plan: its name, labels, non-batch shape and a name per dim."""
+
+    name: str
+    labels: str
+    shape: Tuple[int, ...]
+    dims: Tuple[str, ...]
+    kind: str = "factor"
+
+    @property
+    def what(self) -> str:
+        return f"{self.kind} {self.name!r}"
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One pairwise/unary step or plate product of a plan (for ``describe``)."""
+
+    kind: str  # "contract" | "product"
+    operands: Tuple[int, ...]  # value ids (inputs first, then one per step)
+    operand_labels: Tuple[str, ...]
+    result_labels: str
+    flops: int
+    size: int
+
+
+def _run_steps(stage: EinsumStage, operands: Sequence[torch.Tensor]) -> torch.Tensor:
+    work = list(zip(operands, stage.input_labels))
+    for positions, _, result in stage.steps:
+        taken = [work[p] for p in sorted(positions)]
+        for p in sorted(positions, reverse=True):
+            work.pop(p)
+        value = log_contract([t for t, _ in taken], [lab for _, lab in taken], result)
+        work.append((value, result))
+    (value, labels), = work
+    return align(value, labels, stage.output_labels)
+
+
+def _run_sliced(stage: EinsumStage, operands: Sequence[torch.Tensor]) -> torch.Tensor:
+    sizes = dict(stage.sizes)
+    out = stage.output_labels
+    sliced_labels = [label for label, _ in stage.slices]
+    starts_per_label = [range(0, sizes[label], chunk) for label, chunk in stage.slices]
+    kept = [k for k, label in enumerate(sliced_labels) if label in out]
+    partial: Dict[tuple, List[torch.Tensor]] = {}
+    for starts in itertools.product(*starts_per_label):
+        pieces = []
+        for t, labels in zip(operands, stage.input_labels):
+            for (label, chunk), start in zip(stage.slices, starts):
+                if label in labels:
+                    dim = t.dim() - len(labels) + labels.index(label)
+                    t = t.narrow(dim, start, min(chunk, sizes[label] - start))
+            pieces.append(t)
+        partial.setdefault(tuple(starts[k] for k in kept), []).append(_run_steps(stage, pieces))
+    combined = {
+        key: parts[0] if len(parts) == 1 else log_reduce(torch.stack(parts, -1), out + _STACK_LABEL, out)
+        for key, parts in partial.items()
+    }
+
+    def assemble(level: int, prefix: tuple) -> torch.Tensor:
+        if level == len(kept):
+            return combined[prefix]
+        label = sliced_labels[kept[level]]
+        dim = out.index(label) - len(out)
+        chunks = [assemble(level + 1, prefix + (s,)) for s in starts_per_label[kept[level]]]
+        return torch.cat(chunks, dim=dim)
+
+    return assemble(0, ())
+
+
+class Plan:
+    """A compiled contraction: structure and sizes only, reused across evaluations.
+
+    Built by :meth:`tmcgraph.FactorGraph.compile` (or internally by
+    :func:`tmcgraph.log_einsum`).  Evaluate with :meth:`log_sum`.
+
+    Attributes:
+        treewidth: upper bound on the tree-width of the interaction graph of the
+            indices (networkx min-fill-in / min-degree); the compiled cost grows
+            like ``K ** (treewidth + 1)``.
+        flops: FLOPs of the chosen contraction (opt_einsum's count).
+        largest_intermediate: elements of the largest intermediate per batch
+            element (after slicing, if a memory limit applies).
+        path: the whole plan as an opt_einsum linear path over the inputs
+            (plate products appear as single-operand steps).
+    """
+
+    def __init__(
+        self,
+        *,
+        inputs: Tuple[InputSpec, ...],
+        stages: Tuple[object, ...],
+        output_labels: str,
+        label_names: Tuple[Tuple[str, str], ...],
+        constant: float,
+        treewidth: int,
+        log10_naive_flops: float,
+        optimize: str,
+        memory_limit: Optional[int],
+    ) -> None:
+        self.inputs = inputs
+        self.stages = stages
+        self.output_labels = output_labels
+        self._names = dict(label_names)
+        self.constant = constant
+        self.treewidth = treewidth
+        self.log10_naive_flops = log10_naive_flops
+        self.optimize = optimize
+        self.memory_limit = memory_limit
+        self._input_index = {spec.name: k for k, spec in enumerate(inputs)}
+        self.steps, self.path = self._trace()
+        self.flops = sum(step.flops for step in self.steps)
+        self.largest_intermediate = max((self._stage_largest(s) for s in stages), default=1)
+
+    # -- structure ----------------------------------------------------------
+    def _trace(self) -> Tuple[Tuple[StepInfo, ...], List[Tuple[int, ...]]]:
+        value_id = list(range(len(self.inputs)))  # plan value -> global ssa id
+        next_id = len(self.inputs)
+        ssa: List[Tuple[int, ...]] = []
+        infos: List[StepInfo] = []
+        for stage in self.stages:
+            if isinstance(stage, ProductStage):
+                labels = stage.input_labels[0]
+                sizes = self._sizes_of(labels)
+                ids = (value_id[stage.inputs[0]],)
+                infos.append(StepInfo("product", ids, (labels,), stage.output_labels, math.prod(sizes), math.prod(self._sizes_of(stage.output_labels))))
+                ssa.append(ids)
+                value_id.append(next_id)
+                next_id += 1
+                continue
+            assert isinstance(stage, EinsumStage)
+            sizes = dict(stage.sizes)
+            work = [value_id[k] for k in stage.inputs]
+            for positions, operand_labels, result in stage.steps:
+                ids = tuple(work[p] for p in sorted(positions))
+                for p in sorted(positions, reverse=True):
+                    work.pop(p)
+                touched = set("".join(operand_labels))
+                flops = opt_einsum.helpers.flop_count(touched, len(touched) > len(result), len(ids), sizes)
+                infos.append(StepInfo("contract", ids, operand_labels, result, flops, math.prod(sizes[c] for c in result)))
+                ssa.append(ids)
+                work.append(next_id)
+                next_id += 1
+            value_id.append(work[0])
+        return tuple(infos), [tuple(p) for p in oe_paths.ssa_to_linear(ssa)]
+
+    def _sizes_of(self, labels: str) -> List[int]:
+        for stage in self.stages:
+            if isinstance(stage, EinsumStage):
+                sizes = dict(stage.sizes)
+                if all(c in sizes for c in labels):
+                    return [sizes[c] for c in labels]
+        out = []
+        for c in labels:  # labels only seen by inputs
+            for spec in self.inputs:
+                if c in spec.labels:
+                    out.append(spec.shape[spec.labels.index(c)])
+                    break
+        return out
+
+    @staticmethod
+    def _stage_largest(stage: object) -> int:
+        if isinstance(stage, EinsumStage):
+            sizes = dict(stage.sizes)
+            sizes.update(dict(stage.slices))
+            return max((math.prod(sizes[c] for c in result) for _, _, result in stage.steps), default=1)
+        return 1
+
+    def _names_of(self, labels: str) -> str:
+        return "[" + ",".join(self._names.get(c, c) for c in labels) + "]"
+
+    def describe(self) -> str:
+        """A readable summary: tree-width, chosen and candidate paths, per-step costs,
+        naive versus compiled cost."""
+        lines = [
+            f"tmcgraph Plan: {len(self.inputs)} inputs, {len(self.steps)} steps in {len(self.stages)} stages",
+            f"  tree-width (upper bound, min-fill/min-degree): {self.treewidth}",
+            f"  compiled cost: {self.flops:.3g} FLOPs, largest intermediate {self.largest_intermediate:,} elements",
+            f"  naive cost (every joint assignment of every index copy): ~1e{self.log10_naive_flops:.1f} FLOPs",
+        ]
+        for k, stage in enumerate(self.stages):
+            if isinstance(stage, EinsumStage):
+                tried = "; ".join(
+                    f"{c.optimizer} {c.cost.flops:.3g} FLOPs ({1e3 * c.seconds:.1f} ms)" for c in stage.candidates
+                )
+                lines.append(f"  stage {k}: optimizer {stage.candidates[0].optimizer!r} chosen among: {tried}")
+                if stage.slices:
+                    sliced = ", ".join(f"{self._names.get(c, c)} in chunks of {n}" for c, n in stage.slices)
+                    lines.append(f"    sliced for memory_limit={self.memory_limit}: {sliced}")
+        lines.append("  steps:")
+        for n, step in enumerate(self.steps):
+            operands = " * ".join(
+                (self.inputs[i].name if i < len(self.inputs) else f"#{i - len(self.inputs)}") + self._names_of(lab)
+                for i, lab in zip(step.operands, step.operand_labels)
+            )
+            verb = "prod" if step.kind == "product" else "sum"
+            lines.append(
+                f"    #{n}: {verb} {operands} -> {self._names_of(step.result_labels)}"
+                f"   {step.flops:.3g} FLOPs, {step.size:,} elements"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Plan(inputs={len(self.inputs)}, treewidth={self.treewidth}, flops={self.flops:.3g})"
+
+    # -- evaluation ---------------------------------------------------------
+    @functools.lru_cache(maxsize=32)
+    def _stages_for(self, batch_numel: int) -> Tuple[object, ...]:
+        """Stages re-sliced so that intermediates of a whole batch fit the limit."""
+        if self.memory_limit is None or batch_numel <= 1:
+            return self.stages
+        limit = max(1, self.memory_limit // batch_numel)
+        return tuple(
+            dataclasses.replace(s, slices=_slice_stage(s.steps, s.output_labels, dict(s.sizes), limit))
+            if isinstance(s, EinsumStage)
+            else s
+            for s in self.stages
+        )
+
+    def run(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Evaluate on already validated tensors, in input order (no checks)."""
+        values: List[torch.Tensor] = list(tensors)
+        batch = torch.broadcast_shapes(*(t.shape[: t.dim() - len(s.labels)] for t, s in zip(tensors, self.inputs)))
+        for stage in self._stages_for(math.prod(batch)):
+            operands = [values[k] for k in stage.inputs]  # type: ignore[attr-defined]
+            if isinstance(stage, ProductStage):
+                values.append(log_product(operands[0], stage.input_labels[0], stage.output_labels))
+            elif stage.slices:
+                values.append(_run_sliced(stage, operands))
+            else:
+                values.append(_run_steps(stage, operands))
+        result = values[-1]
+        if result.shape[: result.dim() - len(self.output_labels)] != batch:
+            result = result.expand(*batch, *result.shape[result.dim() - len(self.output_labels) :])
+        return result + self.constant if self.constant else result
+
+    def log_sum(self, factors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``log sum_{index copies} exp(sum of factor copies)``.
+
+        Args:
+            factors: factor name -> tensor ``(*batch, *plates, *indices)`` in the
+                factor's declared orders.  Batch shapes broadcast across factors.
+
+        Returns:
+            tensor ``(*batch,)``: differentiable, ``-inf`` where every term has zero
+            weight.
+
+        Raises:
+            TMCError: a missing or unknown factor, a shape that does not match the
+                declaration (names the dim), incompatible batch shapes, mixed
+                devices, a non-floating dtype, or NaN / +inf in a factor.
+        """
+        if not isinstance(factors, Mapping):
+            raise TMCError(f"log_sum expects a mapping from factor name to tensor, got {type(factors).__name__}")
+        missing = [s.name for s in self.inputs if s.name not in factors]
+        if missing:
+            raise TMCError(f"no tensor given for factor(s) {missing}; log_sum needs one per declared factor")
+        unknown = [name for name in factors if name not in self._input_index]
+        if unknown:
+            raise TMCError(f"tensor(s) given for undeclared factor(s) {unknown}; declared: {[s.name for s in self.inputs]}")
+        tensors = [factors[s.name] for s in self.inputs]
+        tensors = check_operands(tensors, self.inputs)
+        result = self.run(tensors)
+        check_result(result, tensors, self.inputs)
+        return result
+
+
+def check_operands(tensors: Sequence[torch.Tensor], specs: Sequence[InputSpec]) -> List[torch.Tensor]:
+    """Validate shapes, dtypes and devices against the declarations; promote dtypes."""
+    for t, spec in zip(tensors, specs):
+        if not isinstance(t, torch.Tensor):
+            raise TMCError(f"{spec.what}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TMCError(f"{spec.what}: expected a floating-point tensor of log-values, got dtype {t.dtype}")
+        n = len(spec.shape)
+        expected = "(*batch, " + ", ".join(f"{d}={s}" for d, s in zip(spec.dims, spec.shape)) + ")"
+        if t.dim() < n:
+            raise TMCError(f"{spec.what}: expected shape {expected}, got {tuple(t.shape)} (too few dims)")
+        for k, (got, want) in enumerate(zip(t.shape[t.dim() - n :], spec.shape)):
+            if got != want:
+                raise TMCError(
+                    f"{spec.what}: dim {t.dim() - n + k} ({spec.dims[k]}) has size {got}, expected {want}; "
+                    f"expected shape {expected}, got {tuple(t.shape)}"
+                )
+    try:
+        torch.broadcast_shapes(*(t.shape[: t.dim() - len(s.shape)] for t, s in zip(tensors, specs)))
+    except RuntimeError:
+        batches = {s.name: tuple(t.shape[: t.dim() - len(s.shape)]) for t, s in zip(tensors, specs)}
+        raise TMCError(f"batch shapes (leading dims) do not broadcast: {batches}") from None
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise TMCError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def check_result(result: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Sequence[InputSpec]) -> None:
+    """NaN or +inf out means NaN or +inf in (the kernels create neither): name the culprit.
+
+    Checking the result (one reduction) instead of every input keeps the common
+    path cheap."""
+    if bool(torch.isnan(result).any()) or bool((result == math.inf).any()):
+        for t, spec in zip(tensors, specs):
+            if bool(torch.isnan(t).any()):
+                raise TMCError(f"{spec.what} contains NaN; log-factors must be finite or -inf")
+            if bool((t == math.inf).any()):
+                raise TMCError(f"{spec.what} contains +inf; log-factors must be finite or -inf")
