@@ -134,7 +134,7 @@ def log_contract_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: s
     inplace = not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
     ea = (a - shift_a).exp_() if inplace else torch.exp(a - shift_a)
     eb = (b - shift_b).exp_() if inplace else torch.exp(b - shift_b)
-    total = torch.einsum(f"...{la},...{lb}->...{out}", ea, eb)
+    total = _einsum(la, lb, out, ea, eb)
     del ea, eb
     ka = "".join(c for c in la if c not in sum_a)
     kb = "".join(c for c in lb if c not in sum_b)
@@ -156,6 +156,17 @@ def log_contract_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: s
         if index.numel():
             result = _repair(a, la, b, lb, out, result, index)
     return result
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _einsum(la: str, lb: str, out: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``torch.einsum`` with batch ellipsis; labels renamed to letters if needed."""
+    if not all(c in _LETTERS for c in la + lb):
+        rename = {c: _LETTERS[k] for k, c in enumerate(dict.fromkeys(la + lb))}
+        la, lb, out = ("".join(rename[c] for c in s) for s in (la, lb, out))
+    return torch.einsum(f"...{la},...{lb}->...{out}", x, y)
 
 
 def _squeeze_labels(x: torch.Tensor, labels: str, summed: Sequence[str]) -> torch.Tensor:

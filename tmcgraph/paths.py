@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
@@ -185,10 +186,12 @@ def _cotengra(inputs: List[FrozenSet[str]], output: FrozenSet[str], sizes: Dict[
         import cotengra
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise TMCError("optimize='cotengra' needs the cotengra package: pip install cotengra") from exc
-    opt = cotengra.HyperOptimizer(
-        max_repeats=64, max_time=2.0, progbar=False, minimize="flops", parallel=False
-    )
-    return list(opt(inputs, output, sizes))
+    with warnings.catch_warnings():  # "kahypar not installed": cotengra falls back on its own
+        warnings.simplefilter("ignore", UserWarning)
+        opt = cotengra.HyperOptimizer(
+            max_repeats=64, max_time=2.0, progbar=False, minimize="flops", parallel=False
+        )
+        return list(opt(inputs, output, sizes))
 
 
 def cotengra_available() -> bool:

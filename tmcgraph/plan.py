@@ -216,7 +216,7 @@ class Plan:
                 (self.inputs[i].name if i < len(self.inputs) else f"#{i - len(self.inputs)}") + self._names_of(lab)
                 for i, lab in zip(step.operands, step.operand_labels)
             )
-            verb = "prod" if step.kind == "product" else "sum"
+            verb = "plate-product" if step.kind == "product" else "contract"
             lines.append(
                 f"    #{n}: {verb} {operands} -> {self._names_of(step.result_labels)}"
                 f"   {step.flops:.3g} FLOPs, {step.size:,} elements"

@@ -1,0 +1,95 @@
+"""Every declaration/compile/evaluation error names what is wrong; the CLI runs."""
+
+import math
+
+import pytest
+import torch
+
+import tmcgraph
+from tmcgraph.cli import main
+
+
+def _graph():
+    g = tmcgraph.FactorGraph().plate("N", 3).index("theta", 4).index("z", 2, plates=["N"])
+    return g.factor("prior", ["theta"]).factor("lik", ["theta", "z"], plates=["N"])
+
+
+def _factors():
+    return {"prior": torch.zeros(4), "lik": torch.zeros(3, 4, 2)}
+
+
+@pytest.mark.parametrize(
+    "declare,match",
+    [
+        (lambda g: g.plate("N", 2), "plate 'N': the name is already declared as plate"),
+        (lambda g: g.index("N", 2), "index 'N': the name is already declared as plate"),
+        (lambda g: g.index("z", 2), "index 'z': the name is already declared as index"),
+        (lambda g: g.index("w", 0), "index 'w': size must be a positive int"),
+        (lambda g: g.plate("M", 2.5), "plate 'M': size must be a positive int"),
+        (lambda g: g.index("w", 2, plates=["M"]), "index 'w': plate 'M' is not declared"),
+        (lambda g: g.factor("prior", ["theta"]), "factor 'prior' is already declared"),
+        (lambda g: g.factor("f", ["nope"]), "factor 'f': index 'nope' is not declared"),
+        (lambda g: g.factor("f", "theta"), "factor 'f': indices must be a list"),
+        (lambda g: g.factor("f", ["theta", "theta"]), "an index appears twice"),
+        (lambda g: g.factor("f", ["z"]), r"factor 'f': index 'z' lives in plates \['N'\]"),
+        (lambda g: g.factor("f", ["theta"], plates=["N", "N"]), "a plate appears twice"),
+        (lambda g: g.factor("", ["theta"]), "factor name must be a non-empty string"),
+    ],
+)
+def test_declaration_errors(declare, match):
+    with pytest.raises(tmcgraph.TMCError, match=match):
+        declare(_graph())
+
+
+def test_non_nested_plates_are_refused_naming_the_factor():
+    g = tmcgraph.FactorGraph().plate("A", 2).plate("B", 3)
+    g.index("u", 2, plates=["A"]).index("v", 2, plates=["B"])
+    g.factor("fu", ["u"], plates=["A"]).factor("fv", ["v"], plates=["B"])
+    g.factor("x", ["u", "v"], plates=["A", "B"])  # matrix factorisation: needs unrolling
+    with pytest.raises(tmcgraph.TMCError, match=r"factor 'x' .* couples indices 'u' .*, 'v' .*unrolling"):
+        g.compile()
+
+
+def test_compile_errors():
+    with pytest.raises(tmcgraph.TMCError, match="no factors"):
+        tmcgraph.FactorGraph().index("a", 2).compile()
+    with pytest.raises(tmcgraph.TMCError, match=r"unknown optimize='best'; expected one of"):
+        _graph().compile(optimize="best")
+    with pytest.raises(tmcgraph.TMCError, match="memory_limit"):
+        _graph().compile(memory_limit=-5)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda f: f.pop("lik"), r"no tensor given for factor\(s\) \['lik'\]"),
+        (lambda f: f.update(extra=torch.zeros(1)), r"undeclared factor\(s\) \['extra'\]"),
+        (lambda f: f.update(lik=torch.zeros(3, 5, 2)), r"factor 'lik': dim 1 \(index 'theta'\) has size 5, expected 4"),
+        (lambda f: f.update(lik=torch.zeros(2, 4, 2)), r"factor 'lik': dim 0 \(plate 'N'\) has size 2, expected 3"),
+        (lambda f: f.update(lik=torch.zeros(4, 2)), r"factor 'lik': expected shape \(\*batch, plate 'N'=3"),
+        (lambda f: f.update(prior=torch.zeros(2, 4), lik=torch.zeros(5, 3, 4, 2)), "batch shapes"),
+        (lambda f: f.update(prior=torch.tensor([0.0, math.nan, 0.0, 0.0])), "factor 'prior' contains NaN"),
+        (lambda f: f.update(prior=torch.tensor([0.0, math.inf, 0.0, 0.0])), r"factor 'prior' contains \+inf"),
+        (lambda f: f.update(prior=torch.zeros(4, dtype=torch.int32)), "floating-point"),
+        (lambda f: f.update(prior=[0.0] * 4), "expected a torch.Tensor"),
+    ],
+)
+def test_evaluation_errors(edit, match):
+    factors = _factors()
+    edit(factors)
+    with pytest.raises(tmcgraph.TMCError, match=match):
+        _graph().compile().log_sum(factors)
+
+
+def test_mixed_dtypes_are_promoted():
+    f = _factors()
+    f["prior"] = f["prior"].double()
+    out = _graph().compile().log_sum(f)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.tensor(math.log(4) + 3 * math.log(2), dtype=torch.float64))
+
+
+def test_cli_demo_runs(capsys):
+    assert main(["demo", "--num-data", "20", "--K", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "brute force log_sum" in out and "tree-width" in out
