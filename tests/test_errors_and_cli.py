@@ -93,3 +93,11 @@ def test_cli_demo_runs(capsys):
     assert main(["demo", "--num-data", "20", "--K", "8"]) == 0
     out = capsys.readouterr().out
     assert "brute force log_sum" in out and "tree-width" in out
+
+
+def test_appendix_a_example_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).parent.parent / "examples" / "appendix_a.py"), run_name="__main__")
+    assert "Fig. 6" in capsys.readouterr().out

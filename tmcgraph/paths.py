@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
@@ -124,24 +125,26 @@ def path_from_order(inputs: Sequence[str], output: str, sizes: Dict[str, int], o
     live: Dict[int, str] = dict(enumerate(inputs))
     next_id = len(inputs)
     ssa: List[Tuple[int, ...]] = []
+    count = Counter(c for t in inputs for c in set(t))  # live tensors holding each label
 
-    def needed_elsewhere(exclude: Sequence[int]) -> set:
-        rest = [t for i, t in live.items() if i not in exclude]
-        return set(output).union(*rest) if rest else set(output)
+    def result_labels(ids: Tuple[int, ...]) -> str:
+        local = Counter(c for i in ids for c in set(live[i]))
+        return "".join(
+            dict.fromkeys(c for i in ids for c in live[i] if c in output or count[c] > local[c])
+        )
 
     def contract(ids: Tuple[int, ...]) -> None:
         nonlocal next_id
-        keep = needed_elsewhere(ids)
-        result = "".join(dict.fromkeys(c for i in ids for c in live[i] if c in keep))
+        result = result_labels(ids)
         for i in ids:
-            del live[i]
+            count.subtract(set(live.pop(i)))
+        count.update(set(result))
         live[next_id] = result
         ssa.append(ids)
         next_id += 1
 
     def result_size(ids: Tuple[int, ...]) -> int:
-        keep = needed_elsewhere(ids)
-        return math.prod(sizes[c] for c in set("".join(live[i] for i in ids)) if c in keep)
+        return math.prod(sizes[c] for c in result_labels(ids))
 
     for label in order:
         bucket = [i for i, t in live.items() if label in t]
@@ -154,10 +157,9 @@ def path_from_order(inputs: Sequence[str], output: str, sizes: Dict[str, int], o
             contract((bucket[0],))
     # Only kept labels remain: combine what is left, smallest results first.
     while len(live) > 1:
-        ids = list(live)
-        pairs = [(ids[x], ids[y]) for x in range(len(ids)) for y in range(x + 1, len(ids))]
-        contract(min(pairs, key=result_size))
-    if not ssa or live[next(iter(live))] != output:
+        smallest = sorted(live, key=lambda i: math.prod(sizes[c] for c in live[i]))[:2]
+        contract(tuple(smallest))
+    if not ssa or set(live[next(iter(live))]) != set(output):
         contract((next(iter(live)),))  # a final transpose/reduction step
     return oe_paths.ssa_to_linear(ssa)
 
