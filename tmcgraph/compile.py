@@ -150,7 +150,8 @@ def _check_optimize(optimize: str) -> None:
 
 
 def _check_memory_limit(memory_limit: Optional[int]) -> None:
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 1):
+    bad_type = isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
+    if memory_limit is not None and (bad_type or memory_limit < 1):
         raise TMCError(f"memory_limit must be None or a positive int (elements), got {memory_limit!r}")
 
 
@@ -218,7 +219,9 @@ def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit:
         for members in sorted(nx.connected_components(comp), key=min):
             members = sorted(members)
             origin = tuple(n for k in members for n in live[k][2])
-            rest = "".join(dict.fromkeys(c for k in members for c in live[k][0] if c in index_plates and c not in local))
+            rest = "".join(
+                dict.fromkeys(c for k in members for c in live[k][0] if c in index_plates and c not in local)
+            )
             parent = frozenset().union(*(index_plates[c] for c in rest)) if rest else frozenset()
             if parent == leaf:
                 culprits = [n for n in origin if any(symbol[i] in rest for i in graph.factors[n].indices)]

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 

@@ -146,7 +146,8 @@ class Plan:
                 labels = stage.input_labels[0]
                 sizes = self._sizes_of(labels)
                 ids = (value_id[stage.inputs[0]],)
-                infos.append(StepInfo("product", ids, (labels,), stage.output_labels, math.prod(sizes), math.prod(self._sizes_of(stage.output_labels))))
+                size = math.prod(self._sizes_of(stage.output_labels))
+                infos.append(StepInfo("product", ids, (labels,), stage.output_labels, math.prod(sizes), size))
                 ssa.append(ids)
                 value_id.append(next_id)
                 next_id += 1
@@ -160,7 +161,8 @@ class Plan:
                     work.pop(p)
                 touched = set("".join(operand_labels))
                 flops = opt_einsum.helpers.flop_count(touched, len(touched) > len(result), len(ids), sizes)
-                infos.append(StepInfo("contract", ids, operand_labels, result, flops, math.prod(sizes[c] for c in result)))
+                size = math.prod(sizes[c] for c in result)
+                infos.append(StepInfo("contract", ids, operand_labels, result, flops, size))
                 ssa.append(ids)
                 work.append(next_id)
                 next_id += 1
@@ -227,7 +229,7 @@ class Plan:
         return f"Plan(inputs={len(self.inputs)}, treewidth={self.treewidth}, flops={self.flops:.3g})"
 
     # -- evaluation ---------------------------------------------------------
-    @functools.lru_cache(maxsize=32)
+    @functools.lru_cache(maxsize=32)  # noqa: B019 - plans live in a bounded cache anyway
     def _stages_for(self, batch_numel: int) -> Tuple[object, ...]:
         """Stages re-sliced so that intermediates of a whole batch fit the limit."""
         if self.memory_limit is None or batch_numel <= 1:
@@ -280,7 +282,8 @@ class Plan:
             raise TMCError(f"no tensor given for factor(s) {missing}; log_sum needs one per declared factor")
         unknown = [name for name in factors if name not in self._input_index]
         if unknown:
-            raise TMCError(f"tensor(s) given for undeclared factor(s) {unknown}; declared: {[s.name for s in self.inputs]}")
+            declared = [s.name for s in self.inputs]
+            raise TMCError(f"tensor(s) given for undeclared factor(s) {unknown}; declared: {declared}")
         tensors = [factors[s.name] for s in self.inputs]
         tensors = check_operands(tensors, self.inputs)
         result = self.run(tensors)
