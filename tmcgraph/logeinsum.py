@@ -172,10 +172,16 @@ def log_einsum_plan(
 ) -> Plan:
     """The (cached) :class:`~tmcgraph.Plan` that :func:`log_einsum` would run for
     operands of these shapes: inspect ``plan.describe()``, ``plan.flops``, ``plan.path``."""
+    return _parse_and_plan(equation, tuple(tuple(int(d) for d in s) for s in shapes), optimize, memory_limit)[1]
+
+
+def _parse_and_plan(
+    equation: str, shapes: Tuple[Tuple[int, ...], ...], optimize: str, memory_limit: Optional[int]
+) -> Tuple[ParsedEquation, Plan]:
     _check_optimize(optimize)
     _check_memory_limit(memory_limit)
-    parsed = parse_equation(equation, tuple(tuple(int(d) for d in s) for s in shapes))
-    return _plan(parsed, optimize, memory_limit)
+    parsed = parse_equation(equation, shapes)
+    return parsed, _plan(parsed, optimize, memory_limit)
 
 
 def log_einsum(
@@ -222,8 +228,8 @@ def log_einsum(
     for k, t in enumerate(log_operands):
         if not isinstance(t, torch.Tensor):
             raise TMCError(f"operand {k}: expected a torch.Tensor, got {type(t).__name__}")
-    plan = log_einsum_plan(equation, *(t.shape for t in log_operands), optimize=optimize, memory_limit=memory_limit)
-    parsed = parse_equation(equation, tuple(tuple(t.shape) for t in log_operands))
+    shapes = tuple(tuple(t.shape) for t in log_operands)
+    parsed, plan = _parse_and_plan(equation, shapes, optimize, memory_limit)
     tensors = []
     for t, pairs, drop in zip(log_operands, parsed.diagonals, parsed.squeeze):
         for i, j in pairs:
