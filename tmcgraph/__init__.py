@@ -4,8 +4,10 @@ Factor graphs of sample indices compiled into optimized log-domain contractions.
 """
 
 from .errors import TMCError
+from .estimators import IWAE, TMC, Posterior, iwae, smc
 from .graph import FactorGraph, FactorSpec, IndexSpec
 from .logeinsum import log_einsum, log_einsum_plan
+from .model import Model
 from .paths import OPTIMIZERS
 from .plan import Plan
 
@@ -14,11 +16,17 @@ __version__ = "0.1.0"
 __all__ = [
     "FactorGraph",
     "FactorSpec",
+    "IWAE",
     "IndexSpec",
+    "Model",
     "OPTIMIZERS",
     "Plan",
+    "Posterior",
+    "TMC",
     "TMCError",
+    "iwae",
     "log_einsum",
     "log_einsum_plan",
+    "smc",
     "__version__",
 ]

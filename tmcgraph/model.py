@@ -1,0 +1,527 @@
+"""Declared models: latents with priors and proposals, observations, plates.
+
+A :class:`Model` is declared once.  Its structure (who depends on whom, which
+plates) is resolved when an estimator is built; the distributions are built by
+the user's functions at every evaluation, from the samples of their parents.
+
+Tensor layout
+-------------
+Every value an estimator hands to a user function (a parent's samples, an
+observed value) and every distribution such a function returns uses one
+positional layout, like Pyro's enumeration dims::
+
+    (*data_batch, *index dims, *plate dims, *event dims)
+
+* ``data_batch``: the leading batch dims of the data (several datasets at once);
+  each element gets its own independent samples.
+* ``index dims``: one dim per sample index (TMC: one per latent, in
+  topological order; IWAE and SMC: one shared particle dim, plus one per
+  enumerated latent).  A latent's samples have size K along their own index dim
+  and size 1 along every other index dim.
+* ``plate dims``: one dim per plate, in declaration order (the last declared
+  plate is the rightmost batch dim); size 1 where a value is not in the plate.
+
+So a parameter that varies over plate ``"N"`` alone (the only plate) has shape
+``(N,)``; with plates ``"N", "T"`` a per-``N`` parameter has shape ``(N, 1)``.
+Vector-valued latents need event dims (``Normal(...).to_event(1)``,
+``MultivariateNormal``); a distribution whose batch shape does not fit the layout
+is an error naming the site.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import networkx as nx
+import torch
+from torch.distributions import Distribution, constraints
+
+from .errors import TMCError
+from .graph import FactorGraph
+
+DistFn = Callable[..., Distribution]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One declared site.
+
+    Attributes:
+        name: the site's name (also the argument name children use for it).
+        kind: ``"latent"`` or ``"observed"``.
+        fn: the prior (latent) or likelihood (observed) function.
+        parents: the sites ``fn`` takes, in call order.
+        plates: plates the site is replicated over.
+        proposal: the proposal function (``None``: enumerated, or observed).
+        proposal_parents: the sites ``proposal`` takes (latents or observations).
+        enumerate: summed exactly over its support instead of sampled.
+        event_dim: number of event dims of an observed value.
+    """
+
+    name: str
+    kind: str
+    fn: DistFn
+    parents: Tuple[str, ...]
+    plates: Tuple[str, ...]
+    proposal: Optional[DistFn] = None
+    proposal_parents: Tuple[str, ...] = ()
+    enumerate: bool = False
+    event_dim: int = 0
+
+
+def _arg_names(owner: str, fn: object, explicit: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    """The parent names of ``fn``: ``explicit`` if given, else its argument names."""
+    if not callable(fn):
+        raise TMCError(f"{owner}: expected a function returning a torch Distribution, got {type(fn).__name__}")
+    if explicit is not None:
+        if isinstance(explicit, str):
+            raise TMCError(f"{owner}: parents must be a list of site names, got the string {explicit!r}")
+        names = tuple(explicit)
+        if len(set(names)) != len(names):
+            raise TMCError(f"{owner}: a parent appears twice in {list(names)}")
+        return names
+    names = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TMCError(f"{owner}: cannot read parent names from *args/**kwargs; pass parents=[...] explicitly")
+        if p.default is p.empty:
+            names.append(p.name)
+    return tuple(names)
+
+
+class Model:
+    """A probabilistic model declared site by site, compiled into estimators.
+
+    Example::
+
+        m = Model()
+        m.plate("N", 5)
+        m.latent("mu", prior=lambda: Normal(0.0, 1.0), proposal=lambda: Normal(0.0, 2.0))
+        m.latent("z", prior=lambda mu: Normal(mu, 1.0), proposal=lambda mu: Normal(mu, 1.5), plates=["N"])
+        m.latent("c", prior=lambda: Bernoulli(0.3), enumerate=True, plates=["N"])
+        m.observe("x", lambda z, c: Normal(z + 2.0 * c, 1.0), plates=["N"])
+        est = m.compile(K=16)
+        log_p = est.log_marginal({"x": x})      # x: (5,) or (*batch, 5)
+
+    Parents are named by the argument names of the functions (arguments with
+    defaults are not parents), or explicitly with ``parents=[...]`` (then the
+    function is called positionally).  Sites may be declared in any order;
+    unknown names, cycles and plate mismatches are reported when the parent is
+    known (at declaration, or at compile time for forward references).
+    See the module docstring for the tensor layout the functions see.
+    """
+
+    def __init__(self) -> None:
+        self._plates: Dict[str, int] = {}
+        self._sites: Dict[str, Site] = {}
+
+    # -- declaration ---------------------------------------------------------
+    def plate(self, name: str, size: int) -> "Model":
+        """Declare a plate of ``size`` conditionally independent replicas."""
+        if not isinstance(name, str) or not name:
+            raise TMCError(f"plate name must be a non-empty string, got {name!r}")
+        if name in self._plates or name in self._sites:
+            raise TMCError(f"plate {name!r}: the name is already declared")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise TMCError(f"plate {name!r}: size must be a positive int, got {size!r}")
+        self._plates[name] = size
+        return self
+
+    def latent(
+        self,
+        name: str,
+        prior: DistFn,
+        proposal: Optional[DistFn] = None,
+        *,
+        plates: Sequence[str] = (),
+        enumerate: bool = False,
+        parents: Optional[Sequence[str]] = None,
+        proposal_parents: Optional[Sequence[str]] = None,
+    ) -> "Model":
+        """Declare a latent variable.
+
+        Args:
+            name: site name; children name it as an argument.
+            prior: ``f(*parents) -> Distribution`` over the latent given its
+                parents (latents only).
+            proposal: ``q(*parents) -> Distribution`` to sample it from; its
+                parents may be latents (a mixture over their samples, appendix C)
+                or observations (amortised proposals).  Default: the prior.
+            plates: plates the latent is replicated over.
+            enumerate: sum exactly over the prior's support (discrete latents,
+                appendix D) instead of sampling; no proposal is allowed.
+            parents, proposal_parents: explicit parent names (the functions are
+                then called positionally).
+        """
+        self._check_new(name)
+        owner = f"latent {name!r}"
+        plates = self._check_plates(owner, plates)
+        prior_parents = _arg_names(f"{owner} prior", prior, parents)
+        if enumerate:
+            if proposal is not None:
+                raise TMCError(f"{owner}: enumerate=True sums over the support exactly; do not give a proposal")
+            q, q_parents = None, ()
+        elif proposal is None:
+            q, q_parents = prior, prior_parents
+        else:
+            q, q_parents = proposal, _arg_names(f"{owner} proposal", proposal, proposal_parents)
+        site = Site(name, "latent", prior, prior_parents, plates, q, q_parents, bool(enumerate))
+        self._check_site_edges(site, known_only=True)
+        self._sites[name] = site
+        return self
+
+    def observe(
+        self,
+        name: str,
+        likelihood: DistFn,
+        *,
+        plates: Sequence[str] = (),
+        event_dim: int = 0,
+        parents: Optional[Sequence[str]] = None,
+    ) -> "Model":
+        """Declare an observed variable; its value is given at evaluation.
+
+        Args:
+            name: key of the value in the data mapping.
+            likelihood: ``f(*parents) -> Distribution`` (parents are latents).
+            plates: plates it is replicated over.  Its value has shape
+                ``(*batch, *plate sizes in this order, *event)``.
+            event_dim: number of event dims of one observation (the
+                likelihood's ``event_shape`` must have this many).
+            parents: explicit parent names.
+        """
+        self._check_new(name)
+        owner = f"observation {name!r}"
+        plates = self._check_plates(owner, plates)
+        if isinstance(event_dim, bool) or not isinstance(event_dim, int) or event_dim < 0:
+            raise TMCError(f"{owner}: event_dim must be a non-negative int, got {event_dim!r}")
+        site = Site(name, "observed", likelihood, _arg_names(f"{owner} likelihood", likelihood, parents), plates,
+                    event_dim=event_dim)
+        self._check_site_edges(site, known_only=True)
+        self._sites[name] = site
+        return self
+
+    def _check_new(self, name: str) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise TMCError(f"site name must be a Python identifier (children name it as an argument), got {name!r}")
+        if name in self._sites or name in self._plates:
+            raise TMCError(f"site {name!r}: the name is already declared")
+
+    def _check_plates(self, owner: str, plates: Sequence[str]) -> Tuple[str, ...]:
+        if isinstance(plates, str):
+            raise TMCError(f"{owner}: plates must be a list of plate names, got the string {plates!r}")
+        plates = tuple(plates)
+        for p in plates:
+            if p not in self._plates:
+                raise TMCError(f"{owner}: plate {p!r} is not declared; declared plates: {sorted(self._plates)}")
+        if len(set(plates)) != len(plates):
+            raise TMCError(f"{owner}: a plate appears twice in {list(plates)}")
+        return plates
+
+    def _check_site_edges(self, site: Site, *, known_only: bool) -> None:
+        kind = "latent" if site.kind == "latent" else "observation"
+        for role, names in (("prior" if site.kind == "latent" else "likelihood", site.parents),
+                            ("proposal", site.proposal_parents)):
+            for p in names:
+                if p == site.name:
+                    raise TMCError(f"{kind} {site.name!r}: its {role} names itself as a parent")
+                parent = self._sites.get(p)
+                if parent is None:
+                    if known_only:
+                        continue
+                    raise TMCError(
+                        f"{kind} {site.name!r}: {role} argument {p!r} is not a declared site; "
+                        f"declared: {sorted(self._sites)}"
+                    )
+                if parent.kind == "observed" and role != "proposal":
+                    raise TMCError(
+                        f"{kind} {site.name!r}: {role} argument {p!r} is an observation; only proposals may "
+                        "depend on observed values"
+                    )
+                if parent.kind == "latent" and not set(parent.plates) <= set(site.plates):
+                    raise TMCError(
+                        f"{kind} {site.name!r} (plates {list(site.plates)}): its {role} depends on latent {p!r} "
+                        f"in plates {list(parent.plates)}; a site must be in every plate of its latent parents"
+                    )
+
+    # -- structure -------------------------------------------------------------
+    @property
+    def plates(self) -> Mapping[str, int]:
+        """Plate name -> size, in declaration order."""
+        return dict(self._plates)
+
+    @property
+    def sites(self) -> Mapping[str, Site]:
+        """Site name -> :class:`Site`, in declaration order."""
+        return dict(self._sites)
+
+    def latents(self) -> List[str]:
+        """Latent names in a topological order of the prior and proposal dependencies."""
+        return [n for n in self.order() if self._sites[n].kind == "latent"]
+
+    def observations(self) -> List[str]:
+        """Observation names in declaration order."""
+        return [n for n, s in self._sites.items() if s.kind == "observed"]
+
+    def order(self) -> List[str]:
+        """All sites, topologically sorted (ties in declaration order).
+
+        Raises:
+            TMCError: an unknown parent, a plate mismatch, or a cycle (listed).
+        """
+        if not any(s.kind == "latent" for s in self._sites.values()):
+            raise TMCError("the model declares no latent variable")
+        g = nx.DiGraph()
+        for site in self._sites.values():
+            self._check_site_edges(site, known_only=False)
+            g.add_node(site.name)
+            for p in site.parents + site.proposal_parents:
+                if self._sites[p].kind == "latent":
+                    g.add_edge(p, site.name)
+        try:
+            cycle = nx.find_cycle(g)
+        except nx.NetworkXNoCycle:
+            cycle = None
+        if cycle:
+            path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+            raise TMCError(f"the model has a cycle: {path}")
+        position = {n: k for k, n in enumerate(self._sites)}
+        return list(nx.lexicographical_topological_sort(g, key=position.__getitem__))
+
+    def compile(
+        self,
+        K: Union[int, Mapping[str, int]] = 16,
+        *,
+        optimize: str = "auto",
+        memory_limit: Optional[int] = None,
+    ) -> "TMC":
+        """Build the TMC estimator: the factor graph of sample indices, compiled once.
+
+        Args:
+            K: samples per latent: an int for all, or ``{latent: K}`` for every
+                sampled latent (enumerated latents use their support size).
+            optimize, memory_limit: as in :meth:`tmcgraph.FactorGraph.compile`.
+
+        Returns:
+            a :class:`tmcgraph.TMC` estimator.
+        """
+        from .estimators import TMC
+
+        return TMC(self, K, optimize=optimize, memory_limit=memory_limit)
+
+    def __repr__(self) -> str:
+        lat = [n for n, s in self._sites.items() if s.kind == "latent"]
+        obs = [n for n, s in self._sites.items() if s.kind == "observed"]
+        return f"Model(plates={self._plates}, latents={lat}, observations={obs})"
+
+
+# ---------------------------------------------------------------------------
+# layout: the positional dims of one evaluation
+# ---------------------------------------------------------------------------
+class Layout:
+    """Dim positions of one evaluation (see the module docstring).
+
+    Args:
+        model: the model.
+        index_of: latent -> name of the sample index it lives on.
+        index_sizes: index name -> size (in dim order, left to right).
+        batch: the data batch shape.
+    """
+
+    def __init__(self, model: Model, index_of: Mapping[str, str], index_sizes: Mapping[str, int],
+                 batch: Tuple[int, ...]) -> None:
+        self.model = model
+        self.index_of = dict(index_of)
+        self.index_sizes = dict(index_sizes)
+        self.batch = tuple(batch)
+        self.plate_names = tuple(model._plates)
+        n_idx, n_pl = len(self.index_sizes), len(self.plate_names)
+        self.ndim = n_idx + n_pl
+        self.index_pos = {name: -self.ndim + k for k, name in enumerate(self.index_sizes)}
+        self.plate_pos = {name: -n_pl + k for k, name in enumerate(self.plate_names)}
+
+    def template(self, indices: Sequence[str], plates: Sequence[str]) -> Tuple[int, ...]:
+        """The batch shape of a value varying along ``indices`` and ``plates``."""
+        shape = [1] * self.ndim
+        for i in indices:
+            shape[self.index_pos[i]] = self.index_sizes[i]
+        for p in plates:
+            shape[self.plate_pos[p]] = self.model._plates[p]
+        return self.batch + tuple(shape)
+
+    def describe(self, shape: Sequence[int]) -> str:
+        names = ["batch"] * (len(shape) - self.ndim) + [f"index {i}" for i in self.index_sizes]
+        names += [f"plate {p}" for p in self.plate_names]
+        return "(" + ", ".join(f"{n}={s}" for n, s in zip(names, shape)) + ")"
+
+    def fit(self, d: Distribution, owner: str, indices: Sequence[str], plates: Sequence[str]) -> Distribution:
+        """Expand ``d`` to the template of ``indices``/``plates``; error if it does not fit."""
+        if not isinstance(d, Distribution):
+            raise TMCError(f"{owner}: the function must return a torch.distributions.Distribution, "
+                           f"got {type(d).__name__}")
+        template = self.template(indices, plates)
+        bs = tuple(d.batch_shape)
+        ok = len(bs) <= len(template) and all(
+            b == 1 or b == t for b, t in zip(bs[::-1], template[::-1])
+        )
+        if not ok:
+            raise TMCError(
+                f"{owner}: the distribution's batch shape {bs} does not fit the layout "
+                f"{self.describe(template)}; a batch dim must be 1 or the size shown (use .to_event() "
+                "for vector-valued sites, and shape per-plate parameters to the plate's dim)"
+            )
+        return d if bs == template else d.expand(torch.Size(template))
+
+    def to_factor(self, t: torch.Tensor, owner: str, indices: Sequence[str],
+                  plates: Sequence[str]) -> torch.Tensor:
+        """``(*batch, layout dims)`` log-density -> factor tensor ``(*batch, *plates, *indices)``."""
+        if t.dim() < self.ndim:
+            t = t.reshape((1,) * (self.ndim - t.dim()) + tuple(t.shape))
+        nb = t.dim() - self.ndim
+        keep_idx = [nb + self.ndim + self.index_pos[i] for i in indices]
+        keep_pl = [nb + self.ndim + self.plate_pos[p] for p in plates]
+        keep = set(keep_idx) | set(keep_pl)
+        for d in range(nb, t.dim()):
+            if d not in keep and t.shape[d] != 1:
+                raise TMCError(
+                    f"{owner}: its log-density varies along {self.describe(t.shape)[1:-1].split(', ')[d]}, "
+                    "which it does not depend on (check the function's parameter shapes)"
+                )
+        target = list(t.shape)
+        for i, d in zip(indices, keep_idx):
+            target[d] = self.index_sizes[i]
+        for p, d in zip(plates, keep_pl):
+            target[d] = self.model._plates[p]
+        t = t.expand(target)
+        drop = tuple(d for d in range(nb, t.dim()) if d not in keep)
+        order = list(range(nb)) + keep_pl + keep_idx
+        # permute the kept dims into place, the dropped (size-1) dims last, then view them away
+        t = t.permute(order + list(drop))
+        return t.reshape(t.shape[: len(order)]) if drop else t
+
+    def site_view(self, value: torch.Tensor, latent: str, event_dim: int) -> torch.Tensor:
+        """Samples in layout -> ``(*batch, *plates of latent, K, *event)``."""
+        site = self.model._sites[latent]
+        index = self.index_of[latent]
+        full = self.template([index], site.plates)
+        value = value.expand(full + tuple(value.shape[value.dim() - event_dim:]))
+        nb = len(self.batch)
+        pl = [nb + self.ndim + self.plate_pos[p] for p in site.plates]
+        ix = nb + self.ndim + self.index_pos[index]
+        rest = [d for d in range(nb, nb + self.ndim) if d not in pl and d != ix]
+        ev = list(range(nb + self.ndim, value.dim()))
+        value = value.permute(list(range(nb)) + pl + [ix] + rest + ev)
+        shape = value.shape
+        return value.reshape(shape[: nb + len(pl) + 1] + shape[nb + self.ndim:])
+
+    def data_value(self, name: str, value: object) -> torch.Tensor:
+        """An observed value ``(*batch, *its plates, *event)`` -> layout."""
+        site = self.model._sites[name]
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+        n_pl, e = len(site.plates), site.event_dim
+        if value.dim() < n_pl + e:
+            raise TMCError(
+                f"observation {name!r}: value has shape {tuple(value.shape)}, expected "
+                f"(*batch, {', '.join(f'{p}={self.model._plates[p]}' for p in site.plates)}"
+                f"{', ' if site.plates else ''}*event with {e} dim(s))"
+            )
+        nb = value.dim() - n_pl - e
+        for k, p in enumerate(site.plates):
+            if value.shape[nb + k] != self.model._plates[p]:
+                raise TMCError(
+                    f"observation {name!r}: dim {nb + k} (plate {p!r}) has size {value.shape[nb + k]}, "
+                    f"expected {self.model._plates[p]}; value shape {tuple(value.shape)}"
+                )
+        order = sorted(range(n_pl), key=lambda k: self.plate_names.index(site.plates[k]))
+        value = value.permute(list(range(nb)) + [nb + k for k in order] + list(range(nb + n_pl, value.dim())))
+        shape = list(value.shape[:nb]) + [1] * len(self.index_sizes)
+        for p in self.plate_names:
+            shape.append(self.model._plates[p] if p in site.plates else 1)
+        return value.reshape(shape + list(value.shape[nb + n_pl:]))
+
+
+def data_batch_shape(model: Model, data: Mapping[str, object]) -> Tuple[int, ...]:
+    """Check the data mapping and return the broadcast batch shape of the values."""
+    if not isinstance(data, Mapping):
+        raise TMCError(f"data must be a mapping from observation name to value, got {type(data).__name__}")
+    obs = model.observations()
+    missing = [n for n in obs if n not in data]
+    if missing:
+        raise TMCError(f"no value given for observation(s) {missing}")
+    unknown = [n for n in data if n not in obs]
+    if unknown:
+        raise TMCError(f"value(s) given for {unknown}, which are not observations; observations: {obs}")
+    shapes = []
+    for n in obs:
+        site = model._sites[n]
+        v = data[n]
+        dim = v.dim() if isinstance(v, torch.Tensor) else torch.as_tensor(v).dim()
+        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(torch.as_tensor(v).shape)
+        shapes.append(shape[: max(0, dim - len(site.plates) - site.event_dim)])
+    try:
+        return tuple(torch.broadcast_shapes(*shapes)) if shapes else ()
+    except RuntimeError:
+        raise TMCError(f"the batch shapes of the observed values do not broadcast: {dict(zip(obs, shapes))}") from None
+
+
+# ---------------------------------------------------------------------------
+# checks on distributions
+# ---------------------------------------------------------------------------
+def _support_key(c: constraints.Constraint) -> tuple:
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    attrs = []
+    for k, v in sorted(vars(c).items()):
+        if isinstance(v, (int, float)):
+            attrs.append((k, v))
+        elif isinstance(v, torch.Tensor) and v.numel() == 1:
+            attrs.append((k, float(v)))
+    return (type(c), tuple(attrs))
+
+
+def check_proposal(name: str, prior: Distribution, proposal: Distribution) -> None:
+    """A proposal must have the prior's support and event shape (else the weights are wrong)."""
+    if tuple(prior.event_shape) != tuple(proposal.event_shape):
+        raise TMCError(
+            f"latent {name!r}: the proposal's event shape {tuple(proposal.event_shape)} differs from the "
+            f"prior's {tuple(prior.event_shape)}"
+        )
+    try:
+        same = _support_key(prior.support) == _support_key(proposal.support)
+    except NotImplementedError:
+        return
+    if not same:
+        raise TMCError(
+            f"latent {name!r}: the proposal's support {proposal.support} differs from the prior's "
+            f"{prior.support}; importance weights need a proposal with the prior's support"
+        )
+
+
+def build_graph(model: Model, index_of: Mapping[str, str], index_sizes: Mapping[str, int],
+                index_plates: Mapping[str, Tuple[str, ...]]) -> FactorGraph:
+    """The factor graph of a model under an index assignment.
+
+    One factor per site, named after it: a latent's factor spans its own index
+    and its prior parents' indices; an observation's its parents' indices.
+    """
+    g = FactorGraph()
+    for p, n in model._plates.items():
+        g.plate(p, n)
+    for i, size in index_sizes.items():
+        g.index(i, size, plates=index_plates[i])
+    for name in model.order():
+        g.factor(name, factor_indices(model, index_of, name), plates=model._sites[name].plates)
+    return g
+
+
+def factor_indices(model: Model, index_of: Mapping[str, str], name: str) -> List[str]:
+    """The indices of a site's factor: its own (latents), then its prior parents'."""
+    site = model._sites[name]
+    idx = [index_of[name]] if site.kind == "latent" else []
+    for p in site.parents:
+        if index_of[p] not in idx:
+            idx.append(index_of[p])
+    return idx
