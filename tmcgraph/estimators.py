@@ -333,6 +333,11 @@ class TMC(_GraphEstimator):
             tensor ``(*batch,)`` (its value is not an estimate of anything).
         """
         tr, plan, _ = self._trace(data, dregs=True)
+        return self._dregs_from_trace(tr, plan)
+
+    @staticmethod
+    def _dregs_from_trace(tr: Trace, plan: Plan) -> torch.Tensor:
+        assert tr.hat_factors is not None
         with torch.no_grad():
             log_w = plan.log_sum({n: f.detach() for n, f in tr.factors.items()})
             log_w2 = plan.log_sum({n: 2 * f.detach() for n, f in tr.factors.items()})

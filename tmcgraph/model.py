@@ -23,7 +23,7 @@ positional layout, like Pyro's enumeration dims::
 
 So a parameter that varies over plate ``"N"`` alone (the only plate) has shape
 ``(N,)``; with plates ``"N", "T"`` a per-``N`` parameter has shape ``(N, 1)``.
-Vector-valued latents need event dims (``Normal(...).to_event(1)``,
+Vector-valued latents need event dims (``Independent(Normal(...), 1)``,
 ``MultivariateNormal``); a distribution whose batch shape does not fit the layout
 is an error naming the site.
 """
@@ -369,7 +369,7 @@ class Layout:
         if not ok:
             raise TMCError(
                 f"{owner}: the distribution's batch shape {bs} does not fit the layout "
-                f"{self.describe(template)}; a batch dim must be 1 or the size shown (use .to_event() "
+                f"{self.describe(template)}; a batch dim must be 1 or the size shown (use Independent(..., 1) "
                 "for vector-valued sites, and shape per-plate parameters to the plate's dim)"
             )
         return d if bs == template else d.expand(torch.Size(template))
