@@ -33,7 +33,8 @@ def test_cycle_is_listed():
 def test_plate_mismatch_at_declaration():
     m = base()
     m.latent("z", prior=lambda mu: Normal(mu, 1.0), plates=["N"])
-    with pytest.raises(TMCError, match=r"latent 'g' \(plates \[\]\): its prior depends on latent 'z' in plates \['N'\]"):
+    msg = r"latent 'g' \(plates \[\]\): its prior depends on latent 'z' in plates \['N'\]"
+    with pytest.raises(TMCError, match=msg):
         m.latent("g", prior=lambda z: Normal(z, 1.0))
 
 

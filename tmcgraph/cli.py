@@ -1,8 +1,16 @@
-"""The ``tmcgraph`` command line: ``tmcgraph demo`` (more subcommands come with the estimators)."""
+"""The ``tmcgraph`` command line.
+
+* ``tmcgraph demo``: compile a factor graph, check it against brute force.
+* ``tmcgraph treewidth``: appendix H of the TMC paper (TMC vs IWAE on a random
+  sparse linear-Gaussian model; ``--sweep`` plots error and time against tree-width).
+* ``tmcgraph gaussian``: Fig. 7 (TMC vs SMC vs IWAE vs Kalman ground truth on a
+  linear-Gaussian chain, against K and against N).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from typing import Optional, Sequence
 
@@ -58,6 +66,129 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if abs(value - oracle) < 1e-9 * max(1.0, abs(oracle)) else 1
 
 
+def _threads(n: int) -> None:
+    torch.set_num_threads(n)
+
+
+def _treewidth(args: argparse.Namespace) -> int:
+    from .experiments import treewidth_experiment
+
+    _threads(args.threads)
+    kw = dict(N=args.N, seed=args.seed, K=args.K, iwae_samples=args.iwae_samples, chunk_size=args.chunk_size,
+              noise=args.noise)
+    if not args.sweep:
+        out = treewidth_experiment(p=args.p, progress=not args.json, **kw)
+        if args.json:
+            print(json.dumps(out))
+            return 0
+        print(f"appendix H: N={out['N']} latents and observations, p={out['p']}, seed={out['seed']}, "
+              f"{args.threads} thread(s)")
+        print(f"  tree-width (min-fill/min-degree bound): {out['treewidth']}; most parents of one observation: "
+              f"{out['max_parents']}")
+        print(f"  exact log p(x)          = {out['exact']:.2f}")
+        if out["tmc"] is None:
+            print(f"  TMC skipped: an observation has {out['max_parents']} parents (K^parents too large)")
+        else:
+            print(f"  TMC  K={out['K']:<10d}      = {out['tmc']:.2f}   ({out['tmc_seconds']:.2f} s, "
+                  f"compile {out['compile_seconds']:.2f} s)   error {out['tmc'] - out['exact']:+.2f}")
+        print(f"  IWAE {out['iwae_samples']:<10d} samples = {out['iwae']:.2f}   ({out['iwae_seconds']:.2f} s)   "
+              f"error {out['iwae'] - out['exact']:+.2f}")
+        return 0
+    from tqdm.auto import tqdm
+
+    rows = []
+    for p in tqdm(args.ps, desc="sweep", disable=args.json):
+        rows.append(treewidth_experiment(p=p, **kw))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{'p':>6} {'tw':>3} {'exact':>9} {'TMC':>9} {'TMC s':>7} {'IWAE':>11} {'IWAE s':>7}")
+        for r in rows:
+            tmc = "skipped" if r["tmc"] is None else f"{r['tmc']:.2f}"
+            tmc_s = "" if r["tmc"] is None else f"{r['tmc_seconds']:.2f}"
+            print(f"{r['p']:>6} {r['treewidth']:>3} {r['exact']:>9.2f} {tmc:>9} {tmc_s:>7} {r['iwae']:>11.2f} "
+                  f"{r['iwae_seconds']:>7.2f}")
+    if args.plot:
+        _plot_sweep(rows, args.plot)
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def _plot_sweep(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_err, ax_time) = plt.subplots(1, 2, figsize=(9, 3.5))
+    tw = [r["treewidth"] for r in rows]
+    for key, label in (("tmc", f"TMC K={rows[0]['K']}"), ("iwae", f"IWAE {rows[0]['iwae_samples']} samples")):
+        pts = [(t, abs(r[key] - r["exact"]), r[key + "_seconds"]) for t, r in zip(tw, rows) if r[key] is not None]
+        ax_err.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], "o-", label=label)
+        ax_time.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=label)
+    ax_err.set(xlabel="tree-width", ylabel="|log p(x) estimate - exact| (nats)", yscale="log")
+    ax_time.set(xlabel="tree-width", ylabel="seconds", yscale="log")
+    ax_err.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _gaussian(args: argparse.Namespace) -> int:
+    from .experiments import gaussian_experiment
+
+    _threads(args.threads)
+    out = gaussian_experiment(N=args.N, K=args.K, Ks=args.Ks, Ns=args.Ns, seed=args.seed, repeats=args.repeats,
+                              progress=not args.json)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for key, fixed in (("vs_K", f"N={args.N}"), ("vs_N", f"K={args.K}")):
+            print(f"== {key} ({fixed}); estimates are means of {args.repeats} runs, times medians ==")
+            print(f"{'N':>5} {'K':>5} {'exact':>10} {'TMC':>10} {'SMC':>10} {'IWAE':>10} "
+                  f"{'TMC s':>8} {'SMC s':>8} {'IWAE s':>8}")
+            for r in out[key]:
+                print(f"{r['N']:>5} {r['K']:>5} {r['exact']:>10.2f} {r['tmc']:>10.2f} {r['smc']:>10.2f} "
+                      f"{r['iwae']:>10.2f} {r['tmc_seconds']:>8.4f} {r['smc_seconds']:>8.4f} "
+                      f"{r['iwae_seconds']:>8.4f}")
+    if args.plot:
+        _plot_gaussian(out, args.plot)
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def _plot_gaussian(out, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 7))
+    for col, (key, x, per_point) in enumerate((("vs_K", "K", False), ("vs_N", "N", True))):
+        rows = out[key]
+        xs = [r[x] for r in rows]
+        for name in ("exact", "tmc", "smc", "iwae"):
+            ys = [r[name] / (r["N"] if per_point else 1) for r in rows]
+            axes[0, col].plot(xs, ys, "o-", label="ground truth" if name == "exact" else name.upper())
+            if name != "exact":
+                axes[1, col].plot(xs, [r[name + "_seconds"] for r in rows], "o-", label=name.upper())
+        axes[0, col].set(xscale="log", xlabel=x, ylabel="log p(x)" + (" / N" if per_point else ""))
+        axes[1, col].set(xscale="log", yscale="log", xlabel=x, ylabel="seconds")
+    axes[0, 0].legend()
+    axes[1, 0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _int_list(text: str):
+    return [int(v) for v in text.split(",") if v]
+
+
+def _float_list(text: str):
+    return [float(v) for v in text.split(",") if v]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tmcgraph", description="Graph-compiled Tensor Monte Carlo for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +198,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-data", type=int, default=1000, help="plate size N of the large graph (default 1000)")
     demo.add_argument("--K", type=int, default=64, help="samples per latent in the large graph (default 64)")
     demo.set_defaults(func=_demo)
+
+    tw = sub.add_parser("treewidth", help="appendix H: TMC vs IWAE on a random sparse linear-Gaussian model")
+    tw.add_argument("--N", type=int, default=100, help="number of latents and of observations (default 100)")
+    tw.add_argument("--p", type=float, default=0.01, help="probability that C_ij = 1 (default 0.01)")
+    tw.add_argument("--seed", type=int, default=1,
+                    help="seed for C, the data and the samples (default 1: tree-width 3, at most 4 parents; "
+                         "seed 0 draws an observation with 6 parents)")
+    tw.add_argument("--K", type=int, default=64, help="TMC samples per latent (default 64)")
+    tw.add_argument("--iwae-samples", type=int, default=2**24, help="IWAE joint samples (default 2^24 = 16.8M)")
+    tw.add_argument("--chunk-size", type=int, default=2**18, help="IWAE samples per chunk (default 2^18)")
+    tw.add_argument("--noise", type=float, default=0.1, help="observation noise std (default 0.1)")
+    tw.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one CPU core as in the paper)")
+    tw.add_argument("--sweep", action="store_true", help="vary p (and so the tree-width)")
+    tw.add_argument("--ps", type=_float_list, default=[0.005, 0.01, 0.015, 0.02, 0.025],
+                    help="comma-separated p values for --sweep (default 0.005,0.01,0.015,0.02,0.025)")
+    tw.add_argument("--plot", default=None, help="with --sweep: write error/time vs tree-width to this PNG")
+    tw.add_argument("--json", action="store_true", help="print the results as JSON only")
+    tw.set_defaults(func=_treewidth)
+
+    ga = sub.add_parser("gaussian", help="Fig. 7: TMC vs SMC vs IWAE vs Kalman ground truth on a Gaussian chain")
+    ga.add_argument("--N", type=int, default=128, help="chain length for the sweep over K (default 128)")
+    ga.add_argument("--K", type=int, default=128, help="samples for the sweep over N (default 128)")
+    ga.add_argument("--Ks", type=_int_list, default=None, help="comma-separated K values (default 2,4,...,128)")
+    ga.add_argument("--Ns", type=_int_list, default=None, help="comma-separated N values (default 8,16,...,128)")
+    ga.add_argument("--seed", type=int, default=0, help="seed for the data and the samples (default 0)")
+    ga.add_argument("--repeats", type=int, default=3, help="runs per point (default 3)")
+    ga.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ga.add_argument("--plot", default=None, help="write the four panels of Fig. 7 to this PNG")
+    ga.add_argument("--json", action="store_true", help="print the results as JSON only")
+    ga.set_defaults(func=_gaussian)
     return parser
 
 

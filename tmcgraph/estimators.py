@@ -25,7 +25,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from .errors import TMCError
-from .model import Layout, Model, build_graph, check_proposal, data_batch_shape, factor_indices
+from .graph import FactorGraph
+from .model import Layout, Model, build_graph, check_proposal, data_batch_shape, factor_indices, index_slots
 from .plan import Plan
 
 PARTICLES = "@particles"
@@ -177,6 +178,10 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             z = q.sample()
         event_dims[name] = len(q.event_shape)
         values[name] = z
+        if site.proposal is site.fn and not mix and hats is None:
+            # proposal = prior with the same parent values: log p - log q is identically 0 (gradient too)
+            factors[name] = layout.to_factor(torch.zeros((), dtype=z.dtype, device=z.device), owner, idx, site.plates)
+            continue
         if mix:
             q_all = _call(f"{owner} proposal", site.proposal, own_args)
             lq = _logmeanexp_dims(q_all.log_prob(z), layout.ndim, mix)
@@ -204,7 +209,8 @@ class _GraphEstimator:
     """Shared machinery: an index assignment, its factor graph and compiled plan."""
 
     def __init__(self, model: Model, index_of: Dict[str, str], sizes: Dict[str, Optional[int]],
-                 index_plates: Dict[str, Tuple[str, ...]], *, optimize: str, memory_limit: Optional[int]) -> None:
+                 index_plates: Dict[str, Tuple[str, ...]], *, optimize: str, memory_limit: Optional[int],
+                 compile_now: bool = True) -> None:
         self.model = model
         self.index_of = index_of
         self._sizes = sizes
@@ -212,35 +218,48 @@ class _GraphEstimator:
         self.optimize = optimize
         self.memory_limit = memory_limit
         self._plans: Dict[tuple, Tuple[Plan, float]] = {}
+        self._graphs: Dict[tuple, Tuple[FactorGraph, float]] = {}
         self._sampled = [n for n in model.latents() if not model._sites[n].enumerate]
-        if all(s is not None for s in sizes.values()):
+        self._slots = index_slots(model, index_of)
+        if compile_now and all(s is not None for s in sizes.values()):
             self._plan_for(tuple(sizes.items()))
 
-    def _plan_for(self, key: tuple) -> Tuple[Plan, float]:
-        """(plan, log-normaliser) for the index sizes in ``key``."""
-        if key not in self._plans:
+    def _graph_for(self, key: tuple) -> Tuple[FactorGraph, float]:
+        """(factor graph, log-normaliser) for the index sizes in ``key``."""
+        if key not in self._graphs:
             sizes = dict(key)
             graph = build_graph(self.model, self.index_of, sizes, self._index_plates)
-            plan = graph.compile(optimize=self.optimize, memory_limit=self.memory_limit)
             # 1/K for every copy of every sampled index (enumerated ones have none)
             norm = 0.0
             for i, size in sizes.items():
                 if i in self._sampled_indices():
                     norm += math.log(size) * math.prod(self.model._plates[p] for p in self._index_plates[i])
-            self.graph = graph
-            self._plans[key] = (plan, norm)
+            self._graphs[key] = (graph, norm)
+        self.graph = self._graphs[key][0]
+        return self._graphs[key]
+
+    def _plan_for(self, key: tuple) -> Tuple[Plan, float]:
+        """(plan, log-normaliser) for the index sizes in ``key``."""
+        graph, norm = self._graph_for(key)
+        if key not in self._plans:
+            self._plans[key] = (graph.compile(optimize=self.optimize, memory_limit=self.memory_limit), norm)
         return self._plans[key]
 
     def _sampled_indices(self) -> set:
         return {self.index_of[n] for n in self._sampled}
 
     def _layout(self, data: Mapping[str, object]) -> Layout:
-        return Layout(self.model, self.index_of, dict(self._sizes), data_batch_shape(self.model, data))
+        return Layout(self.model, self.index_of, dict(self._sizes), data_batch_shape(self.model, data), self._slots)
 
     def _trace(self, data: Mapping[str, object], **kw) -> Tuple[Trace, Plan, float]:
         tr = trace(self.model, self._layout(data), data, **kw)
         plan, norm = self._plan_for(tuple(tr.layout.index_sizes.items()))
         return tr, plan, norm
+
+    def _trace_only(self, data: Mapping[str, object]) -> Tuple[Trace, FactorGraph, float]:
+        tr = trace(self.model, self._layout(data), data)
+        graph, norm = self._graph_for(tuple(tr.layout.index_sizes.items()))
+        return tr, graph, norm
 
     @property
     def plan(self) -> Plan:
@@ -474,18 +493,38 @@ class IWAE(_GraphEstimator):
         for n in latents:
             if model._sites[n].enumerate:
                 sizes[n], plates[n] = _enumerated_size(model, n), model._sites[n].plates
-        super().__init__(model, index_of, sizes, plates, optimize=optimize, memory_limit=None)
+        self._enumerates = any(model._sites[n].enumerate for n in latents)
+        super().__init__(model, index_of, sizes, plates, optimize=optimize, memory_limit=None,
+                         compile_now=self._enumerates)
         self.K = K
 
     def _sampled_indices(self) -> set:
         return {PARTICLES}
 
     def log_marginal(self, data: Mapping[str, object]) -> torch.Tensor:
-        tr, plan, norm = self._trace(data)
-        return plan.log_sum(tr.factors) - norm
+        """``log 1/K sum_k w_k`` over K joint samples; ``(*batch,)``, differentiable."""
+        if self._enumerates:
+            tr, plan, norm = self._trace(data)
+            return plan.log_sum(tr.factors) - norm
+        tr, graph, norm = self._trace_only(data)
+        # nothing enumerated: log w_k is the sum of all factors (plates summed), no contraction needed
+        log_w = None
+        for name, f in tr.factors.items():
+            spec = graph.factors[name]
+            n_pl, n_ix = len(spec.plates), len(spec.indices)
+            if n_pl:
+                f = f.sum(dim=tuple(range(f.dim() - n_pl - n_ix, f.dim() - n_ix)))
+            if not n_ix:  # a factor with no latent parent: constant over particles
+                f = f.unsqueeze(-1)
+            log_w = f if log_w is None else log_w + f
+        if bool(torch.isnan(log_w).any()):
+            bad = [n for n, f in tr.factors.items() if bool(torch.isnan(f).any())]
+            raise TMCError(f"log-density of {bad} contains NaN")
+        return torch.logsumexp(log_w, dim=-1) - norm
 
 
-def iwae(model: Model, data: Mapping[str, object], K: int, *, chunk_size: Optional[int] = None) -> torch.Tensor:
+def iwae(model: Model, data: Mapping[str, object], K: int, *, chunk_size: Optional[int] = None,
+         progress: bool = False) -> torch.Tensor:
     """The importance-weighted estimate ``log 1/K sum_k p(x, z^k) / q(z^k)`` with K joint samples.
 
     Each joint sample draws every latent from its proposal given the same
@@ -497,6 +536,7 @@ def iwae(model: Model, data: Mapping[str, object], K: int, *, chunk_size: Option
         K: number of joint samples.
         chunk_size: draw and weigh at most this many samples at a time (bounded
             memory for very large K; chunks are combined in the log domain).
+        progress: show a tqdm progress bar over the chunks.
 
     Returns:
         tensor ``(*batch,)``, differentiable.
@@ -505,8 +545,10 @@ def iwae(model: Model, data: Mapping[str, object], K: int, *, chunk_size: Option
     if chunk_size is None or chunk_size >= K:
         return IWAE(model, K).log_marginal(data)
     chunk_size = _check_k("(chunk_size)", chunk_size)
+    from tqdm.auto import tqdm
+
     parts = []
-    for start in range(0, K, chunk_size):
+    for start in tqdm(range(0, K, chunk_size), disable=not progress, desc="iwae chunks", unit="chunk"):
         k = min(chunk_size, K - start)
         parts.append(IWAE(model, k).log_marginal(data) + math.log(k))
     return torch.logsumexp(torch.stack(parts), dim=0) - math.log(K)

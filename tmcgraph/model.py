@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import networkx as nx
 import torch
@@ -40,6 +40,9 @@ from torch.distributions import Distribution, constraints
 
 from .errors import TMCError
 from .graph import FactorGraph
+
+if TYPE_CHECKING:
+    from .estimators import TMC
 
 DistFn = Callable[..., Distribution]
 
@@ -320,26 +323,51 @@ class Model:
 # ---------------------------------------------------------------------------
 # layout: the positional dims of one evaluation
 # ---------------------------------------------------------------------------
+def index_slots(model: Model, index_of: Mapping[str, str]) -> Dict[str, int]:
+    """Assign sample indices to positional dims, recycling dims like Pyro's enumeration.
+
+    Two indices need different dims only if some function sees both (a site's own
+    index and its prior and proposal parents' indices); otherwise they share a
+    dim, so a model with hundreds of latents needs only as many dims as its
+    largest such group (greedy colouring of the conflict graph).
+    """
+    g = nx.Graph()
+    g.add_nodes_from(dict.fromkeys(index_of.values()))
+    for site in model._sites.values():
+        group = [index_of[site.name]] if site.kind == "latent" else []
+        group += [index_of[p] for p in site.parents + site.proposal_parents if p in index_of]
+        group = list(dict.fromkeys(group))
+        for a, b in ((a, b) for k, a in enumerate(group) for b in group[k + 1:]):
+            g.add_edge(a, b)
+    colours = nx.greedy_color(g, strategy="largest_first")
+    return {i: colours[i] for i in g.nodes}
+
+
 class Layout:
     """Dim positions of one evaluation (see the module docstring).
 
     Args:
         model: the model.
         index_of: latent -> name of the sample index it lives on.
-        index_sizes: index name -> size (in dim order, left to right).
+        index_sizes: index name -> size.
         batch: the data batch shape.
+        slots: index name -> index dim (0 = leftmost); default
+            :func:`index_slots` (recycled dims).
     """
 
     def __init__(self, model: Model, index_of: Mapping[str, str], index_sizes: Mapping[str, int],
-                 batch: Tuple[int, ...]) -> None:
+                 batch: Tuple[int, ...], slots: Optional[Mapping[str, int]] = None) -> None:
         self.model = model
         self.index_of = dict(index_of)
         self.index_sizes = dict(index_sizes)
         self.batch = tuple(batch)
         self.plate_names = tuple(model._plates)
-        n_idx, n_pl = len(self.index_sizes), len(self.plate_names)
-        self.ndim = n_idx + n_pl
-        self.index_pos = {name: -self.ndim + k for k, name in enumerate(self.index_sizes)}
+        slots = dict(index_slots(model, index_of) if slots is None else slots)
+        n_slots = max(slots.values(), default=-1) + 1
+        n_pl = len(self.plate_names)
+        self.ndim = n_slots + n_pl
+        self.slot_names = ["|".join(i for i, s in slots.items() if s == k) for k in range(n_slots)]
+        self.index_pos = {name: -self.ndim + slots[name] for name in self.index_sizes}
         self.plate_pos = {name: -n_pl + k for k, name in enumerate(self.plate_names)}
 
     def template(self, indices: Sequence[str], plates: Sequence[str]) -> Tuple[int, ...]:
@@ -352,7 +380,7 @@ class Layout:
         return self.batch + tuple(shape)
 
     def describe(self, shape: Sequence[int]) -> str:
-        names = ["batch"] * (len(shape) - self.ndim) + [f"index {i}" for i in self.index_sizes]
+        names = ["batch"] * (len(shape) - self.ndim) + [f"index {i}" for i in self.slot_names]
         names += [f"plate {p}" for p in self.plate_names]
         return "(" + ", ".join(f"{n}={s}" for n, s in zip(names, shape)) + ")"
 
@@ -437,7 +465,7 @@ class Layout:
                 )
         order = sorted(range(n_pl), key=lambda k: self.plate_names.index(site.plates[k]))
         value = value.permute(list(range(nb)) + [nb + k for k in order] + list(range(nb + n_pl, value.dim())))
-        shape = list(value.shape[:nb]) + [1] * len(self.index_sizes)
+        shape = list(value.shape[:nb]) + [1] * (self.ndim - len(self.plate_names))
         for p in self.plate_names:
             shape.append(self.model._plates[p] if p in site.plates else 1)
         return value.reshape(shape + list(value.shape[nb + n_pl:]))
