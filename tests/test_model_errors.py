@@ -141,3 +141,12 @@ def test_smc_rejects_enumerated():
     m.observe("x", lambda mu, c: Normal(mu + c, 1.0))
     with pytest.raises(TMCError, match=r"smc does not support enumerated latents \['c'\]"):
         tmcgraph.smc(m, {"x": torch.tensor(0.0)}, 4)
+
+
+def test_estimator_is_stale_after_a_new_declaration():
+    m = base()
+    m.observe("x", lambda mu: Normal(mu, 1.0))
+    est = m.compile(K=4)
+    m.latent("extra", prior=lambda: Normal(0.0, 1.0))
+    with pytest.raises(TMCError, match=r"the model was changed .* after this estimator was built"):
+        est.log_marginal({"x": torch.tensor(0.0)})

@@ -93,8 +93,7 @@ class Trace:
     hat_factors: Optional[Dict[str, torch.Tensor]] = None
 
 
-def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bool = False,
-          sample_latents: Optional[Mapping[str, torch.Tensor]] = None) -> Trace:
+def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bool = False) -> Trace:
     """Sample every latent in topological order and compute every log-factor.
 
     Args:
@@ -103,7 +102,6 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             are filled in here).
         data: observation name -> value ``(*batch, *plates, *event)``.
         dregs: also build the w-hat factors of the DReGs surrogate.
-        sample_latents: optional fixed samples (in layout) for some latents.
     """
     values: Dict[str, torch.Tensor] = {}
     factors: Dict[str, torch.Tensor] = {}
@@ -168,9 +166,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             own_args.append(values[p])
             mix.append(layout.index_pos[pidx])
         q = layout.fit(_call(f"{owner} proposal", site.proposal, args), f"{owner} proposal", [own], site.plates)
-        if sample_latents is not None and name in sample_latents:
-            z = sample_latents[name]
-        elif q.has_rsample:
+        if q.has_rsample:
             z = q.rsample()
         else:
             if dregs:
@@ -178,7 +174,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             z = q.sample()
         event_dims[name] = len(q.event_shape)
         values[name] = z
-        if site.proposal is site.fn and not mix and hats is None:
+        if site.proposal is site.fn and site.proposal_parents == site.parents and not mix and hats is None:
             # proposal = prior with the same parent values: log p - log q is identically 0 (gradient too)
             factors[name] = layout.to_factor(torch.zeros((), dtype=z.dtype, device=z.device), owner, idx, site.plates)
             continue
@@ -221,6 +217,7 @@ class _GraphEstimator:
         self._graphs: Dict[tuple, Tuple[FactorGraph, float]] = {}
         self._sampled = [n for n in model.latents() if not model._sites[n].enumerate]
         self._slots = index_slots(model, index_of)
+        self._version = model._version
         if compile_now and all(s is not None for s in sizes.values()):
             self._plan_for(tuple(sizes.items()))
 
@@ -249,6 +246,9 @@ class _GraphEstimator:
         return {self.index_of[n] for n in self._sampled}
 
     def _layout(self, data: Mapping[str, object]) -> Layout:
+        if self.model._version != self._version:
+            raise TMCError("the model was changed (a site or plate declared) after this estimator was built; "
+                           "build the estimator again")
         return Layout(self.model, self.index_of, dict(self._sizes), data_batch_shape(self.model, data), self._slots)
 
     def _trace(self, data: Mapping[str, object], **kw) -> Tuple[Trace, Plan, float]:

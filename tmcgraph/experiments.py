@@ -72,15 +72,17 @@ def sparse_data(problem: SparseProblem, dtype: torch.dtype = torch.float32) -> D
 
 def treewidth_experiment(*, N: int = 100, p: float = 0.01, seed: int = 0, K: int = 64,
                          iwae_samples: int = 2**24, chunk_size: int = 2**18, noise: float = 0.1,
-                         max_factor: int = 2**26, progress: bool = False) -> Dict[str, object]:
+                         max_factor: int = 2**26, max_flops: float = 2e10,
+                         progress: bool = False) -> Dict[str, object]:
     """Appendix H: TMC with K samples per latent vs IWAE with a large joint-sample budget.
 
     Returns:
         dict with ``treewidth``, ``exact``, ``tmc``, ``tmc_seconds`` (sampling,
         factors, contraction; the compile is ``compile_seconds``), ``iwae``,
         ``iwae_seconds``, ``K``, ``iwae_samples``, ``N``, ``p``, ``seed``,
-        ``max_parents``.  ``tmc`` is None when an observation has so many parents
-        that its factor (K ** parents entries) exceeds ``max_factor``.
+        ``max_parents``, ``tmc_flops``.  ``tmc`` is None (skipped) when an observation
+        has so many parents that its factor (K ** parents entries) exceeds
+        ``max_factor``, or the contraction exceeds ``max_flops``.
     """
     torch.manual_seed(seed)
     problem = sparse_problem(N, p, seed=seed, noise=noise)
@@ -93,7 +95,7 @@ def treewidth_experiment(*, N: int = 100, p: float = 0.01, seed: int = 0, K: int
     out["compile_seconds"] = time.perf_counter() - start
     out["treewidth"] = est.plan.treewidth
     out["tmc_flops"] = est.plan.flops
-    if K ** problem.max_parents > max_factor:
+    if K ** problem.max_parents > max_factor or est.plan.flops > max_flops:
         out["tmc"], out["tmc_seconds"] = None, None
     else:
         with torch.no_grad():

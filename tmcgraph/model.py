@@ -119,6 +119,8 @@ class Model:
     def __init__(self) -> None:
         self._plates: Dict[str, int] = {}
         self._sites: Dict[str, Site] = {}
+        self._order: Optional[Tuple[List[str], List[str], List[str]]] = None  # resolved structure, cached
+        self._version = 0  # bumped by every declaration; estimators check it
 
     # -- declaration ---------------------------------------------------------
     def plate(self, name: str, size: int) -> "Model":
@@ -130,6 +132,8 @@ class Model:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise TMCError(f"plate {name!r}: size must be a positive int, got {size!r}")
         self._plates[name] = size
+        self._order = None
+        self._version += 1
         return self
 
     def latent(
@@ -173,6 +177,8 @@ class Model:
         site = Site(name, "latent", prior, prior_parents, plates, q, q_parents, bool(enumerate))
         self._check_site_edges(site, known_only=True)
         self._sites[name] = site
+        self._order = None
+        self._version += 1
         return self
 
     def observe(
@@ -204,6 +210,8 @@ class Model:
                     event_dim=event_dim)
         self._check_site_edges(site, known_only=True)
         self._sites[name] = site
+        self._order = None
+        self._version += 1
         return self
 
     def _check_new(self, name: str) -> None:
@@ -262,11 +270,11 @@ class Model:
 
     def latents(self) -> List[str]:
         """Latent names in a topological order of the prior and proposal dependencies."""
-        return [n for n in self.order() if self._sites[n].kind == "latent"]
+        return list(self._resolve()[1])
 
     def observations(self) -> List[str]:
         """Observation names in declaration order."""
-        return [n for n, s in self._sites.items() if s.kind == "observed"]
+        return list(self._resolve()[2])
 
     def order(self) -> List[str]:
         """All sites, topologically sorted (ties in declaration order).
@@ -274,6 +282,16 @@ class Model:
         Raises:
             TMCError: an unknown parent, a plate mismatch, or a cycle (listed).
         """
+        return list(self._resolve()[0])
+
+    def _resolve(self) -> Tuple[List[str], List[str], List[str]]:
+        if self._order is None:
+            order = self._topological_order()
+            self._order = (order, [n for n in order if self._sites[n].kind == "latent"],
+                           [n for n in self._sites if self._sites[n].kind == "observed"])
+        return self._order
+
+    def _topological_order(self) -> List[str]:
         if not any(s.kind == "latent" for s in self._sites.values()):
             raise TMCError("the model declares no latent variable")
         g = nx.DiGraph()
