@@ -159,9 +159,10 @@ def _plot_sweep(rows, path: str) -> None:
     fig, (ax_err, ax_time) = plt.subplots(1, 2, figsize=(9, 3.5))
     tw = [r["treewidth"] for r in rows]
     for key, label in (("tmc", f"TMC K={rows[0]['K']}"), ("iwae", f"IWAE {rows[0]['iwae_samples']} samples")):
+        colour = "tab:blue" if key == "tmc" else "tab:red"
         pts = [(t, abs(r[key] - r["exact"]), r[key + "_seconds"]) for t, r in zip(tw, rows) if r[key] is not None]
-        ax_err.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], "o-", label=label)
-        ax_time.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=label)
+        ax_err.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], "o-", color=colour, label=label)
+        ax_time.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=colour, label=label)
     ax_err.set(xlabel="tree-width", ylabel="|log p(x) estimate - exact| (nats)", yscale="log")
     ax_time.set(xlabel="tree-width", ylabel="seconds", yscale="log")
     ax_err.legend()
@@ -203,11 +204,14 @@ def _plot_gaussian(out, path: str) -> None:
     for col, (key, x, per_point) in enumerate((("vs_K", "K", False), ("vs_N", "N", True))):
         rows = out[key]
         xs = [r[x] for r in rows]
+        colours = {"exact": "black", "tmc": "tab:blue", "smc": "tab:green", "iwae": "tab:red"}
         for name in ("exact", "tmc", "smc", "iwae"):
             ys = [r[name] / (r["N"] if per_point else 1) for r in rows]
-            axes[0, col].plot(xs, ys, "o-", label="ground truth" if name == "exact" else name.upper())
+            axes[0, col].plot(xs, ys, "o-" if name != "exact" else "k--", color=colours[name],
+                              label="ground truth (Kalman)" if name == "exact" else name.upper())
             if name != "exact":
-                axes[1, col].plot(xs, [r[name + "_seconds"] for r in rows], "o-", label=name.upper())
+                axes[1, col].plot(xs, [r[name + "_seconds"] for r in rows], "o-", color=colours[name],
+                                  label=name.upper())
         axes[0, col].set(xscale="log", xlabel=x, ylabel="log p(x)" + (" / N" if per_point else ""))
         axes[1, col].set(xscale="log", yscale="log", xlabel=x, ylabel="seconds")
     axes[0, 0].legend()
