@@ -207,7 +207,7 @@ def _plot_gaussian(out, path: str) -> None:
         colours = {"exact": "black", "tmc": "tab:blue", "smc": "tab:green", "iwae": "tab:red"}
         for name in ("exact", "tmc", "smc", "iwae"):
             ys = [r[name] / (r["N"] if per_point else 1) for r in rows]
-            axes[0, col].plot(xs, ys, "o-" if name != "exact" else "k--", color=colours[name],
+            axes[0, col].plot(xs, ys, "o-" if name != "exact" else "--", color=colours[name],
                               label="ground truth (Kalman)" if name == "exact" else name.upper())
             if name != "exact":
                 axes[1, col].plot(xs, [r[name + "_seconds"] for r in rows], "o-", color=colours[name],
