@@ -23,8 +23,21 @@ from typing import Dict, NamedTuple, Optional, Sequence
 import torch
 from torch.distributions import Categorical, Gamma, Normal
 
-__all__ = ["GMMConfig", "NormalGammaParams", "assignment_logits", "gibbs", "global_posterior", "log_evidence_given_c",
-           "log_joint", "normal_gamma_log_prob", "sample_normal_gamma", "simulate", "sufficient_statistics"]
+__all__ = [
+    "GMMConfig",
+    "NormalGammaParams",
+    "assignment_logits",
+    "exact_blocks",
+    "gibbs",
+    "global_posterior",
+    "log_evidence_given_c",
+    "log_joint",
+    "normal_gamma_log_prob",
+    "prior_init",
+    "sample_normal_gamma",
+    "simulate",
+    "sufficient_statistics",
+]
 
 
 @dataclass(frozen=True)
@@ -158,3 +171,54 @@ def gibbs(x: torch.Tensor, num_chains: int, num_sweeps: int, cfg: GMMConfig = GM
         mu, tau = sample_normal_gamma(global_posterior(xs, c, cfg))
         trace.append(log_joint(xs, mu, tau, c, cfg))
     return {"mu": mu, "tau": tau, "c": c, "log_joint": torch.stack(trace)}
+
+
+# ---------------------------------------------------------------------------
+# the exact Gibbs conditionals as APG blocks (the limit the learned kernels should reach)
+# ---------------------------------------------------------------------------
+def exact_blocks(cfg: GMMConfig = GMMConfig()) -> list:
+    """``[globals {mu, tau}, assignments {c}]`` blocks whose kernels are the exact conditionals.
+
+    State: ``mu, tau (*batch, L, I, D)``, ``c (*batch, L, N)``; data ``x (*batch, N, D)``.
+    With these kernels every incremental weight of eq. 9 is exactly 1.
+    """
+    from .sampler import Block
+
+    def blanket(x, s):
+        return log_joint(x.unsqueeze(-3), s["mu"], s["tau"], s["c"], cfg)
+
+    def propose_globals(x, s):
+        post = global_posterior(x.unsqueeze(-3), s["c"], cfg)
+        mu, tau = sample_normal_gamma(post)
+        return {"mu": mu, "tau": tau}, normal_gamma_log_prob(mu, tau, post)
+
+    def q_globals(x, s, v):
+        return normal_gamma_log_prob(v["mu"], v["tau"], global_posterior(x.unsqueeze(-3), s["c"], cfg))
+
+    def propose_c(x, s):
+        q = Categorical(logits=assignment_logits(x.unsqueeze(-3), s["mu"], s["tau"]))
+        c = q.sample()
+        return {"c": c}, q.log_prob(c).sum(-1)
+
+    def q_c(x, s, v):
+        return Categorical(logits=assignment_logits(x.unsqueeze(-3), s["mu"], s["tau"])).log_prob(v["c"]).sum(-1)
+
+    return [Block("globals", ("mu", "tau"), propose_globals, q_globals, blanket),
+            Block("assignments", ("c",), propose_c, q_c, blanket)]
+
+
+def prior_init(num_particles: int, cfg: GMMConfig = GMMConfig()):
+    """A one-shot proposal: ``(mu, tau)`` from the prior, then ``c`` from its exact conditional.
+
+    Returns ``init(x) -> (state, log w)`` for :func:`apg.sampler.run`.
+    """
+
+    def init(x):
+        prior = prior_params(cfg, x)
+        mu, tau = sample_normal_gamma(prior, tuple(x.shape[:-2]) + (num_particles,))
+        q = Categorical(logits=assignment_logits(x.unsqueeze(-3), mu, tau))
+        c = q.sample()
+        log_q = normal_gamma_log_prob(mu, tau, prior) + q.log_prob(c).sum(-1)
+        return {"mu": mu, "tau": tau, "c": c}, log_joint(x.unsqueeze(-3), mu, tau, c, cfg) - log_q
+
+    return init
