@@ -143,18 +143,29 @@ def _treewidth(args: argparse.Namespace) -> int:
             tmc_s = "" if r["tmc"] is None else f"{r['tmc_seconds']:.2f}"
             print(f"{r['p']:>6} {r['treewidth']:>3} {r['exact']:>9.2f} {tmc:>9} {tmc_s:>7} {r['iwae']:>11.2f} "
                   f"{r['iwae_seconds']:>7.2f}")
-    if args.plot:
-        _plot_sweep(rows, args.plot)
-        if not args.json:
-            print(f"plot written to {args.plot}")
+    _maybe_plot(_plot_sweep, rows, args)
     return 0
 
 
-def _plot_sweep(rows, path: str) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (``pip install -e ".[plots]"``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _maybe_plot(draw, results, args: argparse.Namespace) -> None:
+    if args.plot:
+        draw(results, args.plot)
+        if not args.json:
+            print(f"plot written to {args.plot}")
+
+
+def _plot_sweep(rows, path: str) -> None:
+    plt = _pyplot()
 
     fig, (ax_err, ax_time) = plt.subplots(1, 2, figsize=(9, 3.5))
     tw = [r["treewidth"] for r in rows]
@@ -187,18 +198,12 @@ def _gaussian(args: argparse.Namespace) -> int:
                 print(f"{r['N']:>5} {r['K']:>5} {r['exact']:>10.2f} {r['tmc']:>10.2f} {r['smc']:>10.2f} "
                       f"{r['iwae']:>10.2f} {r['tmc_seconds']:>8.4f} {r['smc_seconds']:>8.4f} "
                       f"{r['iwae_seconds']:>8.4f}")
-    if args.plot:
-        _plot_gaussian(out, args.plot)
-        if not args.json:
-            print(f"plot written to {args.plot}")
+    _maybe_plot(_plot_gaussian, out, args)
     return 0
 
 
 def _plot_gaussian(out, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 7))
     for col, (key, x, per_point) in enumerate((("vs_K", "K", False), ("vs_N", "N", True))):

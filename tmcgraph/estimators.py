@@ -28,6 +28,7 @@ from .errors import TMCError
 from .graph import FactorGraph
 from .model import Layout, Model, build_graph, check_proposal, data_batch_shape, factor_indices, index_slots
 from .plan import Plan
+from .resampling import SCHEMES, gather, resample
 
 PARTICLES = "@particles"
 
@@ -228,8 +229,9 @@ class _GraphEstimator:
             graph = build_graph(self.model, self.index_of, sizes, self._index_plates)
             # 1/K for every copy of every sampled index (enumerated ones have none)
             norm = 0.0
+            sampled = self._sampled_indices()
             for i, size in sizes.items():
-                if i in self._sampled_indices():
+                if i in sampled:
                     norm += math.log(size) * math.prod(self.model._plates[p] for p in self._index_plates[i])
             self._graphs[key] = (graph, norm)
         self.graph = self._graphs[key][0]
@@ -557,18 +559,6 @@ def iwae(model: Model, data: Mapping[str, object], K: int, *, chunk_size: Option
 # ---------------------------------------------------------------------------
 # SMC
 # ---------------------------------------------------------------------------
-def _resample(log_w: torch.Tensor, scheme: str) -> torch.Tensor:
-    """Ancestor indices ``(*batch, K)`` from log-weights ``(*batch, K)``."""
-    k = log_w.shape[-1]
-    w = torch.softmax(log_w, dim=-1).reshape(-1, k)
-    if scheme == "multinomial":
-        anc = torch.multinomial(w, k, replacement=True)
-    else:  # systematic
-        u = (torch.rand(w.shape[0], 1, dtype=w.dtype, device=w.device) + torch.arange(k, device=w.device)) / k
-        anc = torch.searchsorted(torch.cumsum(w, -1).contiguous(), u.contiguous()).clamp_max(k - 1)
-    return anc.reshape(log_w.shape)
-
-
 def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bootstrap",
         resampling: str = "multinomial") -> torch.Tensor:
     """Sequential Monte Carlo estimate of ``log p(x)`` with K particles.
@@ -593,14 +583,14 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
     K = _check_k("(particles)", K)
     if proposal not in ("bootstrap", "guide"):
         raise TMCError(f"proposal must be 'bootstrap' or 'guide', got {proposal!r}")
-    if resampling not in ("multinomial", "systematic"):
-        raise TMCError(f"resampling must be 'multinomial' or 'systematic', got {resampling!r}")
+    if resampling not in SCHEMES:
+        raise TMCError(f"resampling must be one of {sorted(SCHEMES)}, got {resampling!r}")
     latents = model.latents()
     enumerated = [n for n in latents if model._sites[n].enumerate]
     if enumerated:
         raise TMCError(f"smc does not support enumerated latents {enumerated}; use the TMC or IWAE estimator")
     layout = Layout(model, {n: PARTICLES for n in latents}, {PARTICLES: K}, data_batch_shape(model, data))
-    batch, nb = layout.batch, len(layout.batch)
+    batch = layout.batch
     values = {n: layout.data_value(n, data[n]) for n in model.observations()}
     event_dims: Dict[str, int] = {}
     last = {}
@@ -629,14 +619,12 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
         site = model._sites[name]
         owner = f"latent {name!r}"
         if log_w is not None:  # resample every particle's history
-            anc = _resample(log_w.detach(), resampling)  # (*b, K)
+            anc = resample(log_w, resampling)  # (*b, K)
             for p in latents[:step]:
                 v = values[p]
                 e = event_dims[p]
                 v = v.expand(layout.template([PARTICLES], model._sites[p].plates) + tuple(v.shape[v.dim() - e:]))
-                a = anc.reshape(batch + (K,) + (1,) * (layout.ndim - 1 + e))
-                a = a.expand(tuple(v.shape[: nb]) + (K,) + tuple(v.shape[nb + 1:]))
-                values[p] = torch.gather(v, nb, a)
+                values[p] = gather(v, anc)  # the particle dim follows the batch dims
         prior = _call(f"{owner} prior", site.fn, [values[p] for p in site.parents])
         prior = layout.fit(prior, f"{owner} prior", [PARTICLES], site.plates)
         if proposal == "bootstrap":

@@ -44,6 +44,19 @@ def _check_size(what: str, size: object) -> int:
     return size
 
 
+def check_plate_list(owner: str, plates: Sequence[str], declared: Mapping[str, int]) -> Tuple[str, ...]:
+    """Validate a list of plate names against the ``declared`` plates (errors name ``owner``)."""
+    if isinstance(plates, str):
+        raise TMCError(f"{owner}: plates must be a list of plate names, got the string {plates!r}")
+    plates = tuple(plates)
+    for p in plates:
+        if p not in declared:
+            raise TMCError(f"{owner}: plate {p!r} is not declared; declared plates: {sorted(declared)}")
+    if len(set(plates)) != len(plates):
+        raise TMCError(f"{owner}: a plate appears twice in {list(plates)}")
+    return plates
+
+
 class FactorGraph:
     """A factor graph over sample indices, with plates (conditionally independent
     replication), compiled once into a :class:`~tmcgraph.Plan` that evaluates
@@ -125,15 +138,7 @@ class FactorGraph:
         return self
 
     def _check_plates(self, owner: str, plates: Sequence[str]) -> Tuple[str, ...]:
-        if isinstance(plates, str):
-            raise TMCError(f"{owner}: plates must be a list of plate names, got the string {plates!r}")
-        plates = tuple(plates)
-        for p in plates:
-            if p not in self._plates:
-                raise TMCError(f"{owner}: plate {p!r} is not declared; declared plates: {sorted(self._plates)}")
-        if len(set(plates)) != len(plates):
-            raise TMCError(f"{owner}: a plate appears twice in {list(plates)}")
-        return plates
+        return check_plate_list(owner, plates, self._plates)
 
     # -- read-only views -----------------------------------------------------
     @property

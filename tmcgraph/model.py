@@ -39,7 +39,7 @@ import torch
 from torch.distributions import Distribution, constraints
 
 from .errors import TMCError
-from .graph import FactorGraph
+from .graph import FactorGraph, _check_name, _check_size, check_plate_list
 
 if TYPE_CHECKING:
     from .estimators import TMC
@@ -125,13 +125,10 @@ class Model:
     # -- declaration ---------------------------------------------------------
     def plate(self, name: str, size: int) -> "Model":
         """Declare a plate of ``size`` conditionally independent replicas."""
-        if not isinstance(name, str) or not name:
-            raise TMCError(f"plate name must be a non-empty string, got {name!r}")
+        _check_name("plate", name)
         if name in self._plates or name in self._sites:
             raise TMCError(f"plate {name!r}: the name is already declared")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise TMCError(f"plate {name!r}: size must be a positive int, got {size!r}")
-        self._plates[name] = size
+        self._plates[name] = _check_size(f"plate {name!r}", size)
         self._order = None
         self._version += 1
         return self
@@ -221,15 +218,7 @@ class Model:
             raise TMCError(f"site {name!r}: the name is already declared")
 
     def _check_plates(self, owner: str, plates: Sequence[str]) -> Tuple[str, ...]:
-        if isinstance(plates, str):
-            raise TMCError(f"{owner}: plates must be a list of plate names, got the string {plates!r}")
-        plates = tuple(plates)
-        for p in plates:
-            if p not in self._plates:
-                raise TMCError(f"{owner}: plate {p!r} is not declared; declared plates: {sorted(self._plates)}")
-        if len(set(plates)) != len(plates):
-            raise TMCError(f"{owner}: a plate appears twice in {list(plates)}")
-        return plates
+        return check_plate_list(owner, plates, self._plates)
 
     def _check_site_edges(self, site: Site, *, known_only: bool) -> None:
         kind = "latent" if site.kind == "latent" else "observation"
@@ -503,10 +492,8 @@ def data_batch_shape(model: Model, data: Mapping[str, object]) -> Tuple[int, ...
     shapes = []
     for n in obs:
         site = model._sites[n]
-        v = data[n]
-        dim = v.dim() if isinstance(v, torch.Tensor) else torch.as_tensor(v).dim()
-        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(torch.as_tensor(v).shape)
-        shapes.append(shape[: max(0, dim - len(site.plates) - site.event_dim)])
+        v = data[n] if isinstance(data[n], torch.Tensor) else torch.as_tensor(data[n])
+        shapes.append(tuple(v.shape[: max(0, v.dim() - len(site.plates) - site.event_dim)]))
     try:
         return tuple(torch.broadcast_shapes(*shapes)) if shapes else ()
     except RuntimeError:
