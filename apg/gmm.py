@@ -18,22 +18,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Sequence
+from functools import lru_cache
+from typing import Dict, Optional, Sequence
 
 import torch
-from torch.distributions import Categorical, Gamma, Normal
+from torch import nn
+from torch.distributions import Categorical, Gamma, Independent, Normal
+
+from tmcgraph import Model
+from tmcgraph.density import JointDensity
+
+from .proposals import (
+    NeuralCategorical,
+    NeuralNormalGamma,
+    NormalGamma,
+    NormalGammaParams,
+    kl_categorical,
+    kl_normal_gamma,
+    normal_gamma_update,
+)
+from .sampler import Block, Sampler
 
 __all__ = [
     "GMMConfig",
+    "GMMProposals",
     "NormalGammaParams",
+    "apg_sampler",
     "assignment_logits",
-    "exact_blocks",
+    "exact_sampler",
+    "gmm_model",
+    "inclusive_kl",
     "gibbs",
     "global_posterior",
     "log_evidence_given_c",
     "log_joint",
     "normal_gamma_log_prob",
-    "prior_init",
     "sample_normal_gamma",
     "simulate",
     "sufficient_statistics",
@@ -53,15 +72,6 @@ class GMMConfig:
     beta0: float = 2.0
 
 
-class NormalGammaParams(NamedTuple):
-    """Parameters of independent Normal-Gamma distributions, each ``(..., I, D)``."""
-
-    mu: torch.Tensor
-    nu: torch.Tensor
-    alpha: torch.Tensor
-    beta: torch.Tensor
-
-
 def prior_params(cfg: GMMConfig, like: torch.Tensor) -> NormalGammaParams:
     """The prior as Normal-Gamma parameters of shape ``(I, D)`` with ``like``'s dtype and device."""
     full = lambda v: torch.full((cfg.num_clusters, cfg.dim), v, dtype=like.dtype, device=like.device)  # noqa: E731
@@ -70,8 +80,7 @@ def prior_params(cfg: GMMConfig, like: torch.Tensor) -> NormalGammaParams:
 
 def normal_gamma_log_prob(mu: torch.Tensor, tau: torch.Tensor, p: NormalGammaParams) -> torch.Tensor:
     """``log NG(mu, tau; p)`` summed over clusters and dims: ``(...)``."""
-    lp = Gamma(p.alpha, p.beta).log_prob(tau) + Normal(p.mu, (p.nu * tau).rsqrt()).log_prob(mu)
-    return lp.sum((-2, -1))
+    return NormalGamma(p).log_prob(mu, tau)
 
 
 def sample_normal_gamma(p: NormalGammaParams, sample_shape: Sequence[int] = ()) -> tuple:
@@ -92,12 +101,7 @@ def sufficient_statistics(x: torch.Tensor, c: torch.Tensor, num_clusters: int) -
 
 def global_posterior(x: torch.Tensor, c: torch.Tensor, cfg: GMMConfig) -> NormalGammaParams:
     """The exact Gibbs conditional ``p(mu, tau | x, c)``: Normal-Gamma parameters ``(..., I, D)``."""
-    s0, s1, s2 = sufficient_statistics(x, c, cfg.num_clusters)
-    nu = cfg.nu0 + s0
-    mu = (cfg.nu0 * cfg.mu0 + s1) / nu
-    alpha = cfg.alpha0 + 0.5 * s0
-    beta = cfg.beta0 + 0.5 * (s2 + cfg.nu0 * cfg.mu0**2 - nu * mu * mu)
-    return NormalGammaParams(mu, nu, alpha, beta)
+    return normal_gamma_update(prior_params(cfg, x), *sufficient_statistics(x, c, cfg.num_clusters))
 
 
 def assignment_logits(x: torch.Tensor, mu: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -174,51 +178,232 @@ def gibbs(x: torch.Tensor, num_chains: int, num_sweeps: int, cfg: GMMConfig = GM
 
 
 # ---------------------------------------------------------------------------
-# the exact Gibbs conditionals as APG blocks (the limit the learned kernels should reach)
+# the model declared with tmcgraph, and its Markov blankets
 # ---------------------------------------------------------------------------
-def exact_blocks(cfg: GMMConfig = GMMConfig()) -> list:
-    """``[globals {mu, tau}, assignments {c}]`` blocks whose kernels are the exact conditionals.
+def _pick(param: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``param[..., c_n, :]``: ``param (..., I, D)``, ``c (...)`` -> ``(..., D)`` (leading dims broadcast)."""
+    shape = torch.broadcast_shapes(param.shape[:-2], c.shape)
+    param = param.expand(shape + param.shape[-2:])
+    idx = c.expand(shape).unsqueeze(-1).unsqueeze(-1).expand(shape + (1, param.shape[-1]))
+    return torch.gather(param, -2, idx).squeeze(-2)
 
-    State: ``mu, tau (*batch, L, I, D)``, ``c (*batch, L, N)``; data ``x (*batch, N, D)``.
-    With these kernels every incremental weight of eq. 9 is exactly 1.
+
+def gmm_model(cfg: GMMConfig = GMMConfig(), num_points: Optional[int] = None,
+              dtype: torch.dtype = torch.float32) -> Model:
+    """The GMM as a :class:`tmcgraph.Model`: latents ``tau``, ``mu`` (event ``(I, D)``), ``c`` (plate ``N``);
+    observation ``x`` (plate ``N``, event ``D``).  ``num_points`` overrides ``cfg.num_points``."""
+    shape = (cfg.num_clusters, cfg.dim)
+    full = lambda v: torch.full(shape, float(v), dtype=dtype)  # noqa: E731
+    alpha0, beta0, mu0, nu0 = full(cfg.alpha0), full(cfg.beta0), full(cfg.mu0), cfg.nu0
+    uniform = torch.zeros(cfg.num_clusters, dtype=dtype)
+    m = Model()
+    m.plate("N", num_points or cfg.num_points)
+    v = dict(validate_args=False)  # the samplers produce valid values; validation is per-call overhead
+    m.latent("tau", prior=lambda: Independent(Gamma(alpha0, beta0, **v), 2, **v))
+    m.latent("mu", prior=lambda tau: Independent(Normal(mu0, (nu0 * tau).rsqrt(), **v), 2, **v))
+    m.latent("c", prior=lambda: Categorical(logits=uniform, **v), plates=["N"])
+    m.observe("x", lambda c, mu, tau: Independent(Normal(_pick(mu, c), _pick(tau, c).rsqrt(), **v), 1, **v),
+              plates=["N"], event_dim=1)
+    return m
+
+
+@lru_cache(maxsize=32)
+def _density(cfg: GMMConfig, num_points: int, dtype: torch.dtype) -> JointDensity:
+    return JointDensity(gmm_model(cfg, num_points, dtype))
+
+
+def _blankets(cfg: GMMConfig):
+    """``log_joint``, globals blanket ``(*B, L)`` and assignment blanket ``(*B, L, N)`` from the compiled graph."""
+
+    def dens(x):
+        return _density(cfg, x.shape[-2], x.dtype)
+
+    def log_joint_fn(x, s):
+        return dens(x).log_prob(s, {"x": x})
+
+    def globals_blanket(x, s):
+        d = dens(x)
+        return d.log_prob(s, {"x": x}, sites=d.blanket(["mu", "tau"]))
+
+    def assignments_blanket(x, s):
+        d = dens(x)
+        return d.log_prob(s, {"x": x}, sites=d.blanket(["c"]), keep_plates=["N"])
+
+    return log_joint_fn, globals_blanket, assignments_blanket
+
+
+# ---------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------
+class NormalGammaKernel:
+    """Kernel over ``{"mu", "tau"}`` from Normal-Gamma parameters ``(*B, L, I, D)``; densities ``(*B, L)``."""
+
+    def __init__(self, params: NormalGammaParams) -> None:
+        self.dist = NormalGamma(params)
+
+    def sample(self) -> Dict[str, torch.Tensor]:
+        mu, tau = self.dist.sample()
+        return {"mu": mu, "tau": tau}
+
+    def log_prob(self, v: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.dist.log_prob(v["mu"], v["tau"])
+
+
+class CategoricalKernel:
+    """Kernel over ``{"c"}`` from logits ``(*B, L, N, I)``; per-point densities ``(*B, L, N)``."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = torch.log_softmax(logits, -1)
+
+    def sample(self) -> Dict[str, torch.Tensor]:
+        with torch.no_grad():  # Gumbel-max
+            u = torch.rand_like(self.logits).clamp_min(torch.finfo(self.logits.dtype).tiny)
+            return {"c": (self.logits - (-u.log()).log()).argmax(-1)}
+
+    def log_prob(self, v: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.gather(self.logits, -1, v["c"].unsqueeze(-1)).squeeze(-1)
+
+
+def _sampler(oneshot_params, global_params, c_logits, cfg: GMMConfig) -> Sampler:
+    log_joint_fn, globals_blanket, assignments_blanket = _blankets(cfg)
+
+    def init(x, L):
+        p = oneshot_params(x)  # (*B, I, D)
+        p = NormalGammaParams(*(t.unsqueeze(-3).expand(t.shape[:-2] + (L,) + t.shape[-2:]) for t in p))
+        k_eta = NormalGammaKernel(p)
+        eta = k_eta.sample()
+        k_c = CategoricalKernel(c_logits(x, eta["mu"], eta["tau"]))
+        c = k_c.sample()
+        state = {**eta, **c}
+        return state, k_eta.log_prob(eta) + k_c.log_prob(c).sum(-1)
+
+    blocks = [
+        Block("globals", ("mu", "tau"), lambda x, s: NormalGammaKernel(global_params(x, s["c"])), globals_blanket),
+        Block("assignments", ("c",), lambda x, s: CategoricalKernel(c_logits(x, s["mu"], s["tau"])),
+              assignments_blanket, local_dims=1),
+    ]
+    return Sampler(init, blocks if global_params is not None else [], log_joint_fn)
+
+
+def exact_sampler(cfg: GMMConfig = GMMConfig()) -> Sampler:
+    """The APG sampler whose kernels are the exact Gibbs conditionals (every incremental weight is 1).
+
+    One-shot proposal: ``(mu, tau)`` from the prior, then ``c`` from its exact
+    conditional.  Data ``x (*B, N, D)``; state ``mu, tau (*B, L, I, D)``, ``c (*B, L, N)``.
     """
-    from .sampler import Block
+    def prior(x):
+        return NormalGammaParams(*(t.expand(x.shape[:-2] + t.shape) for t in prior_params(cfg, x)))
 
-    def blanket(x, s):
-        return log_joint(x.unsqueeze(-3), s["mu"], s["tau"], s["c"], cfg)
-
-    def propose_globals(x, s):
-        post = global_posterior(x.unsqueeze(-3), s["c"], cfg)
-        mu, tau = sample_normal_gamma(post)
-        return {"mu": mu, "tau": tau}, normal_gamma_log_prob(mu, tau, post)
-
-    def q_globals(x, s, v):
-        return normal_gamma_log_prob(v["mu"], v["tau"], global_posterior(x.unsqueeze(-3), s["c"], cfg))
-
-    def propose_c(x, s):
-        q = Categorical(logits=assignment_logits(x.unsqueeze(-3), s["mu"], s["tau"]))
-        c = q.sample()
-        return {"c": c}, q.log_prob(c).sum(-1)
-
-    def q_c(x, s, v):
-        return Categorical(logits=assignment_logits(x.unsqueeze(-3), s["mu"], s["tau"])).log_prob(v["c"]).sum(-1)
-
-    return [Block("globals", ("mu", "tau"), propose_globals, q_globals, blanket),
-            Block("assignments", ("c",), propose_c, q_c, blanket)]
+    return _sampler(prior, lambda x, c: global_posterior(x.unsqueeze(-3), c, cfg),
+                    lambda x, mu, tau: assignment_logits(x.unsqueeze(-3), mu, tau), cfg)
 
 
-def prior_init(num_particles: int, cfg: GMMConfig = GMMConfig()):
-    """A one-shot proposal: ``(mu, tau)`` from the prior, then ``c`` from its exact conditional.
+# ---------------------------------------------------------------------------
+# learned proposals (appendix E) and the baselines' encoders
+# ---------------------------------------------------------------------------
+class LSTMNormalGamma(nn.Module):
+    """RWS-LSTM baseline encoder of the globals: an LSTM reads the points in order; its last hidden state
+    gives the Normal-Gamma parameters of every cluster (no sufficient statistics, not permutation invariant)."""
 
-    Returns ``init(x) -> (state, log w)`` for :func:`apg.sampler.run`.
+    def __init__(self, cfg: GMMConfig, hidden: int = 32) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.lstm = nn.LSTM(cfg.dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 4 * cfg.num_clusters * cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> NormalGammaParams:
+        lead = x.shape[:-2]
+        _, (h, _) = self.lstm(x.reshape((-1,) + x.shape[-2:]))
+        out = self.head(h[-1]).reshape(lead + (4, self.cfg.num_clusters, self.cfg.dim))
+        sp = nn.functional.softplus
+        return NormalGammaParams(out[..., 0, :, :], sp(out[..., 1, :, :]) + 1e-3, sp(out[..., 2, :, :]) + 1e-3,
+                                 sp(out[..., 3, :, :]) + 1e-3)
+
+
+class GMMProposals(nn.Module):
+    """The learned proposals of the GMM (appendix E).
+
+    * ``oneshot``: ``q(mu, tau | x)``: neural sufficient statistics of ``x_n``
+      (``encoder="mlp"``) or an LSTM over the points (``encoder="lstm"``).
+    * ``globals``: ``q(mu, tau | x, c)``: neural sufficient statistics of
+      ``[x_n, onehot(c_n)]`` (``None`` for the RWS baselines, ``conditional=False``).
+    * ``assignments``: ``q(c | x, mu, tau)``: ``FC32 tanh -> FC1`` on
+      ``[x_n, mu_i, tau_i]`` per (point, cluster), softmax over clusters.
+
+    Args:
+        cfg: model sizes and prior.
+        encoder: ``"mlp"`` or ``"lstm"``.
+        conditional: build the block kernel of the globals (APG).
+        hidden: hidden units of the assignment MLP (and of the LSTM).
     """
 
-    def init(x):
-        prior = prior_params(cfg, x)
-        mu, tau = sample_normal_gamma(prior, tuple(x.shape[:-2]) + (num_particles,))
-        q = Categorical(logits=assignment_logits(x.unsqueeze(-3), mu, tau))
-        c = q.sample()
-        log_q = normal_gamma_log_prob(mu, tau, prior) + q.log_prob(c).sum(-1)
-        return {"mu": mu, "tau": tau, "c": c}, log_joint(x.unsqueeze(-3), mu, tau, c, cfg) - log_q
+    def __init__(self, cfg: GMMConfig = GMMConfig(), encoder: str = "mlp", conditional: bool = True,
+                 hidden: int = 32) -> None:
+        super().__init__()
+        if encoder not in ("mlp", "lstm"):
+            raise ValueError(f"encoder must be 'mlp' or 'lstm', got {encoder!r}")
+        k, d = cfg.num_clusters, cfg.dim
+        self.cfg, self.encoder = cfg, encoder
+        self.oneshot = NeuralNormalGamma(d, k, d) if encoder == "mlp" else LSTMNormalGamma(cfg, hidden)
+        self.globals = NeuralNormalGamma(d + k, k, d) if conditional else None
+        self.assignments = NeuralCategorical(3 * d, hidden)
 
-    return init
+    def oneshot_params(self, x: torch.Tensor) -> NormalGammaParams:
+        """``x (*B, N, D)`` -> ``q(mu, tau | x)`` parameters ``(*B, I, D)``."""
+        return self.oneshot(x, prior_params(self.cfg, x)) if self.encoder == "mlp" else self.oneshot(x)
+
+    def global_params(self, x: torch.Tensor, c: torch.Tensor) -> NormalGammaParams:
+        """``x (*B, N, D)``, ``c (*B, L, N)`` -> ``q(mu, tau | x, c)`` parameters ``(*B, L, I, D)``."""
+        if self.globals is None:
+            raise ValueError("these proposals have no conditional kernel for the globals (an RWS baseline)")
+        onehot = nn.functional.one_hot(c, self.cfg.num_clusters).to(x.dtype)
+        xs = x.unsqueeze(-3).expand(onehot.shape[:-1] + x.shape[-1:])
+        return self.globals(torch.cat([xs, onehot], -1), prior_params(self.cfg, x))
+
+    def assignment_logits(self, x: torch.Tensor, mu: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """``x (*B, N, D)``, ``mu, tau (*B, L, I, D)`` -> normalised logits ``(*B, L, N, I)`` of ``q(c | x, mu, tau)``.
+        """
+        k = mu.shape[-2]
+        prior = torch.full((k,), -math.log(k), dtype=x.dtype, device=x.device)
+        return self.assignments.forward_pairs(x.unsqueeze(-3), torch.cat([mu, tau], -1), prior)
+
+
+def apg_sampler(nets: GMMProposals) -> Sampler:
+    """The APG sampler of the GMM with learned kernels (RWS baselines: the one-shot proposal, no blocks).
+
+    Data ``x (*B, N, D)``; state ``mu, tau (*B, L, I, D)``, ``c (*B, L, N)``.
+    The blocks' incremental weights use the Markov blankets of the compiled
+    tmcgraph model (:func:`gmm_model`): ``{tau, mu, x}`` for the globals and
+    ``{c, x}`` per point for the assignments.
+    """
+    return _sampler(nets.oneshot_params, nets.global_params if nets.globals is not None else None,
+                    nets.assignment_logits, nets.cfg)
+
+
+def inclusive_kl(nets: GMMProposals, x: torch.Tensor, state: Dict[str, torch.Tensor],
+                 log_w: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Inclusive KL of eq. 4 between the exact conditionals and the learned kernels, per dataset.
+
+    ``KL(p(mu, tau | x, c) || q(mu, tau | x, c))`` (summed over clusters and
+    dims) and ``KL(p(c | x, mu, tau) || q(c | x, mu, tau))`` (summed over
+    points), at the particles of ``state`` (an approximation of
+    ``p(z_-b | x)``), averaged with the self-normalised weights ``log_w``
+    (uniform if ``None``).
+
+    Returns:
+        ``{"globals": (*B,), "assignments": (*B,)}``.
+    """
+    with torch.no_grad():
+        c, mu, tau = state["c"], state["mu"], state["tau"]
+        if log_w is None:
+            w = torch.full(c.shape[:-1], 1.0 / c.shape[-2], dtype=x.dtype, device=x.device)
+        else:
+            w = torch.softmax(log_w, -1)
+        out = {}
+        if nets.globals is not None:
+            kl_g = kl_normal_gamma(global_posterior(x.unsqueeze(-3), c, nets.cfg), nets.global_params(x, c))
+            out["globals"] = (w * kl_g).sum(-1)
+        p_logits = assignment_logits(x.unsqueeze(-3), mu, tau)
+        kl_c = kl_categorical(p_logits, nets.assignment_logits(x, mu, tau)).sum(-1)
+        out["assignments"] = (w * kl_c).sum(-1)
+    return out

@@ -3,6 +3,7 @@
 Factor graphs of sample indices compiled into optimized log-domain contractions.
 """
 
+from .density import JointDensity
 from .errors import TMCError
 from .estimators import IWAE, TMC, Posterior, iwae, smc
 from .graph import FactorGraph, FactorSpec, IndexSpec
@@ -18,6 +19,7 @@ __all__ = [
     "FactorSpec",
     "IWAE",
     "IndexSpec",
+    "JointDensity",
     "Model",
     "OPTIMIZERS",
     "Plan",

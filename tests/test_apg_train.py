@@ -1,0 +1,101 @@
+"""Training: a short run lowers the inclusive KL; an interrupted and resumed run ends in the state of an
+uninterrupted one; the CLI runs at tiny sizes (train, then evaluate with figures and JSON)."""
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from apg import gmm
+from apg.cli import main
+from apg.evaluate import SHIPPED, EvalConfig, evaluate, format_table
+from apg.train import TrainConfig, load_proposals, make_proposals, train
+
+TINY = dict(batch_size=4, num_particles=3, num_sweeps=2, num_datasets=40, log_every=2, checkpoint_every=4)
+
+
+def test_short_training_lowers_the_inclusive_kl():
+    torch.manual_seed(0)
+    x = gmm.simulate(10, seed=99)["x"]
+    ref = gmm.gibbs(x, 5, 20)  # particles from the exact Gibbs sampler stand in for p(z_-b | x)
+
+    def kl(nets):
+        return {k: v.mean().item() for k, v in gmm.inclusive_kl(nets, x, ref).items()}
+
+    torch.manual_seed(0)
+    before = kl(make_proposals("apg"))
+    cfg = TrainConfig(iterations=100, batch_size=10, num_particles=5, num_sweeps=3, lr=1e-2, lr_final=1e-2,
+                      num_datasets=500, log_every=50, checkpoint_every=100)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        train(d, cfg, progress=False)
+        after = kl(load_proposals(os.path.join(d, "proposals.pt")))
+    assert after["assignments"] < 0.8 * before["assignments"], (before, after)
+
+
+def _rows(path):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    cfg = TrainConfig(iterations=10, seed=3, **TINY)
+    train(str(tmp_path / "a"), cfg, progress=False)
+
+    def interrupt(t):
+        if t == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(str(tmp_path / "b"), cfg, progress=False, on_step=interrupt)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["iteration"] == 6
+    train(str(tmp_path / "b"), cfg, progress=False)
+    a = torch.load(tmp_path / "a" / "proposals.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "proposals.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(tmp_path / "a" / "metrics.csv") == _rows(tmp_path / "b" / "metrics.csv")
+    # a resumed run must have the same settings
+    with pytest.raises(ValueError, match="other settings"):
+        train(str(tmp_path / "b"), TrainConfig(iterations=12, seed=3, **TINY), progress=False)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="method"):
+        TrainConfig(method="vae")
+    with pytest.raises(ValueError, match="num_sweeps must be 1"):
+        TrainConfig(method="rws-mlp", num_sweeps=10)
+    with pytest.raises(ValueError, match="iterations"):
+        TrainConfig(iterations=0)
+
+
+def test_cli_train_and_evaluate_at_tiny_sizes(tmp_path, capsys):
+    for method in ("apg", "rws-mlp", "rws-lstm"):
+        args = ["train", "gmm", "--method", method, "--out", str(tmp_path / "runs" / method), "--iterations", "3",
+                "--batch", "4", "--particles", "3", "--datasets", "40", "--log-every", "1", "--quiet"]
+        if method == "apg":
+            args += ["--sweeps", "2"]
+        assert main(args) == 0
+        assert os.path.exists(tmp_path / "runs" / method / "proposals.pt")
+    capsys.readouterr()
+    figs = tmp_path / "figs"
+    assert main(["evaluate", "gmm", "--checkpoint", str(tmp_path / "runs"), "--json", "--plots", str(figs),
+                 "--datasets", "3", "--particles", "4", "--rws-particles", "6", "--sweeps", "2", "3",
+                 "--budget", "12", "--budget-sweeps", "1", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    methods = [(r["method"], r["sweeps"]) for r in out["rows"]]
+    assert methods == [("RWS-MLP", 1), ("RWS-LSTM", 1), ("APG", 2), ("APG", 3)]
+    assert out["rows"][0]["delta_log_joint"] is None and out["rows"][0]["kl"]["globals"] is None
+    apg = out["rows"][-1]
+    assert set(apg["ess"]) == {"joint", "globals", "assignments"} and set(apg["kl"]) == {"globals", "assignments"}
+    assert all(0 < v <= 1 for v in apg["ess"].values()) and all(v >= 0 for v in apg["kl"].values())
+    assert (figs / "fig1a.png").stat().st_size > 0 and (figs / "fig2.png").stat().st_size > 0
+    assert "APG (K=3)" in format_table(out)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHIPPED), reason="no shipped checkpoints")
+def test_shipped_checkpoints_load_and_evaluate():
+    out = evaluate(None, EvalConfig(num_datasets=2, apg_particles=4, rws_particles=8, sweeps=(2,)))
+    assert [r["method"] for r in out["rows"]] == ["RWS-MLP", "RWS-LSTM", "APG"]
