@@ -48,10 +48,21 @@ class EvalConfig:
     threads: int = 0
 
 
-def find_checkpoint(directory: Optional[str], method: str) -> str:
-    """The proposals file of ``method`` in ``directory`` (a run dir ``method/proposals.pt`` or ``gmm-method.pt``)."""
+def find_metrics(directory: Optional[str], method: str) -> Optional[str]:
+    """The training curves of ``method``: ``gmm-METHOD.metrics.csv`` or ``METHOD/metrics.csv`` (or ``None``)."""
     directory = SHIPPED if directory is None else directory
-    candidates = [os.path.join(directory, method, "proposals.pt"), os.path.join(directory, f"gmm-{method}.pt")]
+    for c in (os.path.join(directory, f"gmm-{method}.metrics.csv"), os.path.join(directory, method, "metrics.csv")):
+        if os.path.exists(c):
+            return c
+    return None
+
+
+def find_checkpoint(directory: Optional[str], method: str) -> str:
+    """The proposals file of ``method`` in ``directory``: ``gmm-METHOD.pt``, or a run directory
+    ``METHOD/proposals.pt`` (finished) or ``METHOD/checkpoint.pt`` (unfinished)."""
+    directory = SHIPPED if directory is None else directory
+    candidates = [os.path.join(directory, f"gmm-{method}.pt"), os.path.join(directory, method, "proposals.pt"),
+                  os.path.join(directory, method, "checkpoint.pt")]
     for c in candidates:
         if os.path.exists(c):
             return c
@@ -140,6 +151,9 @@ def evaluate(checkpoint: Optional[str] = None, cfg: EvalConfig = EvalConfig(),
         os.makedirs(plots, exist_ok=True)
         out["figures"] = {"fig1a": _fig1a(nets, cfg, os.path.join(plots, "fig1a.png")),
                           "fig2": _fig2(nets["apg"], cfg, os.path.join(plots, "fig2.png"))}
+        curves = _training_curves(checkpoint, os.path.join(plots, "training.png"))
+        if curves is not None:
+            out["figures"]["training"] = curves
     return out
 
 
@@ -243,6 +257,43 @@ def _fig2(nets, cfg: EvalConfig, path: str) -> str:
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.suptitle(f"APG on the GMM, fixed budget K * L = {cfg.budget}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _training_curves(directory: Optional[str], path: str) -> Optional[str]:
+    """Training curves (ESS/L and inclusive KL per block against iteration) from the runs' metrics CSVs."""
+    import csv
+
+    runs = {m: find_metrics(directory, m) for m in ("apg", "rws-mlp", "rws-lstm")}
+    runs = {m: p for m, p in runs.items() if p is not None}
+    if not runs:
+        return None
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m, p in runs.items():
+        with open(p) as f:
+            rows = list(csv.DictReader(f))
+        it = [int(r["iteration"]) for r in rows]
+
+        def col(name, rows=rows):
+            return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+
+        if m == "apg":
+            a1.plot(it, col("ess_globals"), label="APG {tau, mu}")
+            a1.plot(it, col("ess_assignments"), label="APG {c}")
+            a2.plot(it, col("kl_globals"), label="APG {tau, mu}")
+            a2.plot(it, col("kl_assignments"), label="APG {c}")
+        else:
+            a1.plot(it, col("ess_init"), label=f"{METHOD_NAMES[m]} one-shot")
+    a1.set_ylabel("ESS / L (training batch)")
+    a2.set_ylabel("inclusive KL (training batch)")
+    a2.set_yscale("log")
+    for ax in (a1, a2):
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -81,10 +81,17 @@ def make_proposals(method: str, cfg: Optional[gmm.GMMConfig] = None) -> gmm.GMMP
 
 
 def load_proposals(path: str) -> gmm.GMMProposals:
-    """Networks saved by :func:`train` (``DIR/proposals.pt``)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    nets = make_proposals(blob["method"], gmm.GMMConfig(**blob["gmm"]))
-    nets.load_state_dict(blob["state_dict"])
+    """Networks saved by :func:`train`: ``DIR/proposals.pt`` (a finished run) or ``DIR/checkpoint.pt``
+    (an unfinished one; its method is read from ``DIR/config.json``)."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dict" in blob:
+        nets = make_proposals(blob["method"], gmm.GMMConfig(**blob["gmm"]))
+        nets.load_state_dict(blob["state_dict"])
+        return nets
+    with open(os.path.join(os.path.dirname(path), "config.json")) as f:
+        method = json.load(f)["method"]
+    nets = make_proposals(method)
+    nets.load_state_dict(blob["nets"])
     return nets
 
 
