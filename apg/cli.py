@@ -90,7 +90,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.set_defaults(fn=_evaluate)
 
     args = p.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError) as err:  # bad settings or missing checkpoints: no traceback
+        print(f"apg {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -250,10 +250,13 @@ class NormalGammaKernel:
 
 
 class CategoricalKernel:
-    """Kernel over ``{"c"}`` from logits ``(*B, L, N, I)``; per-point densities ``(*B, L, N)``."""
+    """Kernel over ``{"c"}`` from logits ``(*B, L, N, I)``; per-point densities ``(*B, L, N)``.
 
-    def __init__(self, logits: torch.Tensor) -> None:
-        self.logits = torch.log_softmax(logits, -1)
+    ``normalized=True`` says the logits are already log-probabilities (skips a log-softmax).
+    """
+
+    def __init__(self, logits: torch.Tensor, normalized: bool = False) -> None:
+        self.logits = logits if normalized else torch.log_softmax(logits, -1)
 
     def sample(self) -> Dict[str, torch.Tensor]:
         with torch.no_grad():  # Gumbel-max
@@ -264,7 +267,7 @@ class CategoricalKernel:
         return torch.gather(self.logits, -1, v["c"].unsqueeze(-1)).squeeze(-1)
 
 
-def _sampler(oneshot_params, global_params, c_logits, cfg: GMMConfig) -> Sampler:
+def _sampler(oneshot_params, global_params, c_logits, cfg: GMMConfig, normalized: bool = False) -> Sampler:
     log_joint_fn, globals_blanket, assignments_blanket = _blankets(cfg)
 
     def init(x, L):
@@ -272,14 +275,14 @@ def _sampler(oneshot_params, global_params, c_logits, cfg: GMMConfig) -> Sampler
         p = NormalGammaParams(*(t.unsqueeze(-3).expand(t.shape[:-2] + (L,) + t.shape[-2:]) for t in p))
         k_eta = NormalGammaKernel(p)
         eta = k_eta.sample()
-        k_c = CategoricalKernel(c_logits(x, eta["mu"], eta["tau"]))
+        k_c = CategoricalKernel(c_logits(x, eta["mu"], eta["tau"]), normalized)
         c = k_c.sample()
         state = {**eta, **c}
         return state, k_eta.log_prob(eta) + k_c.log_prob(c).sum(-1)
 
     blocks = [
         Block("globals", ("mu", "tau"), lambda x, s: NormalGammaKernel(global_params(x, s["c"])), globals_blanket),
-        Block("assignments", ("c",), lambda x, s: CategoricalKernel(c_logits(x, s["mu"], s["tau"])),
+        Block("assignments", ("c",), lambda x, s: CategoricalKernel(c_logits(x, s["mu"], s["tau"]), normalized),
               assignments_blanket, local_dims=1),
     ]
     return Sampler(init, blocks if global_params is not None else [], log_joint_fn)
@@ -377,7 +380,7 @@ def apg_sampler(nets: GMMProposals) -> Sampler:
     ``{c, x}`` per point for the assignments.
     """
     return _sampler(nets.oneshot_params, nets.global_params if nets.globals is not None else None,
-                    nets.assignment_logits, nets.cfg)
+                    nets.assignment_logits, nets.cfg, normalized=True)
 
 
 def inclusive_kl(nets: GMMProposals, x: torch.Tensor, state: Dict[str, torch.Tensor],

@@ -95,6 +95,17 @@ def test_cli_train_and_evaluate_at_tiny_sizes(tmp_path, capsys):
     assert "APG (K=3)" in format_table(out)
 
 
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["evaluate", "gmm", "--checkpoint", str(tmp_path)]) == 2
+    assert "no checkpoint for 'rws-mlp'" in capsys.readouterr().err
+    args = ["train", "gmm", "--out", str(tmp_path / "r"), "--iterations", "2", "--batch", "4", "--particles", "3",
+            "--sweeps", "2", "--datasets", "40", "--quiet"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args[:-1] + ["--seed", "5", "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not os.path.isdir(SHIPPED), reason="no shipped checkpoints")
 def test_shipped_checkpoints_load_and_evaluate():
     out = evaluate(None, EvalConfig(num_datasets=2, apg_particles=4, rws_particles=8, sweeps=(2,)))
