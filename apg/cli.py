@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(method=args.method, iterations=args.iterations, batch_size=args.batch,
                       num_particles=args.particles, num_sweeps=sweeps, lr=args.lr, lr_final=args.lr_final,
                       num_datasets=args.datasets, seed=args.seed, log_every=args.log_every,
-                      checkpoint_every=args.checkpoint_every, threads=args.threads)
+                      checkpoint_every=args.checkpoint_every, threads=args.threads, init=args.init or "")
     try:
         last = train(args.out, cfg, resume=not args.restart, progress=not args.quiet)
     except KeyboardInterrupt:
@@ -67,6 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument("--log-every", type=int, default=100)
     t.add_argument("--checkpoint-every", type=int, default=500)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--init", default=None, metavar="FILE",
+                   help="start from trained networks of the same method (e.g. apg/checkpoints/gmm-apg.pt)")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=_train)

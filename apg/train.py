@@ -57,6 +57,7 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 1000
     threads: int = 0  # 0: leave torch's default
+    init: str = ""  # start from these trained networks (a proposals file of the same method)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -153,6 +154,11 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         start, elapsed = ck["iteration"], ck["seconds"]
         _truncate_csv(csv_path, start)
     else:
+        if cfg.init:
+            start_from = load_proposals(cfg.init)
+            if METHODS[cfg.method] != (start_from.encoder, start_from.globals is not None):
+                raise ValueError(f"--init {cfg.init} holds networks of another method than {cfg.method!r}")
+            nets.load_state_dict(start_from.state_dict())
         with open(cfg_path, "w") as f:
             json.dump(asdict(cfg), f, indent=1)
         with open(csv_path, "w", newline="") as f:
