@@ -157,8 +157,9 @@ def evaluate(checkpoint: Optional[str] = None, cfg: EvalConfig = EvalConfig(),
         "rws_particles": cfg.rws_particles}}
     if plots is not None:
         os.makedirs(plots, exist_ok=True)
-        out["figures"] = {"fig1a": _fig1a(nets, cfg, os.path.join(plots, "fig1a.png")),
-                          "fig2": _fig2(nets["apg"], cfg, os.path.join(plots, "fig2.png"))}
+        fig2, fig2_data = _fig2(nets["apg"], cfg, os.path.join(plots, "fig2.png"))
+        out["figures"] = {"fig1a": _fig1a(nets, cfg, os.path.join(plots, "fig1a.png")), "fig2": fig2}
+        out["fig2"] = fig2_data
         curves = _training_curves(checkpoint, os.path.join(plots, "training.png"))
         if curves is not None:
             out["figures"]["training"] = curves
@@ -273,7 +274,11 @@ def _fig2(nets, cfg: EvalConfig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    data = {"sweeps": Ks, "log_joint_mean": [round(float(v), 2) for v in lj.mean(1)],
+            "log_joint_sd": [round(float(v), 2) for v in lj.std(1)]}
+    for b, t in ess.items():
+        data[f"ess_{b}_mean"] = [round(float(v), 3) for v in t.mean(1)]
+    return path, data
 
 
 def _training_curves(directory: Optional[str], path: str) -> Optional[str]:
