@@ -12,6 +12,12 @@ c ``(..., N)`` int64.  The conditional of the globals is the conjugate update
 with sufficient statistics ``{1[c_n=i], 1[c_n=i] x_n, 1[c_n=i] x_n^2}``
 written with the prior *mean* mu0 where it belongs (the official code used nu0
 there, biasing its proposals and its KL metric).
+
+Also here: the model declared with tmcgraph (:func:`gmm_model`; the APG blocks'
+Markov blankets come from its factor graph), the APG sampler with exact kernels
+(:func:`exact_sampler`) or learned ones (:class:`GMMProposals`,
+:func:`apg_sampler`; appendix E), and the inclusive KL of eq. 4
+(:func:`inclusive_kl`).  APG state: ``mu, tau (*B, L, I, D)``, ``c (*B, L, N)``.
 """
 
 from __future__ import annotations
@@ -189,13 +195,14 @@ def _pick(param: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def gmm_model(cfg: GMMConfig = GMMConfig(), num_points: Optional[int] = None,
-              dtype: torch.dtype = torch.float32) -> Model:
+              dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Model:
     """The GMM as a :class:`tmcgraph.Model`: latents ``tau``, ``mu`` (event ``(I, D)``), ``c`` (plate ``N``);
-    observation ``x`` (plate ``N``, event ``D``).  ``num_points`` overrides ``cfg.num_points``."""
+    observation ``x`` (plate ``N``, event ``D``).  ``num_points`` overrides ``cfg.num_points``; the
+    prior's constants are made with ``dtype`` on ``device``."""
     shape = (cfg.num_clusters, cfg.dim)
-    full = lambda v: torch.full(shape, float(v), dtype=dtype)  # noqa: E731
+    full = lambda v: torch.full(shape, float(v), dtype=dtype, device=device)  # noqa: E731
     alpha0, beta0, mu0, nu0 = full(cfg.alpha0), full(cfg.beta0), full(cfg.mu0), cfg.nu0
-    uniform = torch.zeros(cfg.num_clusters, dtype=dtype)
+    uniform = torch.zeros(cfg.num_clusters, dtype=dtype, device=device)
     m = Model()
     m.plate("N", num_points or cfg.num_points)
     v = dict(validate_args=False)  # the samplers produce valid values; validation is per-call overhead
@@ -208,15 +215,16 @@ def gmm_model(cfg: GMMConfig = GMMConfig(), num_points: Optional[int] = None,
 
 
 @lru_cache(maxsize=32)
-def _density(cfg: GMMConfig, num_points: int, dtype: torch.dtype) -> JointDensity:
-    return JointDensity(gmm_model(cfg, num_points, dtype))
+def _density(cfg: GMMConfig, num_points: int, dtype: torch.dtype,
+             device: Optional[torch.device] = None) -> JointDensity:
+    return JointDensity(gmm_model(cfg, num_points, dtype, device))
 
 
 def _blankets(cfg: GMMConfig):
     """``log_joint``, globals blanket ``(*B, L)`` and assignment blanket ``(*B, L, N)`` from the compiled graph."""
 
     def dens(x):
-        return _density(cfg, x.shape[-2], x.dtype)
+        return _density(cfg, x.shape[-2], x.dtype, x.device)
 
     def log_joint_fn(x, s):
         return dens(x).log_prob(s, {"x": x})

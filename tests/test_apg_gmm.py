@@ -75,3 +75,19 @@ def test_gibbs_samples_the_exact_posterior_over_assignments():
     assert torch.allclose(freq, exact, atol=0.012), (freq, exact)
     assert out["log_joint"].shape == (25, 20000)
     assert math.isfinite(out["log_joint"].mean().item())
+
+
+def test_declared_model_density_and_blankets():
+    """The tmcgraph declaration of the GMM gives the hand-written log joint, and its factor graph the blankets."""
+    from apg.gmm import _density, gmm_model
+    from tmcgraph.density import JointDensity
+
+    cfg = GMMConfig()
+    data = simulate(2, cfg, seed=3)
+    x = data["x"].double()
+    state = gibbs(x, 4, 2, cfg)
+    dens = JointDensity(gmm_model(cfg, dtype=torch.float64))
+    got = dens.log_prob({k: state[k] for k in ("mu", "tau", "c")}, {"x": x})
+    assert torch.allclose(got, log_joint(x.unsqueeze(-3), state["mu"], state["tau"], state["c"], cfg))
+    assert dens.blanket(["mu", "tau"]) == ("tau", "mu", "x") and dens.blanket(["c"]) == ("c", "x")
+    assert _density(cfg, 60, torch.float64) is _density(cfg, 60, torch.float64)  # cached per (cfg, N, dtype, device)
