@@ -9,9 +9,10 @@ A run lives in one directory::
 
 Reproducibility: the training datasets are simulated from ``seed``; the batch
 of iteration ``t`` is a function of ``(seed, t)`` alone; the sampler's
-randomness is torch's global generator, whose state is checkpointed.  So a run
-that is interrupted (Ctrl-C or SIGTERM: a checkpoint is written before
-exiting) and resumed ends in exactly the state of an uninterrupted run.
+randomness is torch's global generator, whose state is checkpointed.  Ctrl-C or
+SIGTERM stops the run at the next iteration boundary and writes a checkpoint
+there, so a run that is interrupted and resumed ends in exactly the state of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -170,18 +171,31 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         _atomic_save({"nets": nets.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                       "rng": torch.get_rng_state(), "iteration": t, "seconds": seconds}, ckpt_path)
 
+    # Ctrl-C / SIGTERM only set a flag: the run stops at the next iteration boundary, after writing a
+    # checkpoint, so an interrupted run resumes exactly (a second Ctrl-C exits at once, keeping the
+    # last periodic checkpoint).
     stop = {"flag": False}
-    old_handler = None
-    try:
-        old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
-    except ValueError:  # not the main thread
-        pass
+    handlers = {}
+
+    def request_stop(signum, frame):
+        stop["flag"] = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, handlers[signal.SIGINT])
+        tqdm.write("stopping after this iteration (a checkpoint will be written)")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: no handlers
+            pass
     last: Dict[str, float] = {}
     t = start
     t0 = time.perf_counter()
+    at_boundary = True
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=f"train {cfg.method}", unit="it")
     try:
         while t < cfg.iterations:
+            at_boundary = False
             x = _batch(data, cfg, t)
             res = run(sampler, x, cfg.num_particles, cfg.num_sweeps, objective=True,
                       record_log_joint=(t + 1) % cfg.log_every == 0)
@@ -196,19 +210,21 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
                     csv.writer(f).writerow([last.get(k, "") for k in FIELDS])
                 bar.set_postfix(loss=f"{last['loss']:.1f}", ess_c=f"{last.get('ess_assignments', float('nan')):.2f}")
             bar.update(1)
-            if on_step is not None:
-                on_step(t)
             if t % cfg.checkpoint_every == 0 or t == cfg.iterations:
                 checkpoint(t, elapsed + time.perf_counter() - t0)
+            at_boundary = True
+            if on_step is not None:
+                on_step(t)
             if stop["flag"]:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        checkpoint(t, elapsed + time.perf_counter() - t0)
+        if at_boundary:  # a consistent state: iteration t is complete
+            checkpoint(t, elapsed + time.perf_counter() - t0)
         bar.close()
         raise
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     bar.close()
     _atomic_save({"method": cfg.method, "gmm": asdict(gcfg), "state_dict": nets.state_dict(),
                   "train": asdict(cfg)}, os.path.join(out_dir, "proposals.pt"))
