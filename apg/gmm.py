@@ -91,9 +91,7 @@ def normal_gamma_log_prob(mu: torch.Tensor, tau: torch.Tensor, p: NormalGammaPar
 
 def sample_normal_gamma(p: NormalGammaParams, sample_shape: Sequence[int] = ()) -> tuple:
     """Draw ``(mu, tau)`` of shape ``(*sample_shape, ..., I, D)``."""
-    tau = Gamma(p.alpha, p.beta).sample(torch.Size(sample_shape))
-    mu = Normal(p.mu, (p.nu * tau).rsqrt()).sample()
-    return mu, tau
+    return NormalGamma(p).sample(sample_shape)
 
 
 def sufficient_statistics(x: torch.Tensor, c: torch.Tensor, num_clusters: int) -> tuple:

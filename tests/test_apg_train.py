@@ -41,20 +41,24 @@ def _rows(path):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
 
 
+def _interrupted_and_uninterrupted(tmp_path, cfg, on_step, stopped_at):
+    """Train ``cfg`` uninterrupted in ``a``; in ``b`` stop it with ``on_step`` and resume. Returns both networks."""
+    train(str(tmp_path / "a"), cfg, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(tmp_path / "b"), cfg, progress=False, on_step=on_step)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["iteration"] == stopped_at
+    train(str(tmp_path / "b"), cfg, progress=False)
+    return tuple(torch.load(tmp_path / r / "proposals.pt", weights_only=True)["state_dict"] for r in ("a", "b"))
+
+
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     cfg = TrainConfig(iterations=10, seed=3, **TINY)
-    train(str(tmp_path / "a"), cfg, progress=False)
 
     def interrupt(t):
         if t == 6:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(str(tmp_path / "b"), cfg, progress=False, on_step=interrupt)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["iteration"] == 6
-    train(str(tmp_path / "b"), cfg, progress=False)
-    a = torch.load(tmp_path / "a" / "proposals.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "b" / "proposals.pt", weights_only=True)["state_dict"]
+    a, b = _interrupted_and_uninterrupted(tmp_path, cfg, interrupt, 6)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _rows(tmp_path / "a" / "metrics.csv") == _rows(tmp_path / "b" / "metrics.csv")
     # a resumed run must have the same settings
@@ -106,8 +110,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not os.path.isdir(SHIPPED), reason="no shipped checkpoints")
 def test_shipped_checkpoints_load_and_evaluate():
+    assert os.path.isdir(SHIPPED)  # apg/checkpoints is part of the package
     out = evaluate(None, EvalConfig(num_datasets=2, apg_particles=4, rws_particles=8, sweeps=(2,)))
     assert [r["method"] for r in out["rows"]] == ["RWS-MLP", "RWS-LSTM", "APG"]
 
@@ -119,17 +123,11 @@ def test_sigint_stops_at_an_iteration_boundary_and_resumes_exactly(tmp_path):
 
     before = signal.getsignal(signal.SIGINT)
     cfg = TrainConfig(iterations=8, seed=4, **TINY)
-    train(str(tmp_path / "a"), cfg, progress=False)
 
     def ctrl_c(t):
         if t == 3:
             os.kill(os.getpid(), signal.SIGINT)  # handled: the run stops after this iteration
 
-    with pytest.raises(KeyboardInterrupt):
-        train(str(tmp_path / "b"), cfg, progress=False, on_step=ctrl_c)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["iteration"] == 3
-    train(str(tmp_path / "b"), cfg, progress=False)
-    a = torch.load(tmp_path / "a" / "proposals.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "b" / "proposals.pt", weights_only=True)["state_dict"]
+    a, b = _interrupted_and_uninterrupted(tmp_path, cfg, ctrl_c, 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored

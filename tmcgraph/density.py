@@ -143,7 +143,6 @@ class JointDensity:
         vals = {n: layout.data_value(n, data[n]) for n in self.observations}
         vals.update({n: self._latent_value(layout, n, values[n], num_particles) for n in self.latents})
         total = None
-        plate_dims = {p: layout.plate_pos[p] - 0 for p in layout.plate_names}  # negative positions in layout
         for name in sites:
             site = self.model._sites[name]
             kind = "latent" if site.kind == "latent" else "observation"
@@ -162,10 +161,10 @@ class JointDensity:
                 raise TMCError(f"{owner}: its log-density has shape {tuple(lp.shape)}, expected "
                                f"{layout.describe(full)}; check the event dims of its value")
             lp = lp.expand(torch.Size(full))
-            summed = [layout.ndim + plate_dims[p] + nb for p in layout.plate_names if p not in keep]
+            summed = [nb + layout.ndim + layout.plate_pos[p] for p in layout.plate_names if p not in keep]
             lp = lp.sum(summed, keepdim=True) if summed else lp
             # (*batch, L, plate dims (kept ones full, others 1)) -> (*batch, L, *keep in the given order)
-            kept_pos = [nb + layout.ndim + plate_dims[p] for p in keep]
+            kept_pos = [nb + layout.ndim + layout.plate_pos[p] for p in keep]
             lp = lp.permute(list(range(nb + 1)) + kept_pos + [d for d in range(nb + 1, lp.dim()) if d not in kept_pos])
             lp = lp.reshape(lp.shape[: nb + 1 + len(keep)])
             total = lp if total is None else total + lp
