@@ -225,7 +225,8 @@ def _dregs_by_hand(log_w, params):
     return torch.autograd.grad((weights * log_w.reshape(-1)).sum(), params)
 
 
-def test_dregs_one_latent_matches_formula():
+def test_dregs_one_latent_is_iwae_dregs():
+    """With one latent TMC is IWAE, and both forms reduce to IWAE's DReGs (Tucker et al. 2019)."""
     a = torch.nn.Parameter(torch.tensor(0.3))
     s = torch.nn.Parameter(torch.tensor(0.2))
     m = tmcgraph.Model()
@@ -241,8 +242,16 @@ def test_dregs_one_latent_matches_formula():
     log_w = (Normal(0.0, 1.0).log_prob(mu) - Normal(a.detach(), s.detach().exp()).log_prob(mu)
              + Normal(mu[:, None], 1.0).log_prob(x).sum(-1))
     want = _dregs_by_hand(log_w, [a, s])
-    for g, w in zip(got, want):
+    torch.manual_seed(0)
+    paper = torch.autograd.grad(est.dregs_surrogate({"x": x}, form="paper"), [a, s])
+    for g, p, w in zip(got, paper, want):
         assert torch.allclose(g, w, atol=1e-5), (g, w)
+        assert torch.allclose(p, w, atol=1e-5), (p, w)
+    # the surrogate's value is this draw's log P_TMC
+    torch.manual_seed(0)
+    value = est.dregs_surrogate({"x": x})
+    torch.manual_seed(0)
+    assert torch.allclose(value, est.log_marginal({"x": x}))
     # not the plain TMC gradient
     torch.manual_seed(0)
     plain = torch.autograd.grad(est.log_marginal({"x": x}), [a, s])
@@ -250,7 +259,8 @@ def test_dregs_one_latent_matches_formula():
 
 
 @pytest.mark.parametrize("mixture", [False, True])
-def test_dregs_multi_latent_matches_formula_over_combinations(mixture):
+def test_paper_dregs_matches_eq54_over_combinations(mixture):
+    """form="paper" is eq. 54/60 exactly (which is biased: see tests/test_dregs.py)."""
     a1, a2 = torch.nn.Parameter(torch.tensor(0.2)), torch.nn.Parameter(torch.tensor(-0.1))
     s2 = torch.nn.Parameter(torch.tensor(0.1))
     m = tmcgraph.Model()
@@ -264,7 +274,7 @@ def test_dregs_multi_latent_matches_formula_over_combinations(mixture):
     est = m.compile(K=3)
     torch.manual_seed(2)
     tr, plan, _ = est._trace({"x": torch.tensor([0.4, 1.3])}, dregs=True)
-    got = torch.autograd.grad(est._dregs_from_trace(tr, plan), [a1, a2, s2], retain_graph=True)
+    got = torch.autograd.grad(est._paper_dregs_from_trace(tr, plan), [a1, a2, s2], retain_graph=True)
     z1 = tr.values["z1"].reshape(3)  # (k1,)
     z2 = tr.values["z2"].reshape(3, 2)  # (k2, n)
     x = torch.tensor([0.4, 1.3])

@@ -92,9 +92,11 @@ class Trace:
     factors: Dict[str, torch.Tensor]
     event_dims: Dict[str, int]
     hat_factors: Optional[Dict[str, torch.Tensor]] = None
+    samples: Optional[Dict[str, torch.Tensor]] = None
 
 
-def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bool = False) -> Trace:
+def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bool = False,
+          detach_samples: bool = False) -> Trace:
     """Sample every latent in topological order and compute every log-factor.
 
     Args:
@@ -102,11 +104,18 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         layout: index assignment and batch shape (sizes of enumerated indices
             are filled in here).
         data: observation name -> value ``(*batch, *plates, *event)``.
-        dregs: also build the w-hat factors of the DReGs surrogate.
+        dregs: also build the w-hat factors of the paper's DReGs surrogate.
+        detach_samples: every sampled latent's value in ``values`` (and so in
+            every factor) is a fresh leaf ``z.detach().requires_grad_()``; the
+            reparameterised samples ``z`` themselves go to ``samples``.  The
+            factors are then functions of the sample values alone (proposal
+            parameters enter only through ``samples``), which is what the TMC
+            DReGs surrogate differentiates.
     """
     values: Dict[str, torch.Tensor] = {}
     factors: Dict[str, torch.Tensor] = {}
     hats: Optional[Dict[str, torch.Tensor]] = {} if dregs else None
+    samples: Optional[Dict[str, torch.Tensor]] = {} if detach_samples else None
     for name in model.observations():
         values[name] = layout.data_value(name, data[name])
     event_dims: Dict[str, int] = {}
@@ -170,12 +179,16 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         if q.has_rsample:
             z = q.rsample()
         else:
-            if dregs:
+            if dregs or detach_samples:
                 raise TMCError(f"{owner}: DReGs needs a reparameterised proposal; {type(q).__name__} has no rsample")
             z = q.sample()
         event_dims[name] = len(q.event_shape)
+        if samples is not None:
+            samples[name] = z
+            z = z.detach().requires_grad_()
         values[name] = z
-        if site.proposal is site.fn and site.proposal_parents == site.parents and not mix and hats is None:
+        if (site.proposal is site.fn and site.proposal_parents == site.parents and not mix and hats is None
+                and samples is None):
             # proposal = prior with the same parent values: log p - log q is identically 0 (gradient too)
             factors[name] = layout.to_factor(torch.zeros((), dtype=z.dtype, device=z.device), owner, idx, site.plates)
             continue
@@ -196,7 +209,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             q_det = _call(f"{owner} proposal", site.proposal, det)
             lq_det = _logmeanexp_dims(q_det.log_prob(z.detach()), layout.ndim, mix)
             hats[name] = layout.to_factor(lp - lq + (lq_det - lq_det.detach()), owner, idx, site.plates)
-    return Trace(layout, values, factors, event_dims, hats)
+    return Trace(layout, values, factors, event_dims, hats, samples)
 
 
 # ---------------------------------------------------------------------------
@@ -341,23 +354,88 @@ class TMC(_GraphEstimator):
         tr, plan, norm = self._trace(data)
         return plan.log_sum(tr.factors) - norm
 
-    def dregs_surrogate(self, data: Mapping[str, object]) -> torch.Tensor:
-        """The DReGs surrogate of appendix F (eq. 60), computed with the plan twice.
+    def dregs_surrogate(self, data: Mapping[str, object], *, form: str = "tmc") -> torch.Tensor:
+        """A surrogate whose gradient w.r.t. the proposal parameters is the DReGs estimator.
 
-        ``1/2 * (sum w_bar^2 / (sum w_bar)^2) * log sum w_hat^2`` over all K^n
-        index combinations, where ``w_bar`` stops every gradient and ``w_hat``
-        keeps only the path through the reparameterised samples.  Its gradient
-        with respect to the proposal parameters is the DReGs estimator (eq. 54);
-        maximise it for the proposal and :meth:`log_marginal` for the model.
+        ``form="tmc"`` (default): the doubly-reparameterised gradient of
+        ``E[log P_TMC]``, unbiased for any number of latents.  Applying the
+        score identity ``E_q[f(z) d log q(z)/dphi] = E_eps[df/dz dz/dphi]`` to
+        every sample ``z_i^k`` with ``f = m_i(k)``, the posterior marginal weight
+        of sample k of latent i (the share of ``sum_c w_c`` from combinations
+        with ``c_i = k``), cancels the score terms against part of the
+        reparameterised path and leaves::
+
+            grad = sum_i sum_k m_i(k) * d log P_TMC / d z_i^k * d z_i^k / d phi
+
+        with ``m`` held fixed.  The surrogate's value is ``log P_TMC`` (the same
+        number :meth:`log_marginal` gives for this draw); its gradient is the
+        sum above.  The weights ``m_i(k)`` and the derivatives ``d log P / dz``
+        come from one backward pass through the plan.  Plates: one weight per
+        plate element.  For one latent it is IWAE's DReGs (Tucker et al. 2019).
+        Proposals must be reparameterised and *factorised*: a proposal with
+        latent parents is a mixture over their samples, whose samples are not
+        independent, and is refused with a :class:`TMCError` naming the latent.
+
+        ``form="paper"``: appendix F's eq. 60,
+        ``1/2 * (sum w_bar^2 / (sum w_bar)^2) * log sum w_hat^2`` over all index
+        combinations (eq. 54's weights ``w_c^2 / (sum w)^2``).  It is *biased*
+        for more than one latent (each sample of a latent appears in
+        ``K^(n-1)`` combinations, so the per-combination weights are not the
+        per-sample ones the identity needs); kept to compare with the paper.
+
+        Use the gradient w.r.t. proposal parameters only; for model parameters
+        use :meth:`log_marginal`.
+
+        Args:
+            data: observation name -> value ``(*batch, *plates, *event)``.
+            form: ``"tmc"`` or ``"paper"``.
 
         Returns:
-            tensor ``(*batch,)`` (its value is not an estimate of anything).
+            tensor ``(*batch,)``.
         """
-        tr, plan, _ = self._trace(data, dregs=True)
-        return self._dregs_from_trace(tr, plan)
+        if form == "paper":
+            tr, plan, _ = self._trace(data, dregs=True)
+            return self._paper_dregs_from_trace(tr, plan)
+        if form != "tmc":
+            raise TMCError(f"form must be 'tmc' or 'paper', got {form!r}")
+        model = self.model
+        for name in self._sampled:
+            mixed = [p for p in model._sites[name].proposal_parents if model._sites[p].kind == "latent"]
+            if mixed:
+                raise TMCError(
+                    f"latent {name!r}: its proposal takes latent parent(s) {mixed}, so TMC samples it from a "
+                    "mixture over their samples (appendix C); dregs_surrogate supports factorised proposals "
+                    "(parents that are observations, or none). Use the reparameterised gradient of log_marginal"
+                )
+        tr, plan, norm = self._trace(data, detach_samples=True)
+        return self._dregs_from_trace(tr, plan, norm)
+
+    def _dregs_from_trace(self, tr: Trace, plan: Plan, norm: float) -> torch.Tensor:
+        assert tr.samples is not None
+        layout, sampled = tr.layout, self._sampled
+        with torch.enable_grad():
+            total = plan.log_sum(tr.factors)
+            grads = torch.autograd.grad(total.sum(), [tr.factors[n] for n in sampled] + [tr.values[n] for n in sampled])
+        nb = len(layout.batch)
+        path: Optional[torch.Tensor] = None
+        for name, g_factor, g_value in zip(sampled, grads[: len(sampled)], grads[len(sampled):]):
+            # m_i(k) per plate element: the factor's gradient summed over its parents' indices
+            extra = len(factor_indices(self.model, layout.index_of, name)) - 1
+            m = g_factor.sum(dim=tuple(range(g_factor.dim() - extra, g_factor.dim()))) if extra else g_factor
+            event = tr.event_dims[name]
+            g = layout.site_view(g_value, name, event)  # (*batch, *plates, K, *event)
+            m = m.reshape(tuple(m.shape) + (1,) * event)
+            weight = torch.where(m > 0, m * g, torch.zeros((), dtype=g.dtype, device=g.device))
+            z = layout.site_view(tr.samples[name], name, event)
+            term = (weight * z).sum(dim=tuple(range(nb, z.dim())))
+            path = term if path is None else path + term
+        value = total.detach() - norm
+        if path is None:
+            return value
+        return value + (path - path.detach())
 
     @staticmethod
-    def _dregs_from_trace(tr: Trace, plan: Plan) -> torch.Tensor:
+    def _paper_dregs_from_trace(tr: Trace, plan: Plan) -> torch.Tensor:
         assert tr.hat_factors is not None
         with torch.no_grad():
             log_w = plan.log_sum({n: f.detach() for n, f in tr.factors.items()})
