@@ -117,8 +117,6 @@ class JointDensity:
         Returns:
             ``(*batch, L, *sizes of keep_plates)``.
         """
-        from .estimators import _call
-
         self._check_version()
         sites = tuple(self.model.order() if sites is None else sites)
         unknown = [s for s in sites if s not in self.model._sites]
@@ -142,6 +140,8 @@ class JointDensity:
         layout = self._layout(batch, num_particles)
         vals = {n: layout.data_value(n, data[n]) for n in self.observations}
         vals.update({n: self._latent_value(layout, n, values[n], num_particles) for n in self.latents})
+        events = {n: self.model._sites[n].event_dim for n in self.observations}
+        events.update({n: vals[n].dim() - len(batch) - layout.ndim for n in self.latents})
         total = None
         for name in sites:
             site = self.model._sites[name]
@@ -152,8 +152,10 @@ class JointDensity:
                 raise TMCError(f"log_prob: {owner} is not in plate(s) {not_in}, so its term cannot be kept per "
                                "element of them")
             role = "prior" if site.kind == "latent" else "likelihood"
-            d = _call(f"{owner} {role}", site.fn, [vals[p] for p in site.parents])
-            d = layout.fit(d, f"{owner} {role}", [_PARTICLES], site.plates)
+            # a density varies along the particles only through its parents' values
+            along = [_PARTICLES] if site.parents else []
+            d = layout.density(f"{owner} {role}", site.fn, [vals[p] for p in site.parents],
+                               [events[p] for p in site.parents], along, site.plates, sample_index=_PARTICLES)
             value = vals[name]
             lp = d.log_prob(value)
             full = layout.template([_PARTICLES], site.plates)

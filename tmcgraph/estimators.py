@@ -20,13 +20,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.distributions import Distribution
 
 from .errors import TMCError
 from .graph import FactorGraph
-from .model import Layout, Model, build_graph, check_proposal, data_batch_shape, factor_indices, index_slots
+from .model import (
+    Layout,
+    Model,
+    build_graph,
+    call_site_fn,
+    check_proposal,
+    data_batch_shape,
+    factor_indices,
+    index_slots,
+)
 from .plan import Plan
 from .resampling import SCHEMES, gather, resample
 
@@ -55,15 +65,6 @@ def _select(value: torch.Tensor, event_dim: int, src: int, dst: int, choice: tor
     cs = list(vs)
     vs[d], cs[d] = v.shape[d], ch.shape[d]
     return torch.gather(v.expand(vs), d, ch.expand(cs))
-
-
-def _call(owner: str, fn: Callable, args: List[torch.Tensor]):
-    try:
-        return fn(*args)
-    except TMCError:
-        raise
-    except Exception as err:  # name the site whose function failed
-        raise TMCError(f"{owner}: the function raised {type(err).__name__}: {err}") from err
 
 
 def _logmeanexp_dims(t: torch.Tensor, ndim: int, dims: List[int]) -> torch.Tensor:
@@ -116,16 +117,24 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
     factors: Dict[str, torch.Tensor] = {}
     hats: Optional[Dict[str, torch.Tensor]] = {} if dregs else None
     samples: Optional[Dict[str, torch.Tensor]] = {} if detach_samples else None
+    arg_events: Dict[str, int] = {}  # event dims of every value a function may take
     for name in model.observations():
         values[name] = layout.data_value(name, data[name])
+        arg_events[name] = model._sites[name].event_dim
     event_dims: Dict[str, int] = {}
+
+    def density(role: str, fn: Callable, parents: Sequence[str], arg_values: List[torch.Tensor],
+                indices: Sequence[str], **kw) -> Distribution:
+        return layout.density(f"{owner} {role}", fn, arg_values, [arg_events[p] for p in parents], indices,
+                              site.plates, **kw)
+
     for name in model.order():
         site = model._sites[name]
+        parent_idx = list(dict.fromkeys(layout.index_of[p] for p in site.parents))
         if site.kind == "observed":
             owner = f"observation {name!r}"
-            d = _call(f"{owner} likelihood", site.fn, [values[p] for p in site.parents])
+            d = density("likelihood", site.fn, site.parents, [values[p] for p in site.parents], parent_idx)
             idx = factor_indices(model, layout.index_of, name)
-            layout.fit(d, f"{owner} likelihood", idx, site.plates)
             if len(d.event_shape) != site.event_dim:
                 raise TMCError(
                     f"{owner}: the likelihood has event shape {tuple(d.event_shape)} ({len(d.event_shape)} dims) "
@@ -141,7 +150,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         pos = layout.index_pos[own]
         idx = factor_indices(model, layout.index_of, name)
         if site.enumerate:
-            d = _call(f"{owner} prior", site.fn, [values[p] for p in site.parents])
+            d = density("prior", site.fn, site.parents, [values[p] for p in site.parents], parent_idx)
             if not getattr(d, "has_enumerate_support", False):
                 raise TMCError(
                     f"{owner}: enumerate=True needs a prior with enumerable support (Bernoulli, Categorical, ...), "
@@ -154,7 +163,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             shape[pos] = k
             value = support.reshape(tuple(shape) + event)
             layout.index_sizes[own] = k
-            event_dims[name] = len(event)
+            event_dims[name] = arg_events[name] = len(event)
             values[name] = value
             lp = d.log_prob(value)
             factors[name] = layout.to_factor(lp, owner, idx, site.plates)
@@ -175,14 +184,17 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             args.append(_select(values[p], event_dims[p], layout.index_pos[pidx], pos, choice))
             own_args.append(values[p])
             mix.append(layout.index_pos[pidx])
-        q = layout.fit(_call(f"{owner} proposal", site.proposal, args), f"{owner} proposal", [own], site.plates)
+        # a proposal varies along the latent's own index only through its latent parents' selected samples
+        latent_parents = any(model._sites[p].kind == "latent" for p in site.proposal_parents)
+        q = density("proposal", site.proposal, site.proposal_parents, args, [own] if latent_parents else [],
+                    sample_index=own)
         if q.has_rsample:
             z = q.rsample()
         else:
             if dregs or detach_samples:
                 raise TMCError(f"{owner}: DReGs needs a reparameterised proposal; {type(q).__name__} has no rsample")
             z = q.sample()
-        event_dims[name] = len(q.event_shape)
+        event_dims[name] = arg_events[name] = len(q.event_shape)
         if samples is not None:
             samples[name] = z
             z = z.detach().requires_grad_()
@@ -193,12 +205,11 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             factors[name] = layout.to_factor(torch.zeros((), dtype=z.dtype, device=z.device), owner, idx, site.plates)
             continue
         if mix:
-            q_all = _call(f"{owner} proposal", site.proposal, own_args)
+            q_all = call_site_fn(f"{owner} proposal", site.proposal, own_args)
             lq = _logmeanexp_dims(q_all.log_prob(z), layout.ndim, mix)
         else:
             lq = q.log_prob(z)
-        prior = _call(f"{owner} prior", site.fn, [values[p] for p in site.parents])
-        layout.fit(prior, f"{owner} prior", idx, site.plates)
+        prior = density("prior", site.fn, site.parents, [values[p] for p in site.parents], parent_idx)
         check_proposal(name, prior, q)
         lp = prior.log_prob(z)
         factors[name] = layout.to_factor(lp - lq, owner, idx, site.plates)
@@ -206,7 +217,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             # cancel the direct dependence of log q on its parameters (appendix F, eq. 59):
             # add log q(detached samples) - stop_gradient(same), which is zero with the score as gradient
             det = [a.detach() for a in (own_args if mix else args)]
-            q_det = _call(f"{owner} proposal", site.proposal, det)
+            q_det = call_site_fn(f"{owner} proposal", site.proposal, det)
             lq_det = _logmeanexp_dims(q_det.log_prob(z.detach()), layout.ndim, mix)
             hats[name] = layout.to_factor(lp - lq + (lq_det - lq_det.detach()), owner, idx, site.plates)
     return Trace(layout, values, factors, event_dims, hats, samples)
@@ -231,6 +242,7 @@ class _GraphEstimator:
         self._graphs: Dict[tuple, Tuple[FactorGraph, float]] = {}
         self._sampled = [n for n in model.latents() if not model._sites[n].enumerate]
         self._slots = index_slots(model, index_of)
+        self._probed: set = set()  # layout checks already made (Layout.density)
         self._version = model._version
         if compile_now and all(s is not None for s in sizes.values()):
             self._plan_for(tuple(sizes.items()))
@@ -264,7 +276,8 @@ class _GraphEstimator:
         if self.model._version != self._version:
             raise TMCError("the model was changed (a site or plate declared) after this estimator was built; "
                            "build the estimator again")
-        return Layout(self.model, self.index_of, dict(self._sizes), data_batch_shape(self.model, data), self._slots)
+        return Layout(self.model, self.index_of, dict(self._sizes), data_batch_shape(self.model, data), self._slots,
+                      self._probed)
 
     def _trace(self, data: Mapping[str, object], **kw) -> Tuple[Trace, Plan, float]:
         tr = trace(self.model, self._layout(data), data, **kw)
@@ -297,7 +310,7 @@ def _enumerated_size(model: Model, name: str) -> Optional[int]:
     site = model._sites[name]
     if site.parents:
         return None
-    d = _call(f"latent {name!r} prior", site.fn, [])
+    d = call_site_fn(f"latent {name!r} prior", site.fn, [])
     if not getattr(d, "has_enumerate_support", False):
         raise TMCError(
             f"latent {name!r}: enumerate=True needs a prior with enumerable support (Bernoulli, Categorical, ...), "
@@ -670,7 +683,14 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
     layout = Layout(model, {n: PARTICLES for n in latents}, {PARTICLES: K}, data_batch_shape(model, data))
     batch = layout.batch
     values = {n: layout.data_value(n, data[n]) for n in model.observations()}
-    event_dims: Dict[str, int] = {}
+    event_dims: Dict[str, int] = {n: model._sites[n].event_dim for n in model.observations()}
+
+    def density(owner: str, fn: Callable, parents: Sequence[str], plates: Sequence[str]) -> Distribution:
+        # a density varies along the particles only through its latent parents' values
+        along = [PARTICLES] if any(model._sites[p].kind == "latent" for p in parents) else []
+        return layout.density(owner, fn, [values[p] for p in parents], [event_dims[p] for p in parents], along,
+                              plates, sample_index=PARTICLES)
+
     last = {}
     order = model.order()
     position = {n: k for k, n in enumerate(order)}
@@ -688,7 +708,7 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
     pending = [n for n in model.observations() if last[n] is None]
     for n in pending:  # observations with no latent parent: a constant factor
         site = model._sites[n]
-        d = _call(f"observation {n!r} likelihood", site.fn, [])
+        d = density(f"observation {n!r} likelihood", site.fn, [], site.plates)
         lp = d.log_prob(values[n])
         c = layout.to_factor(lp, f"observation {n!r}", [], site.plates)
         c = c.reshape(tuple(c.shape[: c.dim() - len(site.plates)]) + (-1,)).sum(-1) if site.plates else c
@@ -703,14 +723,11 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
                 e = event_dims[p]
                 v = v.expand(layout.template([PARTICLES], model._sites[p].plates) + tuple(v.shape[v.dim() - e:]))
                 values[p] = gather(v, anc)  # the particle dim follows the batch dims
-        prior = _call(f"{owner} prior", site.fn, [values[p] for p in site.parents])
-        prior = layout.fit(prior, f"{owner} prior", [PARTICLES], site.plates)
+        prior = density(f"{owner} prior", site.fn, site.parents, site.plates)
         if proposal == "bootstrap":
             q = prior
         else:
-            args = [values[p] for p in site.proposal_parents]
-            q = layout.fit(_call(f"{owner} proposal", site.proposal, args), f"{owner} proposal", [PARTICLES],
-                           site.plates)
+            q = density(f"{owner} proposal", site.proposal, site.proposal_parents, site.plates)
             check_proposal(name, prior, q)
         z = q.rsample() if q.has_rsample else q.sample()
         values[name] = z
@@ -719,7 +736,7 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
         for n in model.observations():
             if last[n] == name:
                 obs = model._sites[n]
-                d = _call(f"observation {n!r} likelihood", obs.fn, [values[p] for p in obs.parents])
+                d = density(f"observation {n!r} likelihood", obs.fn, obs.parents, obs.plates)
                 f = weigh(n, f"observation {n!r}", d.log_prob(values[n]), obs.plates)
                 inc = f if inc is None else inc + f
         if inc is None:

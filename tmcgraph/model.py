@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import networkx as nx
 import torch
@@ -330,6 +330,19 @@ class Model:
 # ---------------------------------------------------------------------------
 # layout: the positional dims of one evaluation
 # ---------------------------------------------------------------------------
+def call_site_fn(owner: str, fn: Callable, args: Sequence[torch.Tensor]) -> Distribution:
+    """``fn(*args)``; an exception it raises is re-raised as a :class:`TMCError` naming ``owner``."""
+    try:
+        return fn(*args)
+    except TMCError:
+        raise
+    except Exception as err:  # name the site whose function failed
+        raise TMCError(f"{owner}: the function raised {type(err).__name__}: {err}") from err
+
+
+# ---------------------------------------------------------------------------
+# index slots
+# ---------------------------------------------------------------------------
 def index_slots(model: Model, index_of: Mapping[str, str]) -> Dict[str, int]:
     """Assign sample indices to positional dims, recycling dims like Pyro's enumeration.
 
@@ -360,11 +373,17 @@ class Layout:
         batch: the data batch shape.
         slots: index name -> index dim (0 = leftmost); default
             :func:`index_slots` (recycled dims).
+        probed: a set shared across evaluations that records which functions'
+            coincidence check (:meth:`density`) has run.
     """
 
     def __init__(self, model: Model, index_of: Mapping[str, str], index_sizes: Mapping[str, int],
-                 batch: Tuple[int, ...], slots: Optional[Mapping[str, int]] = None) -> None:
+                 batch: Tuple[int, ...], slots: Optional[Mapping[str, int]] = None,
+                 probed: Optional[Set[tuple]] = None) -> None:
         self.model = model
+        # the (function, batch, index sizes) whose index-dim variation was checked (see density());
+        # an estimator passes the same set to every evaluation so each check runs once
+        self.probed: Set[tuple] = set() if probed is None else probed
         self.index_of = dict(index_of)
         self.index_sizes = dict(index_sizes)
         self.batch = tuple(batch)
@@ -391,21 +410,102 @@ class Layout:
         names += [f"plate {p}" for p in self.plate_names]
         return "(" + ", ".join(f"{n}={s}" for n, s in zip(names, shape)) + ")"
 
-    def fit(self, d: Distribution, owner: str, indices: Sequence[str], plates: Sequence[str]) -> Distribution:
-        """Expand ``d`` to the template of ``indices``/``plates``; error if it does not fit."""
+    def density(self, owner: str, fn: Callable, args: Sequence[torch.Tensor], arg_event_dims: Sequence[int],
+                indices: Sequence[str], plates: Sequence[str], *,
+                sample_index: Optional[str] = None) -> Distribution:
+        """Call a site's function and check the distribution it returns against the layout.
+
+        Args:
+            owner: e.g. ``"latent 'z' prior"``, named in errors.
+            fn: the user's function; ``args`` its arguments in layout, each with
+                ``arg_event_dims`` event dims.
+            indices: the index dims the distribution may vary along (those of
+                its arguments); ``plates``: the site's plates.
+            sample_index: the latent's own index (proposals): the result is
+                expanded along it, but may vary along it only through its
+                arguments.
+
+        Returns:
+            the distribution expanded to the template of ``indices`` (and
+            ``sample_index``) and ``plates``.
+
+        Raises:
+            TMCError: naming ``owner``, when the batch shape does not broadcast
+                to the template, or when it varies along an index dim by itself
+                (a parameter whose size coincides with an index's K: called
+                again with every argument reduced to one sample, the batch
+                shape must be 1 along every index dim).
+        """
+        d = call_site_fn(owner, fn, args)
+        full = list(indices) + ([sample_index] if sample_index is not None and sample_index not in indices else [])
+        out = self.fit(d, owner, indices, plates, expand_to=full)
+        n_slots = self.ndim - len(self.plate_names)
+        bs = tuple(d.batch_shape)
+        lead = len(bs) - self.ndim
+        varies = any(lead + s >= 0 and bs[lead + s] > 1 for s in range(n_slots))
+        key = (owner, self.batch, tuple(self.index_sizes.items()))
+        if varies and key not in self.probed:
+            self._probe(owner, fn, args, arg_event_dims, bs)
+            self.probed.add(key)
+        return out
+
+    def _probe(self, owner: str, fn: Callable, args: Sequence[torch.Tensor], arg_event_dims: Sequence[int],
+               shape: Tuple[int, ...]) -> None:
+        """Call ``fn`` with every argument narrowed to one sample along every index dim; its batch shape
+        must then be 1 along every index dim."""
+        n_slots = self.ndim - len(self.plate_names)
+        narrowed = []
+        for a, e in zip(args, arg_event_dims):
+            for s in range(n_slots):
+                d = a.dim() - e - self.ndim + s
+                if d >= 0 and a.shape[d] > 1:
+                    a = a.narrow(d, 0, 1)
+            narrowed.append(a)
+        try:
+            probe = fn(*narrowed)
+            bs = tuple(probe.batch_shape)
+        except Exception:  # the function needs its full arguments; the check cannot be made
+            return
+        lead = len(bs) - self.ndim
+        full = self.template(list(self.index_sizes), self.plate_names)
+        for s in range(n_slots):
+            if lead + s >= 0 and bs[lead + s] > 1:
+                raise TMCError(
+                    f"{owner}: the distribution's batch shape {shape} varies along index dim "
+                    f"{s - self.ndim} ({self.slot_names[s]}) by itself: called with one sample of each argument, "
+                    f"its batch shape is still {bs}. A density may vary along a sample index only through its "
+                    f"arguments; a parameter shaped for a plate or for another dim sits in the index dims. The layout "
+                    f"(*data batch, *index dims, *plates, *event) is {self.describe(full)}; give per-plate "
+                    "parameters the plate's dim (e.g. (N, 1) for plate N when a plate follows it)"
+                )
+
+    def fit(self, d: Distribution, owner: str, indices: Sequence[str], plates: Sequence[str], *,
+            expand_to: Optional[Sequence[str]] = None) -> Distribution:
+        """Check that ``d`` varies only along ``indices``/``plates`` and expand it to the template of
+        ``expand_to`` (default ``indices``) and ``plates``; an error names ``owner`` and the dim at fault."""
         if not isinstance(d, Distribution):
             raise TMCError(f"{owner}: the function must return a torch.distributions.Distribution, "
                            f"got {type(d).__name__}")
-        template = self.template(indices, plates)
+        allowed = self.template(indices, plates)
+        template = allowed if expand_to is None else self.template(expand_to, plates)
         bs = tuple(d.batch_shape)
-        ok = len(bs) <= len(template) and all(
-            b == 1 or b == t for b, t in zip(bs[::-1], template[::-1])
-        )
-        if not ok:
+        bad = [k for k, (b, t) in enumerate(zip(bs[::-1], allowed[::-1]), start=1) if b != 1 and b != t]
+        if len(bs) > len(allowed) or bad:
+            names = self.describe(allowed)[1:-1].split(", ")
+            if len(bs) > len(allowed):
+                what = f"it has {len(bs)} batch dims, more than the layout's {len(allowed)}"
+            else:
+                name, size = names[len(names) - bad[0]].rsplit("=", 1)
+                what = f"dim {-bad[0]} ({name}) has size {bs[-bad[0]]}, expected {size}" + (
+                    " or 1" if size != "1" else "")
+                if name.startswith("index ") and size == "1":
+                    what += (" (a density varies along a sample index only through its arguments, never along "
+                             "its own)")
             raise TMCError(
-                f"{owner}: the distribution's batch shape {bs} does not fit the layout "
-                f"{self.describe(template)}; a batch dim must be 1 or the size shown (use Independent(..., 1) "
-                "for vector-valued sites, and shape per-plate parameters to the plate's dim)"
+                f"{owner}: the distribution's batch shape {bs} does not fit the layout: {what}. Expected a shape "
+                f"that broadcasts to {self.describe(allowed)}, laid out (*data batch, *index dims, *plates, "
+                "*event); use Independent(..., 1) for vector-valued sites, and give per-plate parameters the "
+                "plate's dim"
             )
         return d if bs == template else d.expand(torch.Size(template))
 
@@ -489,11 +589,17 @@ def data_batch_shape(model: Model, data: Mapping[str, object]) -> Tuple[int, ...
     unknown = [n for n in data if n not in obs]
     if unknown:
         raise TMCError(f"value(s) given for {unknown}, which are not observations; observations: {obs}")
-    shapes = []
+    shapes, nan_flags = [], []
     for n in obs:
         site = model._sites[n]
         v = data[n] if isinstance(data[n], torch.Tensor) else torch.as_tensor(data[n])
         shapes.append(tuple(v.shape[: max(0, v.dim() - len(site.plates) - site.event_dim)]))
+        if v.is_floating_point() or v.is_complex():
+            nan_flags.append((n, torch.isnan(v).any()))
+    if nan_flags and bool(torch.stack([f.to("cpu") for _, f in nan_flags]).any()):  # one sync for all of them
+        bad = [n for n, f in nan_flags if bool(f)]
+        raise TMCError(f"observation(s) {bad}: the observed value contains NaN; a missing observation must be "
+                       "removed from the data, not marked with NaN")
     try:
         return tuple(torch.broadcast_shapes(*shapes)) if shapes else ()
     except RuntimeError:
