@@ -66,3 +66,45 @@ def test_gaussian_cli_json_and_plot(tmp_path, capsys):
         for key in ("exact", "tmc", "tmc_seconds", "smc", "smc_seconds", "iwae", "iwae_seconds"):
             assert math.isfinite(r[key])
     assert png.stat().st_size > 1000
+
+
+def test_global_local_problem_closed_form_against_joint_gaussian():
+    from tmcgraph.experiments import global_local_problem
+
+    N, noise = 4, 0.5
+    p = global_local_problem(N, noise=noise, seed=3)
+    # joint Gaussian of (mu, z_1..z_N, x_1..x_N): condition on x
+    A = torch.zeros(2 * N + 1, 2 * N + 1, dtype=torch.float64)  # (mu, z, x) = A @ standard normals
+    A[0, 0] = 1.0
+    A[1:N + 1, 0] = 1.0
+    A[1:N + 1, 1:N + 1] = torch.eye(N, dtype=torch.float64)
+    A[N + 1:, :N + 1] = A[1:N + 1, :N + 1]
+    A[N + 1:, N + 1:] = noise * torch.eye(N, dtype=torch.float64)
+    cov = A @ A.T
+    lat, obs = slice(0, N + 1), slice(N + 1, 2 * N + 1)
+    gain = cov[lat, obs] @ torch.linalg.inv(cov[obs, obs])
+    mean = gain @ p.x
+    var = torch.diagonal(cov[lat, lat] - gain @ cov[obs, lat])
+    assert math.isclose(p.mu_mean, mean[0].item(), rel_tol=1e-10)
+    assert math.isclose(p.mu_sd, var[0].sqrt().item(), rel_tol=1e-10)
+    assert torch.allclose(p.z_mean, mean[1:]) and torch.allclose(p.z_sd, var[1:].sqrt())
+    exact = MultivariateNormal(torch.zeros(N, dtype=torch.float64), cov[obs, obs]).log_prob(p.x).item()
+    assert math.isclose(p.exact, exact, rel_tol=1e-10)
+
+
+def test_dregs_cli_json_and_plot(tmp_path, capsys):
+    png = tmp_path / "dregs.png"
+    assert main(["dregs", "--N", "3", "--Ks", "1,4", "--draws", "300", "--steps", "4", "--eval-every", "2",
+                 "--eval-draws", "50", "--json", "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["K"], r["gradient"]) for r in out["snr"]] == [
+        (k, g) for k in (1, 4) for g in ("reparameterised", "dregs", "dregs-paper")]
+    for r in out["snr"]:
+        assert all(math.isfinite(v) and v >= 0 for v in r["snr"].values())
+    snr = {(r["K"], r["gradient"]): r for r in out["snr"]}
+    # K = 1: every form is the same gradient (TMC is IWAE with one sample)
+    for group, value in snr[(1, "dregs")]["snr"].items():
+        assert math.isclose(value, snr[(1, "dregs-paper")]["snr"][group], rel_tol=1e-5)
+    assert set(out["training"]) == {"reparameterised", "dregs", "dregs-paper"}
+    assert [c["step"] for c in out["training"]["dregs"]] == [0, 2, 4]
+    assert png.stat().st_size > 1000

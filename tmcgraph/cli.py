@@ -5,6 +5,9 @@
   sparse linear-Gaussian model; ``--sweep`` plots error and time against tree-width).
 * ``tmcgraph gaussian``: Fig. 7 (TMC vs SMC vs IWAE vs Kalman ground truth on a
   linear-Gaussian chain, against K and against N).
+* ``tmcgraph dregs``: the DReGs surrogate (appendix F): gradient SNR against K
+  for the reparameterised gradient, the paper's eq. 60 and ours, and proposals
+  trained with each.
 """
 
 from __future__ import annotations
@@ -225,6 +228,72 @@ def _plot_gaussian(out, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _dregs(args: argparse.Namespace) -> int:
+    from .experiments import dregs_experiment
+
+    _threads(args.threads)
+    out = dregs_experiment(N=args.N, noise=args.noise, seed=args.seed, Ks=args.Ks, draws=args.draws, at=args.at,
+                           K=args.K, steps=args.steps, batch=args.batch, lr=args.lr, eval_every=args.eval_every,
+                           eval_draws=args.eval_draws, progress=not args.json)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        st = out["settings"]
+        print(f"DReGs for TMC: mu ~ N(0,1), z_n ~ N(mu,1), x_n ~ N(z_n,{st['noise']}^2), N={st['N']}, "
+              f"factorised Normal proposals; exact log p(x) = {out['exact']:.3f}")
+        print(f"\n== gradient SNR |E g| / sd(g) over {st['draws']} draws, proposals {st['at']} of the way from the "
+              "prior to the posterior marginals ==")
+        print(f"{'K':>4} {'gradient':<16} {'mu loc':>8} {'mu logsd':>9} {'z loc':>8} {'z logsd':>8} {'|E g|':>9}")
+        for r in out["snr"]:
+            s = r["snr"]
+            print(f"{r['K']:>4} {r['gradient']:<16} {s['mu_loc']:>8.3f} {s['mu_log_scale']:>9.3f} "
+                  f"{s['z_loc']:>8.3f} {s['z_log_scale']:>8.3f} {r['mean_norm']:>9.4f}")
+        print(f"\n== E[log P_TMC] at K={st['K']} ({st['eval_draws']} draws, +- standard error) after training the "
+              f"proposals with each gradient (Adam, lr {st['lr']}, {st['batch']} draws per step) ==")
+        steps = [c["step"] for c in next(iter(out["training"].values()))]
+        print(f"{'gradient':<16}" + "".join(f"{'step ' + str(s):>16}" for s in steps))
+        for name, curve in out["training"].items():
+            print(f"{name:<16}" + "".join(f"{c['log_marginal']:>9.3f} +-{c['log_marginal_se']:.3f}" for c in curve))
+    _maybe_plot(_plot_dregs, out, args)
+    return 0
+
+
+_GRADIENT_STYLE = {"reparameterised": ("tab:red", "reparameterised"), "dregs": ("tab:blue", "DReGs (ours)"),
+                   "dregs-paper": ("tab:gray", "DReGs, paper's eq. 60 (biased)")}
+
+
+def _plot_dregs(out, path: str) -> None:
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, latent in zip(axes[:2], ("mu", "z")):
+        for name, (colour, label) in _GRADIENT_STYLE.items():
+            rows = [r for r in out["snr"] if r["gradient"] == name]
+            ks = [r["K"] for r in rows]
+            ax.plot(ks, [r["snr"][f"{latent}_loc"] for r in rows], "o-", color=colour, label=f"{label}: mean")
+            ax.plot(ks, [r["snr"][f"{latent}_log_scale"] for r in rows], "s--", color=colour, label=f"{label}: log sd",
+                    alpha=0.7)
+        ax.set(xscale="log", yscale="log", xlabel="K (samples per latent)", ylabel="gradient SNR |E g| / sd(g)",
+               title=f"q({latent}) parameters (mean over the group)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    ax = axes[2]
+    for name, curve in out["training"].items():
+        colour, label = _GRADIENT_STYLE[name]
+        steps = [c["step"] for c in curve]
+        ys = [c["log_marginal"] for c in curve]
+        se = [2 * c["log_marginal_se"] for c in curve]
+        ax.plot(steps, ys, "o-", color=colour, label=label)
+        ax.fill_between(steps, [y - e for y, e in zip(ys, se)], [y + e for y, e in zip(ys, se)], color=colour,
+                        alpha=0.2)
+    ax.axhline(out["exact"], color="black", ls=":", label="exact log p(x)")
+    ax.set(xlabel="training step", ylabel=f"E[log P_TMC], K={out['settings']['K']} (band: 2 s.e.)",
+           title="proposals trained with each gradient")
+    ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=120)
+
+
 def _int_list(text: str):
     return [int(v) for v in text.split(",") if v]
 
@@ -272,6 +341,26 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--plot", default=None, help="write the four panels of Fig. 7 to this PNG")
     ga.add_argument("--json", action="store_true", help="print the results as JSON only")
     ga.set_defaults(func=_gaussian)
+
+    dr = sub.add_parser("dregs", help="DReGs for TMC: gradient SNR against K, and proposals trained with each gradient")
+    dr.add_argument("--N", type=int, default=8, help="plate size (default 8)")
+    dr.add_argument("--noise", type=float, default=0.5, help="observation noise std (default 0.5)")
+    dr.add_argument("--seed", type=int, default=0, help="seed for the data and the samples (default 0)")
+    dr.add_argument("--Ks", type=_int_list, default=None, help="comma-separated K values (default 1,2,4,...,64)")
+    dr.add_argument("--draws", type=int, default=2000, help="gradients drawn per SNR point (default 2000)")
+    dr.add_argument("--at", type=float, default=0.5,
+                    help="where the SNR is measured: 0 = proposals at the prior, 1 = at the posterior marginals "
+                         "(default 0.5)")
+    dr.add_argument("--K", type=int, default=8, help="samples per latent for training (default 8)")
+    dr.add_argument("--steps", type=int, default=600, help="Adam steps (default 600)")
+    dr.add_argument("--batch", type=int, default=16, help="draws averaged per step (default 16)")
+    dr.add_argument("--lr", type=float, default=0.02, help="Adam learning rate (default 0.02)")
+    dr.add_argument("--eval-every", type=int, default=100, help="evaluate every this many steps (default 100)")
+    dr.add_argument("--eval-draws", type=int, default=2000, help="draws per evaluation (default 2000)")
+    dr.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    dr.add_argument("--plot", default=None, help="write the SNR and training panels to this PNG")
+    dr.add_argument("--json", action="store_true", help="print the results as JSON only")
+    dr.set_defaults(func=_dregs)
     return parser
 
 

@@ -589,10 +589,12 @@ def data_batch_shape(model: Model, data: Mapping[str, object]) -> Tuple[int, ...
     unknown = [n for n in data if n not in obs]
     if unknown:
         raise TMCError(f"value(s) given for {unknown}, which are not observations; observations: {obs}")
-    shapes, nan_flags = [], []
+    shapes: List[Tuple[int, ...]] = []
+    nan_flags: List[Tuple[str, torch.Tensor]] = []
     for n in obs:
         site = model._sites[n]
-        v = data[n] if isinstance(data[n], torch.Tensor) else torch.as_tensor(data[n])
+        raw = data[n]
+        v = raw if isinstance(raw, torch.Tensor) else torch.as_tensor(raw)
         shapes.append(tuple(v.shape[: max(0, v.dim() - len(site.plates) - site.event_dim)]))
         if v.is_floating_point() or v.is_complex():
             nan_flags.append((n, torch.isnan(v).any()))
