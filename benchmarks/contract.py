@@ -175,12 +175,12 @@ def speed(g: tmcgraph.FactorGraph, repeats: int, with_pyro: bool) -> Dict[str, f
                     values.append(x)
                     continue
                 work = list(zip(ops, stage.input_labels))
-                for positions, _, result in stage.steps:
-                    taken = [work[p] for p in sorted(positions)]
-                    for p in sorted(positions, reverse=True):
+                for step in stage.steps:
+                    taken = [work[p] for p in sorted(step.positions)]
+                    for p in sorted(step.positions, reverse=True):
                         work.pop(p)
-                    eq = _to_letters([lab for _, lab in taken], result)
-                    work.append((torch.einsum(eq, *[t for t, _ in taken]), result))
+                    eq = _to_letters([lab for _, lab in taken], step.result_labels)
+                    work.append((torch.einsum(eq, *[t for t, _ in taken]), step.result_labels))
                 values.append(work[0][0])
             return values[-1]
 

@@ -1,27 +1,16 @@
 """Structure -> Plan.  Works on labels and sizes only; never touches a tensor.
 
-A plan is a list of *stages* over numbered values (the inputs are ``0..n-1``,
-every stage appends one value):
-
-* :class:`EinsumStage`: a log-domain einsum of some values, executed as a
-  pairwise path (``steps``), optionally sliced to respect a memory limit;
-* :class:`ProductStage`: a plate product, i.e. a sum of log-factors over plate dims.
-
-Plates are eliminated by tensor variable elimination (Obermeyer et al. 2019, as
-in Pyro's ``contract_tensor_tree``): take a maximal set of plates L present among
-the factors; within each component of factors in L connected by indices whose
-plates are exactly L, sum those indices out with the plate dims as batch dims
-(one einsum); the remaining indices live in a smaller plate set L'; multiply over
-the plates L \\ L'; repeat until no plate is left, then contract what remains.
-When L' = L the plates cannot be eliminated without unrolling, and compilation
-fails with an error naming the factors.
+The compiler turns a :class:`~tmcgraph.FactorGraph` (or one einsum) into the
+stages of :mod:`tmcgraph.stages`, and owns the one decision made at run time:
+how to slice einsum stages when a batch of a given size must respect a memory
+limit (:class:`Slicer`; the plan calls it and never plans itself).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import networkx as nx
@@ -30,48 +19,14 @@ from opt_einsum import get_symbol
 
 from . import paths
 from .errors import TMCError
+from .plan import Plan
+from .stages import EinsumStage, InputSpec, ProductStage, Stage, Step
 
 if TYPE_CHECKING:
     from .graph import FactorGraph
-    from .plan import Plan
 
-Step = Tuple[Tuple[int, ...], Tuple[str, ...], str]  # linear positions, operand labels, result labels
-
-
-@dataclass(frozen=True)
-class EinsumStage:
-    """A log-einsum of values ``inputs`` (labels ``input_labels``) to ``output_labels``.
-
-    ``steps`` follow ``path`` (linear format).  ``slices`` lists ``(label, chunk)``:
-    the stage runs once per chunk of each sliced label; chunks of kept labels are
-    concatenated, chunks of summed labels accumulated by logsumexp.
-    """
-
-    inputs: Tuple[int, ...]
-    input_labels: Tuple[str, ...]
-    output_labels: str
-    sizes: Tuple[Tuple[str, int], ...]
-    path: Tuple[Tuple[int, ...], ...]
-    steps: Tuple[Step, ...]
-    candidates: Tuple[paths.Candidate, ...]
-    slices: Tuple[Tuple[str, int], ...]
-
-    @property
-    def cost(self) -> paths.PathCost:
-        return self.candidates[0].cost
-
-
-@dataclass(frozen=True)
-class ProductStage:
-    """Sum the log-value ``inputs[0]`` over the plate dims not in ``output_labels``."""
-
-    inputs: Tuple[int]
-    input_labels: Tuple[str]
-    output_labels: str
-
-
-Stage = object  # EinsumStage | ProductStage
-
+__all__ = ["Slicer", "check_memory_limit", "check_optimize", "compile_einsum", "compile_graph", "label_treewidth",
+           "make_plan"]
 
 def _slice_stage(steps: Sequence[Step], output: str, sizes: Dict[str, int], limit: int) -> Tuple[Tuple[str, int], ...]:
     """Choose chunk sizes so that every intermediate has at most ``limit`` elements.
@@ -86,7 +41,7 @@ def _slice_stage(steps: Sequence[Step], output: str, sizes: Dict[str, int], limi
         return math.prod(chunk.get(c, sizes[c]) for c in labels)
 
     while True:
-        worst = max((result for _, _, result in steps), key=size, default="")
+        worst = max((step.result_labels for step in steps), key=size, default="")
         largest = size(worst)
         if largest <= limit:
             break
@@ -114,7 +69,7 @@ def compile_einsum(
     candidates = paths.search(inputs, output, sizes, optimize)
     best = candidates[0]
     steps = [
-        (tuple(positions), operands, result)
+        Step(tuple(positions), tuple(operands), result)
         for (operands, result), positions in zip(paths.step_outputs(inputs, output, list(best.path)), best.path)
     ]
     used = set("".join(inputs)) | set(output)
@@ -144,12 +99,55 @@ def label_treewidth(terms: Sequence[str]) -> int:
     return min(treewidth_min_fill_in(g)[0], treewidth_min_degree(g)[0])
 
 
-def _check_optimize(optimize: str) -> None:
+class Slicer:
+    """The slicing planner a :class:`~tmcgraph.Plan` calls at run time.
+
+    A memory limit counts elements of all batch elements together, so the
+    slicing depends on the batch size, known only at evaluation: for a batch of
+    ``batch_numel`` elements every einsum stage is re-sliced to
+    ``memory_limit // batch_numel`` elements per batch element (cached).
+    """
+
+    def __init__(self, stages: Sequence[Stage], memory_limit: int, *, cache_size: int = 32) -> None:
+        self.stages = tuple(stages)
+        self.memory_limit = memory_limit
+        self._cache: "OrderedDict[int, Tuple[Stage, ...]]" = OrderedDict()
+        self._cache_size = cache_size
+
+    def __call__(self, batch_numel: int) -> Tuple[Stage, ...]:
+        if batch_numel <= 1:
+            return self.stages
+        if batch_numel in self._cache:
+            self._cache.move_to_end(batch_numel)
+            return self._cache[batch_numel]
+        limit = max(1, self.memory_limit // batch_numel)
+        stages = tuple(
+            dataclasses.replace(s, slices=_slice_stage(s.steps, s.output_labels, dict(s.sizes), limit))
+            if isinstance(s, EinsumStage)
+            else s
+            for s in self.stages
+        )
+        self._cache[batch_numel] = stages
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return stages
+
+
+def make_plan(*, inputs: Tuple[InputSpec, ...], stages: Tuple[Stage, ...], label_names: Tuple[Tuple[str, str], ...],
+              constant: float, treewidth: int, log10_naive_flops: float, optimize: str,
+              memory_limit: Optional[int], output_labels: str = "") -> Plan:
+    """A :class:`~tmcgraph.Plan` over ``stages``, with a :class:`Slicer` when a memory limit applies."""
+    return Plan(inputs=inputs, stages=stages, output_labels=output_labels, label_names=label_names, constant=constant,
+                treewidth=treewidth, log10_naive_flops=log10_naive_flops, optimize=optimize,
+                memory_limit=memory_limit, slicer=None if memory_limit is None else Slicer(stages, memory_limit))
+
+
+def check_optimize(optimize: str) -> None:
     if optimize not in paths.OPTIMIZERS:
         raise TMCError(f"unknown optimize={optimize!r}; expected one of {sorted(paths.OPTIMIZERS)}")
 
 
-def _check_memory_limit(memory_limit: Optional[int]) -> None:
+def check_memory_limit(memory_limit: Optional[int]) -> None:
     bad_type = isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
     if memory_limit is not None and (bad_type or memory_limit < 1):
         raise TMCError(f"memory_limit must be None or a positive int (elements), got {memory_limit!r}")
@@ -159,12 +157,20 @@ _GRAPH_CACHE: "OrderedDict[tuple, Plan]" = OrderedDict()
 _CACHE_SIZE = 128
 
 
-def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit: Optional[int] = None) -> "Plan":
-    """Compile a :class:`~tmcgraph.FactorGraph` (see the module doc); cached by structure."""
-    from .plan import InputSpec, Plan
+def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit: Optional[int] = None) -> Plan:
+    """Compile a :class:`~tmcgraph.FactorGraph` into a :class:`~tmcgraph.Plan`; cached by structure.
 
-    _check_optimize(optimize)
-    _check_memory_limit(memory_limit)
+    Plates are eliminated by tensor variable elimination (Obermeyer et al. 2019,
+    as in Pyro's ``contract_tensor_tree``): take a maximal set of plates L
+    present among the factors; within each component of factors in L connected
+    by indices whose plates are exactly L, sum those indices out with the plate
+    dims as batch dims (one einsum); the remaining indices live in a smaller
+    plate set L'; multiply over the plates L \\ L'; repeat until no plate is left,
+    then contract what remains.  When L' = L the plates cannot be eliminated
+    without unrolling, and compilation fails with an error naming the factors.
+    """
+    check_optimize(optimize)
+    check_memory_limit(memory_limit)
     key = (graph.structure_key(), optimize, memory_limit)
     if key in _GRAPH_CACHE:
         _GRAPH_CACHE.move_to_end(key)
@@ -260,10 +266,9 @@ def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit:
     log10_naive = sum(
         math.log10(spec.size) * math.prod(graph.plates[p] for p in spec.plates) for spec in graph.indices.values()
     ) + math.log10(max(1, sum(math.prod(graph.plates[p] for p in f.plates) for f in graph.factors.values())))
-    plan = Plan(
+    plan = make_plan(
         inputs=tuple(inputs),
         stages=tuple(stages),
-        output_labels="",
         label_names=tuple(sorted(names.items())),
         constant=constant,
         treewidth=treewidth,

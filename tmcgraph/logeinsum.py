@@ -10,9 +10,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from opt_einsum import get_symbol
 
-from .compile import _check_memory_limit, _check_optimize, compile_einsum, label_treewidth
+from .compile import check_memory_limit, check_optimize, compile_einsum, label_treewidth, make_plan
 from .errors import TMCError
-from .plan import InputSpec, Plan, check_operands, check_result
+from .plan import Plan, check_operands, check_result
+from .stages import InputSpec
 
 _ELLIPSIS_BASE = 1000  # opt_einsum symbols from here on are never letters
 
@@ -154,7 +155,7 @@ def _plan(parsed: ParsedEquation, optimize: str, memory_limit: Optional[int]) ->
     names = dict(parsed.names)
     names.update({c: c for c in sizes if c not in names})
     log10_naive = sum(math.log10(s) for s in sizes.values()) + math.log10(max(1, len(parsed.terms)))
-    return Plan(
+    return make_plan(
         inputs=inputs,
         stages=(stage,),
         output_labels=parsed.output,
@@ -178,8 +179,8 @@ def log_einsum_plan(
 def _parse_and_plan(
     equation: str, shapes: Tuple[Tuple[int, ...], ...], optimize: str, memory_limit: Optional[int]
 ) -> Tuple[ParsedEquation, Plan]:
-    _check_optimize(optimize)
-    _check_memory_limit(memory_limit)
+    check_optimize(optimize)
+    check_memory_limit(memory_limit)
     parsed = parse_equation(equation, shapes)
     return parsed, _plan(parsed, optimize, memory_limit)
 

@@ -1,38 +1,28 @@
-"""Plan: runs compiled stages on tensors; explains itself.  Never parses."""
+"""Plan: runs compiled stages (:mod:`tmcgraph.stages`) on tensors and explains itself.
+
+It never parses and never plans: the stages, and the slicing of einsum stages for
+a batch size under a memory limit, come from the compiler (:mod:`tmcgraph.compile`).
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import opt_einsum
 import torch
 from opt_einsum import paths as oe_paths
 
 from ._kernels import align, log_contract, log_product, log_reduce
-from .compile import EinsumStage, ProductStage, _slice_stage
 from .errors import TMCError
+from .stages import EinsumStage, InputSpec, ProductStage, Stage
+
+__all__ = ["Plan", "StepInfo", "check_operands", "check_result"]
 
 _STACK_LABEL = opt_einsum.get_symbol(100_000)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One input of a plan: its name, labels, non-batch shape and a name per dim."""
-
-    name: str
-    labels: str
-    shape: Tuple[int, ...]
-    dims: Tuple[str, ...]
-    kind: str = "factor"
-
-    @property
-    def what(self) -> str:
-        return f"{self.kind} {self.name!r}"
 
 
 @dataclass(frozen=True)
@@ -49,12 +39,13 @@ class StepInfo:
 
 def _run_steps(stage: EinsumStage, operands: Sequence[torch.Tensor]) -> torch.Tensor:
     work = list(zip(operands, stage.input_labels))
-    for positions, _, result in stage.steps:
-        taken = [work[p] for p in sorted(positions)]
-        for p in sorted(positions, reverse=True):
+    for step in stage.steps:
+        positions = sorted(step.positions)
+        taken = [work[p] for p in positions]
+        for p in reversed(positions):
             work.pop(p)
-        value = log_contract([t for t, _ in taken], [lab for _, lab in taken], result)
-        work.append((value, result))
+        value = log_contract([t for t, _ in taken], [lab for _, lab in taken], step.result_labels)
+        work.append((value, step.result_labels))
     (value, labels), = work
     return align(value, labels, stage.output_labels)
 
@@ -112,7 +103,7 @@ class Plan:
         self,
         *,
         inputs: Tuple[InputSpec, ...],
-        stages: Tuple[object, ...],
+        stages: Tuple[Stage, ...],
         output_labels: str,
         label_names: Tuple[Tuple[str, str], ...],
         constant: float,
@@ -120,6 +111,7 @@ class Plan:
         log10_naive_flops: float,
         optimize: str,
         memory_limit: Optional[int],
+        slicer: Optional[Callable[[int], Tuple[Stage, ...]]] = None,
     ) -> None:
         self.inputs = inputs
         self.stages = stages
@@ -130,6 +122,7 @@ class Plan:
         self.log10_naive_flops = log10_naive_flops
         self.optimize = optimize
         self.memory_limit = memory_limit
+        self._slicer = slicer  # batch elements -> stages sliced for memory_limit (the compiler's planner)
         self._input_index = {spec.name: k for k, spec in enumerate(inputs)}
         self.steps, self.path = self._trace()
         self.flops = sum(step.flops for step in self.steps)
@@ -155,14 +148,15 @@ class Plan:
             assert isinstance(stage, EinsumStage)
             sizes = dict(stage.sizes)
             work = [value_id[k] for k in stage.inputs]
-            for positions, operand_labels, result in stage.steps:
-                ids = tuple(work[p] for p in sorted(positions))
-                for p in sorted(positions, reverse=True):
+            for step in stage.steps:
+                ids = tuple(work[p] for p in sorted(step.positions))
+                for p in sorted(step.positions, reverse=True):
                     work.pop(p)
-                touched = set("".join(operand_labels))
+                result = step.result_labels
+                touched = set("".join(step.operand_labels))
                 flops = opt_einsum.helpers.flop_count(touched, len(touched) > len(result), len(ids), sizes)
                 size = math.prod(sizes[c] for c in result)
-                infos.append(StepInfo("contract", ids, operand_labels, result, flops, size))
+                infos.append(StepInfo("contract", ids, step.operand_labels, result, flops, size))
                 ssa.append(ids)
                 work.append(next_id)
                 next_id += 1
@@ -184,11 +178,11 @@ class Plan:
         return out
 
     @staticmethod
-    def _stage_largest(stage: object) -> int:
+    def _stage_largest(stage: Stage) -> int:
         if isinstance(stage, EinsumStage):
             sizes = dict(stage.sizes)
             sizes.update(dict(stage.slices))
-            return max((math.prod(sizes[c] for c in result) for _, _, result in stage.steps), default=1)
+            return max((math.prod(sizes[c] for c in step.result_labels) for step in stage.steps), default=1)
         return 1
 
     def _names_of(self, labels: str) -> str:
@@ -229,25 +223,13 @@ class Plan:
         return f"Plan(inputs={len(self.inputs)}, treewidth={self.treewidth}, flops={self.flops:.3g})"
 
     # -- evaluation ---------------------------------------------------------
-    @functools.lru_cache(maxsize=32)  # noqa: B019 - plans live in a bounded cache anyway
-    def _stages_for(self, batch_numel: int) -> Tuple[object, ...]:
-        """Stages re-sliced so that intermediates of a whole batch fit the limit."""
-        if self.memory_limit is None or batch_numel <= 1:
-            return self.stages
-        limit = max(1, self.memory_limit // batch_numel)
-        return tuple(
-            dataclasses.replace(s, slices=_slice_stage(s.steps, s.output_labels, dict(s.sizes), limit))
-            if isinstance(s, EinsumStage)
-            else s
-            for s in self.stages
-        )
-
     def run(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Evaluate on already validated tensors, in input order (no checks)."""
         values: List[torch.Tensor] = list(tensors)
         batch = torch.broadcast_shapes(*(t.shape[: t.dim() - len(s.labels)] for t, s in zip(tensors, self.inputs)))
-        for stage in self._stages_for(math.prod(batch)):
-            operands = [values[k] for k in stage.inputs]  # type: ignore[attr-defined]
+        stages = self.stages if self._slicer is None else self._slicer(math.prod(batch))
+        for stage in stages:
+            operands = [values[k] for k in stage.inputs]
             if isinstance(stage, ProductStage):
                 values.append(log_product(operands[0], stage.input_labels[0], stage.output_labels))
             elif stage.slices:

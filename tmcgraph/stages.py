@@ -1,0 +1,85 @@
+"""The plan IR: what the compiler (:mod:`tmcgraph.compile`) produces and the evaluator
+(:class:`tmcgraph.Plan`) runs.  Plain frozen data over labels and sizes; no tensors.
+
+A plan is a sequence of stages over numbered values: the inputs are ``0..n-1``
+and every stage appends one value.
+
+* :class:`EinsumStage`: a log-domain einsum of some values, executed as a
+  pairwise path (``steps``), optionally sliced to respect a memory limit;
+* :class:`ProductStage`: a plate product, i.e. a sum of log-factors over plate dims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple, Union
+
+from .paths import Candidate, PathCost
+
+__all__ = ["InputSpec", "Step", "EinsumStage", "ProductStage", "Stage"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of a plan: its name, labels, non-batch shape and a name per dim (for errors)."""
+
+    name: str
+    labels: str
+    shape: Tuple[int, ...]
+    dims: Tuple[str, ...]
+    kind: str = "factor"
+
+    @property
+    def what(self) -> str:
+        return f"{self.kind} {self.name!r}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pairwise (or unary) contraction of an :class:`EinsumStage`.
+
+    Attributes:
+        positions: positions, in the stage's current operand list, of the operands
+            (opt_einsum's linear path format); they are removed and the result appended.
+        operand_labels: the operands' labels.
+        result_labels: the result's labels.
+    """
+
+    positions: Tuple[int, ...]
+    operand_labels: Tuple[str, ...]
+    result_labels: str
+
+
+@dataclass(frozen=True)
+class EinsumStage:
+    """A log-einsum of values ``inputs`` (labels ``input_labels``) to ``output_labels``.
+
+    ``steps`` follow ``path`` (linear format).  ``slices`` lists ``(label, chunk)``:
+    the stage runs once per chunk of each sliced label; chunks of kept labels are
+    concatenated, chunks of summed labels accumulated by logsumexp.
+    """
+
+    inputs: Tuple[int, ...]
+    input_labels: Tuple[str, ...]
+    output_labels: str
+    sizes: Tuple[Tuple[str, int], ...]
+    path: Tuple[Tuple[int, ...], ...]
+    steps: Tuple[Step, ...]
+    candidates: Tuple[Candidate, ...]
+    slices: Tuple[Tuple[str, int], ...]
+
+    @property
+    def cost(self) -> PathCost:
+        return self.candidates[0].cost
+
+
+@dataclass(frozen=True)
+class ProductStage:
+    """Sum the log-value ``inputs[0]`` over the plate dims not in ``output_labels``."""
+
+    inputs: Tuple[int]
+    input_labels: Tuple[str]
+    output_labels: str
+
+
+Stage = Union[EinsumStage, ProductStage]
