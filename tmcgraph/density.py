@@ -20,7 +20,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .errors import TMCError
-from .model import Layout, Model, build_graph, data_batch_shape
+from .layout import Layout, build_graph, data_batch_shape
+from .model import Model
 
 __all__ = ["JointDensity"]
 
@@ -44,18 +45,18 @@ class JointDensity:
 
     def __init__(self, model: Model) -> None:
         self.model = model
-        self._version = model._version
+        self._version = model.version
         self.latents = model.latents()
         self.observations = model.observations()
         index_of = {name: name for name in self.latents}
         sizes = {name: 1 for name in self.latents}
-        plates = {name: model._sites[name].plates for name in self.latents}
+        plates = {name: model.sites[name].plates for name in self.latents}
         # the factor graph TMC would compile (one index per latent): its factors' index sets
         self.graph = build_graph(model, index_of, sizes, plates)
         self._layouts: Dict[Tuple[Tuple[int, ...], int], Layout] = {}
 
     def _check_version(self) -> None:
-        if self.model._version != self._version:
+        if self.model.version != self._version:
             raise TMCError("the model was edited after its JointDensity was built; build a new one")
 
     def blanket(self, variables: Sequence[str]) -> Tuple[str, ...]:
@@ -83,16 +84,16 @@ class JointDensity:
 
     def _latent_value(self, layout: Layout, name: str, value: torch.Tensor, num_particles: int) -> torch.Tensor:
         """``(*batch, L, *plates, *event)`` -> layout ``(*batch, L, *all plates (1 where absent), *event)``."""
-        site = self.model._sites[name]
+        site = self.model.sites[name]
         nb = len(layout.batch)
         lead = nb + 1 + len(site.plates)
         expected = ", ".join([*(str(b) for b in layout.batch), f"L={num_particles}",
-                              *(f"{p}={self.model._plates[p]}" for p in site.plates)])
+                              *(f"{p}={self.model.plates[p]}" for p in site.plates)])
         if not isinstance(value, torch.Tensor) or value.dim() < lead:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise TMCError(f"latent {name!r}: value has shape {shape}, expected ({expected}, *event)")
         got = tuple(value.shape[:lead])
-        want = layout.batch + (num_particles,) + tuple(self.model._plates[p] for p in site.plates)
+        want = layout.batch + (num_particles,) + tuple(self.model.plates[p] for p in site.plates)
         if any(g != w and not (g == 1 and k < nb) for k, (g, w) in enumerate(zip(got, want))):
             raise TMCError(f"latent {name!r}: value has shape {tuple(value.shape)}, expected ({expected}, *event)")
         event = tuple(value.shape[lead:])
@@ -100,7 +101,7 @@ class JointDensity:
         value = value.permute(list(range(nb + 1)) + [nb + 1 + k for k in order] + list(range(lead, value.dim())))
         shape = list(value.shape[: nb + 1])
         for p in layout.plate_names:
-            shape.append(self.model._plates[p] if p in site.plates else 1)
+            shape.append(self.model.plates[p] if p in site.plates else 1)
         return value.reshape(shape + list(event))
 
     def log_prob(self, values: Mapping[str, torch.Tensor], data: Mapping[str, object],
@@ -119,14 +120,14 @@ class JointDensity:
         """
         self._check_version()
         sites = tuple(self.model.order() if sites is None else sites)
-        unknown = [s for s in sites if s not in self.model._sites]
+        unknown = [s for s in sites if s not in self.model.sites]
         if unknown:
-            raise TMCError(f"log_prob: unknown sites {unknown}; sites: {list(self.model._sites)}")
+            raise TMCError(f"log_prob: unknown sites {unknown}; sites: {list(self.model.sites)}")
         keep = tuple(keep_plates)
         for p in keep:
-            if p not in self.model._plates:
+            if p not in self.model.plates:
                 raise TMCError(f"log_prob: keep_plates names {p!r}, which is not a plate; plates: "
-                               f"{list(self.model._plates)}")
+                               f"{list(self.model.plates)}")
         missing = [n for n in self.latents if n not in values]
         if missing:
             raise TMCError(f"log_prob: no value given for latent(s) {missing}")
@@ -140,11 +141,11 @@ class JointDensity:
         layout = self._layout(batch, num_particles)
         vals = {n: layout.data_value(n, data[n]) for n in self.observations}
         vals.update({n: self._latent_value(layout, n, values[n], num_particles) for n in self.latents})
-        events = {n: self.model._sites[n].event_dim for n in self.observations}
+        events = {n: self.model.sites[n].event_dim for n in self.observations}
         events.update({n: vals[n].dim() - len(batch) - layout.ndim for n in self.latents})
         total = None
         for name in sites:
-            site = self.model._sites[name]
+            site = self.model.sites[name]
             kind = "latent" if site.kind == "latent" else "observation"
             owner = f"{kind} {name!r}"
             not_in = [p for p in keep if p not in site.plates]
@@ -171,5 +172,5 @@ class JointDensity:
             lp = lp.reshape(lp.shape[: nb + 1 + len(keep)])
             total = lp if total is None else total + lp
         if total is None:
-            return torch.zeros(batch + (num_particles,) + tuple(self.model._plates[p] for p in keep))
+            return torch.zeros(batch + (num_particles,) + tuple(self.model.plates[p] for p in keep))
         return total

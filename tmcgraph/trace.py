@@ -1,0 +1,202 @@
+"""Sampling and factor building: one draw of every latent and the log-factors over sample indices.
+
+Every estimator and :class:`~tmcgraph.JointDensity` builds on the same routine:
+:func:`trace` visits the sites in topological order, draws each sampled latent
+from its proposal (a mixture over its latent parents' samples when they live on
+other indices, appendix C of the TMC paper), and turns prior, proposal and
+likelihood densities into log-factors ``(*batch, *plates, *indices)``.  What
+differs between estimators is the index assignment in the :class:`~tmcgraph.layout.Layout`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch.distributions import Distribution
+
+from .errors import TMCError
+from .layout import Layout, call_site_fn, check_proposal, factor_indices
+from .model import Model
+
+__all__ = ["Trace", "trace"]
+
+
+def _select(value: torch.Tensor, event_dim: int, src: int, dst: int, choice: torch.Tensor) -> torch.Tensor:
+    """Pick, for every position of ``choice``, the sample ``choice`` names along ``src``.
+
+    ``value`` varies along layout dim ``src`` (K_src samples; negative position
+    counted before the event dims) and is 1 along ``dst``; ``choice`` holds ints
+    in ``[0, K_src)`` and has size K_dst along ``dst`` and 1 along ``src``.
+    Returns a tensor with size K_dst along ``dst`` and 1 along ``src``.
+    """
+    e = event_dim
+    v = value.transpose(src - e, dst - e)
+    ch = choice.reshape(tuple(choice.shape) + (1,) * e)
+    nd = max(v.dim(), ch.dim())
+    v = v.reshape((1,) * (nd - v.dim()) + tuple(v.shape))
+    ch = ch.reshape((1,) * (nd - ch.dim()) + tuple(ch.shape))
+    d = nd + dst - e
+    vs = [max(a, b) for a, b in zip(v.shape, ch.shape)]
+    cs = list(vs)
+    vs[d], cs[d] = v.shape[d], ch.shape[d]
+    return torch.gather(v.expand(vs), d, ch.expand(cs))
+
+
+def _logmeanexp_dims(t: torch.Tensor, ndim: int, dims: List[int]) -> torch.Tensor:
+    if not dims:
+        return t
+    if t.dim() < ndim:
+        t = t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape))
+    shift = sum(math.log(t.shape[d]) for d in dims)
+    return torch.logsumexp(t, dim=dims, keepdim=True) - shift
+
+
+@dataclass
+class Trace:
+    """One draw of every latent and the resulting log-factors.
+
+    Attributes:
+        layout: the dim layout of ``values``.
+        values: site name -> samples (latents) or observed value, in layout.
+        factors: site name -> log-factor ``(*batch, *plates, *indices)``.
+        hat_factors: with ``dregs=True``, the factors whose gradient keeps only
+            the path through the reparameterised samples (appendix F's w-hat).
+    """
+
+    layout: Layout
+    values: Dict[str, torch.Tensor]
+    factors: Dict[str, torch.Tensor]
+    event_dims: Dict[str, int]
+    hat_factors: Optional[Dict[str, torch.Tensor]] = None
+    samples: Optional[Dict[str, torch.Tensor]] = None
+
+
+def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bool = False,
+          detach_samples: bool = False) -> Trace:
+    """Sample every latent in topological order and compute every log-factor.
+
+    Args:
+        model: the model.
+        layout: index assignment and batch shape; not modified (the returned
+            trace's layout is a copy with the enumerated latents' support sizes).
+        data: observation name -> value ``(*batch, *plates, *event)``.
+        dregs: also build the w-hat factors of the paper's DReGs surrogate.
+        detach_samples: every sampled latent's value in ``values`` (and so in
+            every factor) is a fresh leaf ``z.detach().requires_grad_()``; the
+            reparameterised samples ``z`` themselves go to ``samples``.  The
+            factors are then functions of the sample values alone (proposal
+            parameters enter only through ``samples``), which is what the TMC
+            DReGs surrogate differentiates.
+    """
+    layout = layout.copy()  # enumerated sizes are filled in on the copy, returned in the Trace
+    values: Dict[str, torch.Tensor] = {}
+    factors: Dict[str, torch.Tensor] = {}
+    hats: Optional[Dict[str, torch.Tensor]] = {} if dregs else None
+    samples: Optional[Dict[str, torch.Tensor]] = {} if detach_samples else None
+    arg_events: Dict[str, int] = {}  # event dims of every value a function may take
+    for name in model.observations():
+        values[name] = layout.data_value(name, data[name])
+        arg_events[name] = model.sites[name].event_dim
+    event_dims: Dict[str, int] = {}
+
+    def density(role: str, fn: Callable, parents: Sequence[str], arg_values: List[torch.Tensor],
+                indices: Sequence[str], **kw) -> Distribution:
+        return layout.density(f"{owner} {role}", fn, arg_values, [arg_events[p] for p in parents], indices,
+                              site.plates, **kw)
+
+    for name in model.order():
+        site = model.sites[name]
+        parent_idx = list(dict.fromkeys(layout.index_of[p] for p in site.parents))
+        if site.kind == "observed":
+            owner = f"observation {name!r}"
+            d = density("likelihood", site.fn, site.parents, [values[p] for p in site.parents], parent_idx)
+            idx = factor_indices(model, layout.index_of, name)
+            if len(d.event_shape) != site.event_dim:
+                raise TMCError(
+                    f"{owner}: the likelihood has event shape {tuple(d.event_shape)} ({len(d.event_shape)} dims) "
+                    f"but the observation was declared with event_dim={site.event_dim}"
+                )
+            lp = d.log_prob(values[name])
+            factors[name] = layout.to_factor(lp, owner, idx, site.plates)
+            if hats is not None:
+                hats[name] = factors[name]
+            continue
+        owner = f"latent {name!r}"
+        own = layout.index_of[name]
+        pos = layout.index_pos[own]
+        idx = factor_indices(model, layout.index_of, name)
+        if site.enumerate:
+            d = density("prior", site.fn, site.parents, [values[p] for p in site.parents], parent_idx)
+            if not getattr(d, "has_enumerate_support", False):
+                raise TMCError(
+                    f"{owner}: enumerate=True needs a prior with enumerable support (Bernoulli, Categorical, ...), "
+                    f"got {type(d).__name__}"
+                )
+            support = d.enumerate_support(expand=False)
+            k = support.shape[0]
+            event = tuple(support.shape[1 + len(d.batch_shape):])
+            shape = [1] * layout.ndim
+            shape[pos] = k
+            value = support.reshape(tuple(shape) + event)
+            layout.index_sizes[own] = k
+            event_dims[name] = arg_events[name] = len(event)
+            values[name] = value
+            lp = d.log_prob(value)
+            factors[name] = layout.to_factor(lp, owner, idx, site.plates)
+            if hats is not None:
+                hats[name] = factors[name]
+            continue
+        # sampled latent: draw from the proposal (mixture over parents on other indices)
+        args, own_args, mix = [], [], []
+        for p in site.proposal_parents:
+            parent = model.sites[p]
+            if parent.kind == "observed" or layout.index_of[p] == own:
+                args.append(values[p])
+                own_args.append(values[p])
+                continue
+            pidx = layout.index_of[p]
+            choice = torch.randint(layout.index_sizes[pidx], layout.template([own], site.plates),
+                                   device=values[p].device)
+            args.append(_select(values[p], event_dims[p], layout.index_pos[pidx], pos, choice))
+            own_args.append(values[p])
+            mix.append(layout.index_pos[pidx])
+        # a proposal varies along the latent's own index only through its latent parents' selected samples
+        latent_parents = any(model.sites[p].kind == "latent" for p in site.proposal_parents)
+        q = density("proposal", site.proposal, site.proposal_parents, args, [own] if latent_parents else [],
+                    sample_index=own)
+        if q.has_rsample:
+            z = q.rsample()
+        else:
+            if dregs or detach_samples:
+                raise TMCError(f"{owner}: DReGs needs a reparameterised proposal; {type(q).__name__} has no rsample")
+            z = q.sample()
+        event_dims[name] = arg_events[name] = len(q.event_shape)
+        if samples is not None:
+            samples[name] = z
+            z = z.detach().requires_grad_()
+        values[name] = z
+        if (site.proposal is site.fn and site.proposal_parents == site.parents and not mix and hats is None
+                and samples is None):
+            # proposal = prior with the same parent values: log p - log q is identically 0 (gradient too)
+            factors[name] = layout.to_factor(torch.zeros((), dtype=z.dtype, device=z.device), owner, idx, site.plates)
+            continue
+        if mix:
+            q_all = call_site_fn(f"{owner} proposal", site.proposal, own_args)
+            lq = _logmeanexp_dims(q_all.log_prob(z), layout.ndim, mix)
+        else:
+            lq = q.log_prob(z)
+        prior = density("prior", site.fn, site.parents, [values[p] for p in site.parents], parent_idx)
+        check_proposal(name, prior, q)
+        lp = prior.log_prob(z)
+        factors[name] = layout.to_factor(lp - lq, owner, idx, site.plates)
+        if hats is not None:
+            # cancel the direct dependence of log q on its parameters (appendix F, eq. 59):
+            # add log q(detached samples) - stop_gradient(same), which is zero with the score as gradient
+            det = [a.detach() for a in (own_args if mix else args)]
+            q_det = call_site_fn(f"{owner} proposal", site.proposal, det)
+            lq_det = _logmeanexp_dims(q_det.log_prob(z.detach()), layout.ndim, mix)
+            hats[name] = layout.to_factor(lp - lq + (lq_det - lq_det.detach()), owner, idx, site.plates)
+    return Trace(layout, values, factors, event_dims, hats, samples)
