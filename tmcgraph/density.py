@@ -99,10 +99,10 @@ class JointDensity:
         event = tuple(value.shape[lead:])
         order = sorted(range(len(site.plates)), key=lambda k: layout.plate_names.index(site.plates[k]))
         value = value.permute(list(range(nb + 1)) + [nb + 1 + k for k in order] + list(range(lead, value.dim())))
-        shape = list(value.shape[: nb + 1])
+        dims = list(value.shape[: nb + 1])
         for p in layout.plate_names:
-            shape.append(self.model.plates[p] if p in site.plates else 1)
-        return value.reshape(shape + list(event))
+            dims.append(self.model.plates[p] if p in site.plates else 1)
+        return value.reshape(dims + list(event))
 
     def log_prob(self, values: Mapping[str, torch.Tensor], data: Mapping[str, object],
                  sites: Optional[Sequence[str]] = None, keep_plates: Sequence[str] = ()) -> torch.Tensor:

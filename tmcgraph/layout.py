@@ -335,9 +335,12 @@ def check_proposal(name: str, prior: Distribution, proposal: Distribution) -> No
             f"prior's {tuple(prior.event_shape)}"
         )
     try:
-        same = _support_key(prior.support) == _support_key(proposal.support)
+        prior_support, proposal_support = prior.support, proposal.support
     except NotImplementedError:
         return
+    if prior_support is None or proposal_support is None:
+        return
+    same = _support_key(prior_support) == _support_key(proposal_support)
     if not same:
         raise TMCError(
             f"latent {name!r}: the proposal's support {proposal.support} differs from the prior's "

@@ -96,27 +96,27 @@ def parse_equation(equation: str, shapes: Tuple[Tuple[int, ...], ...]) -> Parsed
     diagonals: List[Tuple[Tuple[int, int], ...]] = []
     shapes_now: List[List[int]] = []
     terms_now: List[str] = []
-    for k, (term, shape) in enumerate(zip(expanded, shapes)):
-        shape = list(shape)
+    for k, (term, given) in enumerate(zip(expanded, shapes)):
+        dims_k = list(given)
         pairs = []
         while len(set(term)) != len(term):
             c = next(c for c in term if term.count(c) > 1)
             i = term.index(c)
             j = term.index(c, i + 1)
-            if shape[i] != shape[j]:
-                raise TMCError(f"operand {k}: repeated label {c!r} has sizes {shape[i]} and {shape[j]}")
+            if dims_k[i] != dims_k[j]:
+                raise TMCError(f"operand {k}: repeated label {c!r} has sizes {dims_k[i]} and {dims_k[j]}")
             pairs.append((i, j))
-            size = shape[i]
+            size = dims_k[i]
             term = term[:i] + term[i + 1 : j] + term[j + 1 :] + c
-            shape = shape[:i] + shape[i + 1 : j] + shape[j + 1 :] + [size]
+            dims_k = dims_k[:i] + dims_k[i + 1 : j] + dims_k[j + 1 :] + [size]
         diagonals.append(tuple(pairs))
-        shapes_now.append(shape)
+        shapes_now.append(dims_k)
         terms_now.append(term)
 
     sizes: Dict[str, int] = {}
     owner: Dict[str, int] = {}
-    for k, (term, shape) in enumerate(zip(terms_now, shapes_now)):
-        for c, size in zip(term, shape):
+    for k, (term, dims) in enumerate(zip(terms_now, shapes_now)):
+        for c, size in zip(term, dims):
             if size == 0:
                 raise TMCError(f"operand {k}: label {names.get(c, c)!r} has size 0; empty dims are not supported")
             if c in sizes and size != sizes[c] and 1 not in (size, sizes[c]):
@@ -128,8 +128,8 @@ def parse_equation(equation: str, shapes: Tuple[Tuple[int, ...], ...]) -> Parsed
                 sizes[c], owner[c] = size, k
     squeeze: List[Tuple[int, ...]] = []
     final_terms = []
-    for term, shape in zip(terms_now, shapes_now):
-        drop = tuple(i for i, (c, size) in enumerate(zip(term, shape)) if size == 1 and sizes[c] > 1)
+    for term, dims in zip(terms_now, shapes_now):
+        drop = tuple(i for i, (c, size) in enumerate(zip(term, dims)) if size == 1 and sizes[c] > 1)
         squeeze.append(drop)
         final_terms.append("".join(c for i, c in enumerate(term) if i not in drop))
     for c in set(output) - set("".join(final_terms)):  # size-1 everywhere, yet dropped: impossible

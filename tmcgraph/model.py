@@ -87,13 +87,13 @@ def _arg_names(owner: str, fn: object, explicit: Optional[Sequence[str]]) -> Tup
         if len(set(names)) != len(names):
             raise TMCError(f"{owner}: a parent appears twice in {list(names)}")
         return names
-    names = []
+    found: List[str] = []
     for p in inspect.signature(fn).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise TMCError(f"{owner}: cannot read parent names from *args/**kwargs; pass parents=[...] explicitly")
         if p.default is p.empty:
-            names.append(p.name)
-    return tuple(names)
+            found.append(p.name)
+    return tuple(found)
 
 
 class Model:
@@ -170,7 +170,8 @@ class Model:
         if enumerate:
             if proposal is not None:
                 raise TMCError(f"{owner}: enumerate=True sums over the support exactly; do not give a proposal")
-            q, q_parents = None, ()
+            q: Optional[DistFn] = None
+            q_parents: Tuple[str, ...] = ()
         elif proposal is None:
             q, q_parents = prior, prior_parents
         else:

@@ -98,19 +98,21 @@ def elimination_order(
         for c in term:
             graph[c].update(d for d in term if d != c)
     candidates = [c for c in graph if c not in output]
-    order = []
+    order: List[str] = []
     while candidates:
-        best, best_key = None, None
+        best: Optional[str] = None
+        best_key: Optional[Tuple[float, float]] = None
         for c in candidates:
             nbrs = graph[c]
             clique = math.log(sizes[c]) + sum(math.log(sizes[d]) for d in nbrs)
             if heuristic == "min-fill":
                 fill = sum(len(nbrs - graph[d] - {d}) for d in nbrs) // 2
-                key = (fill, clique)
+                key: Tuple[float, float] = (fill, clique)
             else:
                 key = (clique, len(nbrs))
             if best_key is None or key < best_key:
                 best, best_key = c, key
+        assert best is not None
         order.append(best)
         candidates.remove(best)
         nbrs = graph.pop(best)

@@ -137,15 +137,14 @@ class Plan:
         for stage in self.stages:
             if isinstance(stage, ProductStage):
                 labels = stage.input_labels[0]
-                sizes = self._sizes_of(labels)
-                ids = (value_id[stage.inputs[0]],)
+                ids: Tuple[int, ...] = (value_id[stage.inputs[0]],)
                 size = math.prod(self._sizes_of(stage.output_labels))
-                infos.append(StepInfo("product", ids, (labels,), stage.output_labels, math.prod(sizes), size))
+                flops = math.prod(self._sizes_of(labels))
+                infos.append(StepInfo("product", ids, (labels,), stage.output_labels, flops, size))
                 ssa.append(ids)
                 value_id.append(next_id)
                 next_id += 1
                 continue
-            assert isinstance(stage, EinsumStage)
             sizes = dict(stage.sizes)
             work = [value_id[k] for k in stage.inputs]
             for step in stage.steps:

@@ -32,10 +32,10 @@ def brute_force_log_sum(graph: FactorGraph, factors: Mapping[str, torch.Tensor])
     """
     axis: Dict[Tuple[str, Tuple[int, ...]], int] = {}
     sizes: List[int] = []
-    for name, spec in graph.indices.items():
-        for coords in itertools.product(*(range(graph.plates[p]) for p in spec.plates)):
+    for name, index in graph.indices.items():
+        for coords in itertools.product(*(range(graph.plates[p]) for p in index.plates)):
             axis[(name, coords)] = len(axis)
-            sizes.append(spec.size)
+            sizes.append(index.size)
     n = len(sizes)
     if math.prod(sizes) > 50_000_000:
         raise ValueError(f"brute force would enumerate {math.prod(sizes):.3g} assignments; use a smaller graph")

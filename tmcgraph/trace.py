@@ -150,7 +150,11 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
                 hats[name] = factors[name]
             continue
         # sampled latent: draw from the proposal (mixture over parents on other indices)
-        args, own_args, mix = [], [], []
+        proposal = site.proposal
+        assert proposal is not None  # a sampled latent always has one (the prior by default)
+        args: List[torch.Tensor] = []
+        own_args: List[torch.Tensor] = []
+        mix: List[int] = []
         for p in site.proposal_parents:
             parent = model.sites[p]
             if parent.kind == "observed" or layout.index_of[p] == own:
@@ -165,7 +169,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             mix.append(layout.index_pos[pidx])
         # a proposal varies along the latent's own index only through its latent parents' selected samples
         latent_parents = any(model.sites[p].kind == "latent" for p in site.proposal_parents)
-        q = density("proposal", site.proposal, site.proposal_parents, args, [own] if latent_parents else [],
+        q = density("proposal", proposal, site.proposal_parents, args, [own] if latent_parents else [],
                     sample_index=own)
         if q.has_rsample:
             z = q.rsample()
@@ -178,13 +182,13 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             samples[name] = z
             z = z.detach().requires_grad_()
         values[name] = z
-        if (site.proposal is site.fn and site.proposal_parents == site.parents and not mix and hats is None
+        if (proposal is site.fn and site.proposal_parents == site.parents and not mix and hats is None
                 and samples is None):
             # proposal = prior with the same parent values: log p - log q is identically 0 (gradient too)
             factors[name] = layout.to_factor(torch.zeros((), dtype=z.dtype, device=z.device), owner, idx, site.plates)
             continue
         if mix:
-            q_all = call_site_fn(f"{owner} proposal", site.proposal, own_args)
+            q_all = call_site_fn(f"{owner} proposal", proposal, own_args)
             lq = _logmeanexp_dims(q_all.log_prob(z), layout.ndim, mix)
         else:
             lq = q.log_prob(z)
@@ -196,7 +200,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             # cancel the direct dependence of log q on its parameters (appendix F, eq. 59):
             # add log q(detached samples) - stop_gradient(same), which is zero with the score as gradient
             det = [a.detach() for a in (own_args if mix else args)]
-            q_det = call_site_fn(f"{owner} proposal", site.proposal, det)
+            q_det = call_site_fn(f"{owner} proposal", proposal, det)
             lq_det = _logmeanexp_dims(q_det.log_prob(z.detach()), layout.ndim, mix)
             hats[name] = layout.to_factor(lp - lq + (lq_det - lq_det.detach()), owner, idx, site.plates)
     return Trace(layout, values, factors, event_dims, hats, samples)

@@ -68,8 +68,9 @@ class GraphEstimator:
         if self.model.version != self._version:
             raise TMCError("the model was changed (a site or plate declared) after this estimator was built; "
                            "build the estimator again")
-        return Layout(self.model, self.index_of, dict(self._sizes), data_batch_shape(self.model, data), self._slots,
-                      self._probed)
+        # an enumerated latent whose support size is known only from its prior gets it in trace()
+        sizes = {i: 1 if s is None else s for i, s in self._sizes.items()}
+        return Layout(self.model, self.index_of, sizes, data_batch_shape(self.model, data), self._slots, self._probed)
 
     def _trace(self, data: Mapping[str, object], **kw) -> Tuple[Trace, Plan, float]:
         tr = trace(self.model, self._layout(data), data, **kw)

@@ -44,7 +44,7 @@ class IWAE(GraphEstimator):
             return plan.log_sum(tr.factors) - norm
         tr, graph, norm = self._trace_only(data)
         # nothing enumerated: log w_k is the sum of all factors (plates summed), no contraction needed
-        log_w = None
+        log_w: Optional[torch.Tensor] = None
         for name, f in tr.factors.items():
             spec = graph.factors[name]
             n_pl, n_ix = len(spec.plates), len(spec.indices)
@@ -53,6 +53,7 @@ class IWAE(GraphEstimator):
             if not n_ix:  # a factor with no latent parent: constant over particles
                 f = f.unsqueeze(-1)
             log_w = f if log_w is None else log_w + f
+        assert log_w is not None  # a model has at least one latent, hence one factor
         if bool(torch.isnan(log_w).any()):
             bad = [n for n, f in tr.factors.items() if bool(torch.isnan(f).any())]
             raise TMCError(f"log-density of {bad} contains NaN")

@@ -94,6 +94,7 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
         if proposal == "bootstrap":
             q = prior
         else:
+            assert site.proposal is not None  # a sampled latent always has one
             q = density(f"{owner} proposal", site.proposal, site.proposal_parents, site.plates)
             check_proposal(name, prior, q)
         z = q.rsample() if q.has_rsample else q.sample()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict
+from typing import Any, Dict
 
 import torch
 from torch.distributions import MultivariateNormal, Normal
@@ -71,7 +71,7 @@ def sparse_data(problem: SparseProblem, dtype: torch.dtype = torch.float32) -> D
 def treewidth_experiment(*, N: int = 100, p: float = 0.01, seed: int = 0, K: int = 64,
                          iwae_samples: int = 2**24, chunk_size: int = 2**18, noise: float = 0.1,
                          max_factor: int = 2**26, max_flops: float = 2e10,
-                         progress: bool = False) -> Dict[str, object]:
+                         progress: bool = False) -> Dict[str, Any]:
     """Appendix H: TMC with K samples per latent vs IWAE with a large joint-sample budget.
 
     Returns:
@@ -86,7 +86,7 @@ def treewidth_experiment(*, N: int = 100, p: float = 0.01, seed: int = 0, K: int
     problem = sparse_problem(N, p, seed=seed, noise=noise)
     model = sparse_model(problem)
     data = sparse_data(problem)
-    out: Dict[str, object] = {"N": N, "p": p, "seed": seed, "K": K, "iwae_samples": iwae_samples,
+    out: Dict[str, Any] = {"N": N, "p": p, "seed": seed, "K": K, "iwae_samples": iwae_samples,
                               "exact": problem.exact, "max_parents": problem.max_parents}
     start = time.perf_counter()
     est = model.compile(K=K)
