@@ -1,20 +1,23 @@
-"""apg: amortized population Gibbs samplers built on tmcgraph.
+"""apg: amortized population Gibbs samplers (Wu et al., ICML 2020) built on tmcgraph.
 
-* :mod:`apg.sampler`: the functional APG core (Algorithms 1-3): blocks, eq. 9
-  incremental weights, resampling before every block, per-element weights for
-  blocks local to a plate, the running log-evidence, ESS per block, and the
-  surrogate losses of eqs. 5 and 6; :func:`apg.sampler.joint_block`.
+* :mod:`apg.sampler`: the functional APG core (Algorithms 1-3): :func:`~apg.sampler.init`,
+  :func:`~apg.sampler.sweep` and :func:`~apg.sampler.run` over NamedTuple particles and
+  infos, with an explicit ``torch.Generator``; blocks, eq. 9 incremental weights,
+  resampling before every block, per-element weights for blocks local to a plate;
+  :func:`~apg.sampler.joint_block`.
+* :mod:`apg.objectives`: the surrogate losses of eqs. 5 (proposals) and 6 (model).
+* :mod:`apg.metrics`: ESS, log-mean-exp, weighted means.
 * :mod:`apg.proposals`: exponential-family proposals from prior parameters plus
   neural sufficient statistics (Normal-Gamma, Normal, Categorical) and their KLs.
 * :mod:`apg.resampling`: multinomial and systematic resampling from log-weights.
-* :mod:`apg.gmm`: the Gaussian mixture of section 5.1 declared as a
-  :class:`tmcgraph.Model` (blankets from its factor graph), its exact
-  conditionals and Gibbs sampler, the learned proposals of appendix E and the
-  RWS baselines' encoders, and the inclusive KL of eq. 4.
-* :mod:`apg.train`, :mod:`apg.evaluate`, :mod:`apg.cli`: ``apg train gmm`` and
-  ``apg evaluate gmm`` (Table 1a, Figs. 1a and 2).
+* :mod:`apg.models`: the registry of models (``"gmm"``: section 5.1).
+* :mod:`apg.train`, :mod:`apg.evaluate`, :mod:`apg.cli`: generic training
+  (checkpoints, resume) and evaluation, ``apg train MODEL`` / ``apg evaluate MODEL``.
 """
 
-from . import gmm, proposals, resampling, sampler
+from . import metrics, models, objectives, proposals, resampling, sampler
+from .errors import APGError
 
-__all__ = ["gmm", "proposals", "resampling", "sampler"]
+__version__ = "0.1.0"
+
+__all__ = ["APGError", "__version__", "metrics", "models", "objectives", "proposals", "resampling", "sampler"]

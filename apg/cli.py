@@ -1,100 +1,193 @@
-"""``apg`` command line: ``apg train gmm`` and ``apg evaluate gmm``.
-
-Examples::
-
-    apg train gmm --method apg --out runs/gmm-apg            # the paper's batch 20, K=10, L=10
-    apg train gmm --method rws-mlp --particles 100 --sweeps 1 --out runs/gmm-rws-mlp
-    apg evaluate gmm                                         # the shipped checkpoints
-    apg evaluate gmm --checkpoint runs --json --plots figs
-"""
+"""The ``apg`` command line: ``apg train MODEL`` and ``apg evaluate MODEL`` for every registered model."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+from . import models
+from .errors import APGError
+
+__all__ = ["main", "positive_int", "non_negative_int", "positive_float"]
+
+EXAMPLES = """examples:
+  apg evaluate gmm                                      Table 1a from the shipped checkpoints
+  apg evaluate gmm --json --plots figs                  the same as JSON, with Figs. 1a and 2
+  apg train gmm --method apg --out runs/gmm/apg         retrain the shipped APG checkpoint
+  apg train gmm --method rws-mlp --out runs/gmm/rws-mlp
+Rerun an interrupted training command (Ctrl-C) to resume it."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, descriptions as written."""
+
+
+def _defaults_text(problem: models.Problem, key: str) -> str:
+    by_method: Dict[str, List[str]] = {}
+    for name, method in problem.methods.items():
+        value = method.train_defaults.get(key)
+        if value is not None:
+            by_method.setdefault(str(value), []).append(name)
+    return "; ".join(f"{', '.join(names)}: {value}" for value, names in by_method.items())
+
+
+def _add_train(sub: argparse._SubParsersAction, problem: models.Problem) -> None:
+    from .train import TrainConfig
+
+    base = TrainConfig()
+    p = sub.add_parser(problem.name, help=problem.description, description=f"Train {problem.description}. "
+                       "Settings default to those of the method's shipped checkpoint.", formatter_class=_Formatter)
+    methods = list(problem.methods)
+    p.add_argument("--method", choices=methods, default=methods[0],
+                   help="; ".join(f"{m.name}: {m.description}" for m in problem.methods.values()))
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run directory (config.json, checkpoint.pt, metrics.csv, proposals.pt)")
+
+    def method_default(flag: str, key: str, kind, help_text: str, metavar: str) -> None:
+        text = _defaults_text(problem, key) or str(getattr(base, key))
+        p.add_argument(flag, type=kind, default=None, metavar=metavar, help=f"{help_text} (default: {text})")
+
+    method_default("--iterations", "iterations", positive_int, "training iterations", "N")
+    p.add_argument("--batch", type=positive_int, default=base.batch_size, metavar="B", help="datasets per batch")
+    method_default("--particles", "num_particles", positive_int, "particles L", "L")
+    method_default("--sweeps", "num_sweeps", positive_int, "sweeps K (1 for the one-shot RWS methods)", "K")
+    method_default("--lr", "lr", positive_float, "initial Adam learning rate", "LR")
+    method_default("--lr-final", "lr_final", positive_float, "learning rate at the end (exponential decay)", "LR")
+    p.add_argument("--datasets", type=positive_int, default=base.num_datasets, metavar="N",
+                   help="training datasets")
+    p.add_argument("--seed", type=int, default=base.seed, help="seed of the data, the weights and the sampler")
+    p.add_argument("--log-every", type=positive_int, default=base.log_every, metavar="N",
+                   help="log metrics every N iterations")
+    p.add_argument("--checkpoint-every", type=positive_int, default=base.checkpoint_every, metavar="N",
+                   help="write a checkpoint every N iterations")
+    method_default("--threads", "threads", non_negative_int, "torch threads (0: torch's default)", "T")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help=f"start from trained networks of the same method (e.g. apg/checkpoints/{problem.name}-apg.pt)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the last metrics as JSON only")
+    p.set_defaults(fn=_train, model=problem.name)
 
 
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    sweeps = args.sweeps if args.sweeps is not None else (10 if args.method == "apg" else 1)
-    cfg = TrainConfig(method=args.method, iterations=args.iterations, batch_size=args.batch,
-                      num_particles=args.particles, num_sweeps=sweeps, lr=args.lr, lr_final=args.lr_final,
-                      num_datasets=args.datasets, seed=args.seed, log_every=args.log_every,
-                      checkpoint_every=args.checkpoint_every, threads=args.threads, init=args.init or "")
+    settings = {"iterations": args.iterations, "num_particles": args.particles, "num_sweeps": args.sweeps,
+                "lr": args.lr, "lr_final": args.lr_final, "threads": args.threads}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    cfg = TrainConfig.for_method(args.model, args.method, batch_size=args.batch, num_datasets=args.datasets,
+                                 seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                                 init=args.init or "", **settings)
     try:
         last = train(args.out, cfg, resume=not args.restart, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"interrupted; checkpoint written to {args.out}/checkpoint.pt (run the same command to resume)",
               file=sys.stderr)
         return 130
-    print(json.dumps(last))
+    if args.json:
+        print(json.dumps(last))
+    else:
+        print(f"trained {args.model} {args.method}: {args.out}/proposals.pt")
+        logged = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+        print(f"last metrics: {logged or 'none logged (fewer iterations than --log-every)'}")
     return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction, problem: models.Problem) -> None:
+    p = sub.add_parser(problem.name, help=problem.description, description=f"Evaluate {problem.description}.",
+                       formatter_class=_Formatter)
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help=f"directory with run directories ({', '.join(problem.methods)}) or "
+                        f"{problem.name}-METHOD.pt files (default: the checkpoints shipped in the package)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write the figures here (needs matplotlib)")
+    p.add_argument("--threads", type=non_negative_int, default=0, metavar="T", help="torch threads (0: default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    problem.add_evaluate_arguments(p)
+    p.set_defaults(fn=_evaluate, model=problem.name)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import EvalConfig, evaluate, format_table
+    import torch
 
-    cfg = EvalConfig(num_datasets=args.datasets, seed=args.seed, apg_particles=args.particles,
-                     rws_particles=args.rws_particles, sweeps=tuple(args.sweeps), threads=args.threads,
-                     budget=args.budget, budget_sweeps=tuple(args.budget_sweeps))
-    out = evaluate(args.checkpoint, cfg, plots=args.plots)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(format_table(out))
+    from .evaluate import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    generic = {"fn", "model", "command", "checkpoint", "json", "plots", "threads", "quiet"}
+    options = {k: v for k, v in vars(args).items() if k not in generic}
+    out = evaluate(args.model, checkpoint=args.checkpoint, options=options, plots=args.plots,
+                   progress=not args.quiet)
+    problem = models.get(args.model)
+    print(json.dumps(out) if args.json else problem.format(out))
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="apg", description="Amortized population Gibbs samplers (Wu et al., ICML 2020) "
+                                "built on tmcgraph.", epilog=EXAMPLES, formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"apg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train a model's proposals (rerun the same command to resume)",
+                       description="Train a model's proposals. Choose the model:", formatter_class=_Formatter)
+    ts = t.add_subparsers(dest="model_name", required=True, metavar="MODEL")
+    e = sub.add_parser("evaluate", help="evaluate trained proposals (the paper's tables and figures)",
+                       description="Evaluate trained proposals. Choose the model:", formatter_class=_Formatter)
+    es = e.add_subparsers(dest="model_name", required=True, metavar="MODEL")
+    for name in models.names():
+        problem = models.get(name)
+        _add_train(ts, problem)
+        _add_evaluate(es, problem)
+    return p
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="apg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train proposals (checkpoints; rerun the same command to resume)")
-    t.add_argument("model", choices=["gmm"])
-    t.add_argument("--method", choices=["apg", "rws-mlp", "rws-lstm"], default="apg")
-    t.add_argument("--out", required=True, help="run directory (config, checkpoint, metrics.csv, proposals.pt)")
-    t.add_argument("--iterations", type=int, default=40000)
-    t.add_argument("--batch", type=int, default=20, help="datasets per batch (paper: 20)")
-    t.add_argument("--particles", type=int, default=10, help="L (paper: 10)")
-    t.add_argument("--sweeps", type=int, default=None, help="K (default 10 for apg, 1 for the RWS baselines)")
-    t.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate")
-    t.add_argument("--lr-final", type=float, default=1e-4, help="learning rate at the end (exponential decay)")
-    t.add_argument("--datasets", type=int, default=20000, help="training datasets (paper: 20,000)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--log-every", type=int, default=100)
-    t.add_argument("--checkpoint-every", type=int, default=500)
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    t.add_argument("--init", default=None, metavar="FILE",
-                   help="start from trained networks of the same method (e.g. apg/checkpoints/gmm-apg.pt)")
-    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.set_defaults(fn=_train)
-
-    e = sub.add_parser("evaluate", help="Table 1a (and Figs. 1a, 2 with --plots) on held-out datasets")
-    e.add_argument("model", choices=["gmm"])
-    e.add_argument("--checkpoint", default=None,
-                   help="directory with apg/, rws-mlp/, rws-lstm/ run dirs or proposals files "
-                        "(default: the checkpoints shipped in the package)")
-    e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    e.add_argument("--plots", default=None, metavar="DIR", help="write fig1a.png and fig2.png here")
-    e.add_argument("--datasets", type=int, default=100, help="held-out test datasets")
-    e.add_argument("--seed", type=int, default=12345, help="seed of the test datasets and of the sampler")
-    e.add_argument("--particles", type=int, default=100, help="L for the APG rows")
-    e.add_argument("--rws-particles", type=int, default=1000, help="L for the RWS rows")
-    e.add_argument("--sweeps", type=int, nargs="+", default=[5, 10, 15], help="K of the APG rows")
-    e.add_argument("--budget", type=int, default=1000, help="K * L of the Fig. 2 analysis")
-    e.add_argument("--budget-sweeps", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50, 100],
-                   help="values of K in Fig. 2")
-    e.add_argument("--threads", type=int, default=0)
-    e.set_defaults(fn=_evaluate)
-
-    args = p.parse_args(argv)
+    """Entry point of the ``apg`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "plots", None) is not None and importlib.util.find_spec("matplotlib") is None:
+        parser.exit(2, "apg: error: --plots needs matplotlib: pip install 'tmcgraph[plots]'\n")
     try:
-        return args.fn(args)
-    except (FileNotFoundError, ValueError) as err:  # bad settings or missing checkpoints: no traceback
+        return int(args.fn(args))
+    except (FileNotFoundError, APGError, ValueError) as err:  # bad settings or missing checkpoints: no traceback
         print(f"apg {args.command}: error: {err}", file=sys.stderr)
         return 2
 

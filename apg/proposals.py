@@ -27,11 +27,11 @@ components; ``D`` dims; ``F`` input features.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.distributions import Gamma, Normal
+from torch.distributions import Normal
 
 __all__ = [
     "NeuralCategorical",
@@ -67,12 +67,20 @@ class NormalGamma:
     def __init__(self, params: NormalGammaParams) -> None:
         self.params = params
 
-    def sample(self, sample_shape: Sequence[int] = ()) -> tuple:
-        """``(mu, tau)``, each ``(*sample_shape, ..., I, D)`` (not differentiable: the gradient is score-based)."""
+    def sample(self, sample_shape: Sequence[int] = (),
+               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, tau)``, each ``(*sample_shape, ..., I, D)`` (not differentiable: the gradient is score-based).
+
+        The same draws as ``Gamma(alpha, beta).sample()`` then ``Normal(mu, 1/sqrt(nu tau)).sample()``
+        from ``generator`` (torch's default if ``None``).
+        """
         p = self.params
         with torch.no_grad():
-            tau = Gamma(p.alpha, p.beta).sample(torch.Size(sample_shape))
-            mu = Normal(p.mu, (p.nu * tau).rsqrt()).sample()
+            shape = torch.Size(sample_shape) + torch.broadcast_shapes(p.alpha.shape, p.beta.shape)
+            tau = torch._standard_gamma(p.alpha.expand(shape), generator=generator) / p.beta.expand(shape)
+            tau.clamp_(min=torch.finfo(tau.dtype).tiny)
+            loc, scale = torch.broadcast_tensors(p.mu, (p.nu * tau).rsqrt())
+            mu = torch.normal(loc, scale, generator=generator)
         return mu, tau
 
     def log_prob(self, mu: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -147,7 +155,7 @@ class NeuralNormalGamma(nn.Module):
         self.assign = nn.Linear(in_features, num_components)
         self.feature = nn.Linear(in_features, dim)
 
-    def statistics(self, features: torch.Tensor) -> tuple:
+    def statistics(self, features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``features (..., N, F)`` -> ``(s0, s1, s2)``, each ``(..., I, D)``."""
         gamma = torch.softmax(self.assign(features), -1)  # (..., N, I)
         t = self.feature(features)  # (..., N, D)
@@ -221,7 +229,8 @@ class NeuralCategorical(nn.Module):
         dims broadcast) -> normalised logits ``(..., N, I)``.  The first layer is
         applied to each part once (``N + I`` rows instead of ``N * I``).
         """
-        first, _, last = self.score
+        first, last = self.score[0], self.score[2]
+        assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
         fe = element.shape[-1]
         a = nn.functional.linear(element, first.weight[:, :fe], first.bias)  # (..., N, H)
         b = nn.functional.linear(option, first.weight[:, fe:])  # (..., I, H)

@@ -1,7 +1,8 @@
 """Resampling from log-weights (the implementation lives in :mod:`tmcgraph.resampling`).
 
-``resample(log_w, scheme)`` -> ancestors ``(*batch, L)``; ``gather(values, ancestors)``;
-``SCHEMES`` lists ``"multinomial"`` and ``"systematic"``.
+``resample(log_weights, scheme, generator=g)`` -> ancestors ``(*batch, L)``;
+``gather(values, ancestors)``; ``SCHEMES`` lists ``"multinomial"`` and ``"systematic"``.
+Errors are :class:`tmcgraph.TMCError` (a ``ValueError``, like :class:`apg.APGError`).
 """
 
 from tmcgraph.resampling import SCHEMES, gather, multinomial, resample, systematic

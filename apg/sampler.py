@@ -1,57 +1,63 @@
-"""The APG sampler as a functional core (Algorithms 1-3 of the APG paper).
+"""The APG sampler as a functional core (Algorithms 1-3 of Wu et al., ICML 2020).
 
-State is a dict of particle tensors ``(*batch, L, ...)``; log-weights are
-``(*batch, L)``.  A :class:`Sampler` is a one-shot proposal ``q(z | x)``, an
-ordered list of :class:`Block` kernels ``q(z_b | x, z_-b)`` and the log joint.
-:func:`run` is Algorithm 3: the one-shot proposal and its importance weights,
-then ``K - 1`` sweeps; each block update resamples (the weights become their
-average, Algorithm 2), proposes the block from its kernel given the rest, and
-multiplies the weight by the incremental weight of eq. 9, in which the same
-kernel evaluated at the old value is the reverse kernel::
+An APG sampler is a one-shot proposal ``q(z | x)``, an ordered list of
+:class:`Block` kernels ``q(z_b | x, z_-b)`` and the log joint ``log p(x, z)``
+(:class:`Sampler`).  Particles are a dict of tensors ``(*batch, L, ...)`` with
+log-weights ``(*batch, L)`` (:class:`Particles`).  The algorithm is three pure
+functions, each taking an explicit ``torch.Generator``:
 
-    v = p(x, z_b', z_-b) q(z_b | x, z_-b) / (p(x, z_b, z_-b) q(z_b' | x, z_-b))
+* :func:`init`: draw L particles from the one-shot proposal and weigh them,
+  ``w = p(x, z) / q(z | x)``;
+* :func:`sweep`: one Gibbs sweep; each block update resamples (the weights
+  become their average, Algorithm 2), proposes the block from its kernel given
+  the rest, and multiplies the weight by the incremental weight of eq. 9, in
+  which the same kernel evaluated at the old value is the reverse kernel::
+
+      v = p(x, z_b', z_-b) q(z_b | x, z_-b) / (p(x, z_b, z_-b) q(z_b' | x, z_-b))
+
+* :func:`run`: Algorithm 3, :func:`init` then ``num_sweeps - 1`` sweeps.
 
 Only the factors of the joint that touch the block (its Markov blanket) enter
 ``v``: the others cancel.  A block local to a plate (the GMM assignments, whose
 elements are conditionally independent given the rest) returns its kernel and
 blanket log-densities per element, ``(*batch, L, *local)``: resampling uses
-their sum, while the gradient of eq. 5 weighs each element by its own
-self-normalised incremental weight (the paper's local-variable treatment).
+their sum, while the objective weighs each element by its own self-normalised
+incremental weight (the paper's local-variable treatment).
 
 ``log mean_l w_l`` after any step is the sampler's running estimate of
-``log p(x)`` (the product of average weights of the SMC sampler).
+``log p(x)`` (the product of average weights of the SMC sampler).  With
+``objective=True`` every step also records what the surrogate losses of eqs. 5
+and 6 need (:class:`Step`); :mod:`apg.objectives` turns them into losses.
 
-With ``objective=True`` :func:`run` also returns the surrogate losses of eqs. 5
-and 6 (weights detached):
+Example::
 
-* ``loss_phi = -sum_steps mean_batch sum_l wbar_l log q_phi(z_b^l | x, z_-b^l)``,
-  whose gradient is minus the self-normalised inclusive-KL gradient estimate for
-  the proposal parameters, summed over the one-shot step, blocks and sweeps;
-* ``loss_theta = -sum_steps mean_batch sum_l wbar_l log p_theta(x, z^l)``, whose
-  gradient is minus the estimate of the log-marginal gradient (eq. 6) for
-  model parameters (computed only with ``learn_model=True``).
+    g = torch.Generator().manual_seed(0)
+    result = run(sampler, x, num_particles=10, num_sweeps=5, generator=g)
+    result.log_evidence          # (*batch,)
+    result.sweeps[-1].ess        # block name -> (*batch,) ESS / L
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 
+from .errors import APGError
+from .metrics import ess_fraction, log_mean_exp
 from .resampling import gather, resample
 
-State = Dict[str, torch.Tensor]
+__all__ = ["Block", "Kernel", "Particles", "Result", "Sampler", "State", "Step", "SweepInfo", "init",
+           "joint_block", "run", "sweep"]
 
-__all__ = ["Block", "Kernel", "Result", "Sampler", "SweepInfo", "ess_fraction", "joint_block", "log_mean_exp",
-           "run"]
+State = Dict[str, torch.Tensor]
 
 
 class Kernel(Protocol):
     """A proposal for one block, already conditioned on ``x`` and the rest of the state."""
 
-    def sample(self) -> State:
+    def sample(self, generator: Optional[torch.Generator] = None) -> State:
         """New values of the block's variables, ``(*batch, L, ...)`` each (no gradient)."""
 
     def log_prob(self, values: State) -> torch.Tensor:
@@ -85,20 +91,52 @@ class Sampler:
     """An APG sampler: one-shot proposal, block kernels, and the model's log joint.
 
     Attributes:
-        init: ``(x, L) -> (state, log q(state | x))``: ``L`` particles per
-            batch element from the one-shot proposal; ``log q`` is
+        init: ``(x, L, generator) -> (state, log q(state | x))``: ``L`` particles
+            per batch element from the one-shot proposal; ``log q`` is
             ``(*batch, L)`` and differentiable in the proposal's parameters.
         blocks: the block kernels, in sweep order.
         log_joint: ``(x, state) -> (*batch, L)``: ``log p(x, z)``.
     """
 
-    init: Callable[[Any, int], Tuple[State, torch.Tensor]]
+    init: Callable[[Any, int, Optional[torch.Generator]], Tuple[State, torch.Tensor]]
     blocks: Sequence[Block]
     log_joint: Callable[[Any, State], torch.Tensor]
 
 
-@dataclass
-class SweepInfo:
+class Particles(NamedTuple):
+    """Weighted particles.
+
+    Attributes:
+        values: variable -> ``(*batch, L, ...)`` (detached).
+        log_weights: ``(*batch, L)`` (detached).
+    """
+
+    values: State
+    log_weights: torch.Tensor
+
+
+class Step(NamedTuple):
+    """What one step (the one-shot proposal, or a block update) gives the objectives of eqs. 5 and 6.
+
+    Attributes:
+        block: ``"init"`` or the block's name.
+        log_q: ``(*batch, L, *local)`` log-density of the proposed values under
+            the kernel, differentiable in the proposal's parameters.
+        log_v: ``(*batch, L, *local)`` detached incremental log-weights (the
+            one-shot step: the importance log-weights).
+        local_dims: number of trailing per-element dims of ``log_q`` and ``log_v``.
+        log_joint: ``(*batch, L)`` ``log p(x, z)`` after the step, differentiable
+            in the model's parameters (``None`` unless ``learn_model=True``).
+    """
+
+    block: str
+    log_q: torch.Tensor
+    log_v: torch.Tensor
+    local_dims: int
+    log_joint: Optional[torch.Tensor]
+
+
+class SweepInfo(NamedTuple):
     """What one sweep reports (the first one describes the one-shot proposal).
 
     Attributes:
@@ -106,40 +144,38 @@ class SweepInfo:
         ess: block name (``"init"`` for the one-shot step) -> ``(*batch,)`` ESS / L
             of the weights right after the block's update (eq. 11).
         log_v: block name -> ``(*batch, L)`` incremental log-weights.
-        log_joint: ``(*batch, L)`` ``log p(x, z)`` of the particles after the
-            sweep, and ``log_w`` their log-weights (``None`` unless asked for).
+        log_joint: ``(*batch, L)`` ``log p(x, z)`` after the sweep, and
+            ``log_weights`` the particles' log-weights (``None`` unless recorded).
+        steps: the objectives' terms, one :class:`Step` per step (empty unless
+            ``objective=True``).
     """
 
     log_evidence: torch.Tensor
-    ess: Dict[str, torch.Tensor] = field(default_factory=dict)
-    log_v: Dict[str, torch.Tensor] = field(default_factory=dict)
+    ess: Dict[str, torch.Tensor]
+    log_v: Dict[str, torch.Tensor]
     log_joint: Optional[torch.Tensor] = None
-    log_w: Optional[torch.Tensor] = None
+    log_weights: Optional[torch.Tensor] = None
+    steps: Tuple[Step, ...] = ()
 
     def mean_log_joint(self) -> torch.Tensor:
         """Self-normalised estimate of ``E[log p(x, z)]`` under the particles: ``(*batch,)``."""
-        if self.log_joint is None:
-            raise ValueError("the log joint was not recorded; run with record_log_joint=True")
-        return (torch.softmax(self.log_w, -1) * self.log_joint).sum(-1)
+        if self.log_joint is None or self.log_weights is None:
+            raise APGError("the log joint was not recorded; run with record_log_joint=True")
+        return (torch.softmax(self.log_weights, -1) * self.log_joint).sum(-1)
 
 
-@dataclass
-class Result:
+class Result(NamedTuple):
     """The output of :func:`run`.
 
     Attributes:
-        state: final particles; ``log_w``: final log-weights ``(*batch, L)``.
-        sweeps: one :class:`SweepInfo` per sweep (``K`` in all).
-        loss_phi, loss_theta: the surrogate losses (scalars; ``None`` unless
-            ``objective=True``; ``loss_theta`` needs ``learn_model=True``).
-        trajectory: the state after every sweep (``record_states=True``).
+        state: final particle values; ``log_weights``: their log-weights ``(*batch, L)``.
+        sweeps: one :class:`SweepInfo` per sweep (``num_sweeps`` in all).
+        trajectory: the state after every sweep (``record_states=True``), else ``None``.
     """
 
     state: State
-    log_w: torch.Tensor
+    log_weights: torch.Tensor
     sweeps: List[SweepInfo]
-    loss_phi: Optional[torch.Tensor] = None
-    loss_theta: Optional[torch.Tensor] = None
     trajectory: Optional[List[State]] = None
 
     @property
@@ -148,34 +184,57 @@ class Result:
         return self.sweeps[-1].log_evidence
 
 
-def ess_fraction(log_w: torch.Tensor) -> torch.Tensor:
-    """ESS / L = (sum w)^2 / (L sum w^2) from log-weights ``(*batch, L)``: ``(*batch,)``."""
-    L = log_w.shape[-1]
-    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1) - math.log(L))
+def _check_count(name: str, value: object, flag: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise APGError(f"{name} must be an int >= 1, got {value!r} ({flag})")
+    return value
 
 
-def log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:
-    """``log mean_l exp(log_w)`` over the last dim."""
-    return torch.logsumexp(log_w, -1) - math.log(log_w.shape[-1])
+def init(sampler: Sampler, x: Any, num_particles: int, *, generator: Optional[torch.Generator] = None,
+         objective: bool = False, learn_model: bool = False,
+         record_log_joint: bool = False) -> Tuple[Particles, SweepInfo]:
+    """Draw ``num_particles`` particles per batch element from the one-shot proposal and weigh them.
+
+    Args:
+        sampler: the :class:`Sampler`.
+        x: the data (whatever the sampler's functions take), batch ``(*batch, ...)``.
+        num_particles: L.
+        generator: the source of randomness (torch's default if ``None``).
+        objective: record the :class:`Step` the objectives need (with autograd).
+        learn_model: also keep ``log p(x, z)`` differentiable (eq. 6).
+        record_log_joint: store ``log p(x, z)`` and the log-weights in the info.
+
+    Returns:
+        ``(particles, info)``: log-weights ``log p(x, z) - log q(z | x)``; ``info.ess["init"]``.
+    """
+    _check_count("num_particles", num_particles, "--particles")
+    with torch.set_grad_enabled(objective):
+        values, log_q = sampler.init(x, num_particles, generator)
+        log_p = sampler.log_joint(x, values)
+        if log_p.shape != log_q.shape:
+            raise APGError(f"the one-shot proposal's log q has shape {tuple(log_q.shape)} but the log joint's "
+                           f"is {tuple(log_p.shape)}; both must be (*batch, L={num_particles})")
+        log_w = (log_p - log_q).detach()
+    steps = (Step("init", log_q, log_w, 0, log_p if learn_model else None),) if objective else ()
+    particles = Particles({k: v.detach() for k, v in values.items()}, log_w)
+    info = SweepInfo(log_mean_exp(log_w), {"init": ess_fraction(log_w)}, {},
+                     log_p.detach() if record_log_joint else None, log_w if record_log_joint else None, steps)
+    return particles, info
 
 
-def _weighted_sum(log_weights: torch.Tensor, terms: torch.Tensor, particle_dim: int) -> torch.Tensor:
-    """``sum_l softmax_l(log_weights) * terms`` summed over every non-batch dim, averaged over the batch."""
-    w = torch.softmax(log_weights.detach(), particle_dim)
-    nb = terms.dim() + particle_dim  # number of batch dims
-    total = (w * terms).sum(tuple(range(nb, terms.dim())))
-    return total.mean() if total.dim() else total
-
-
-def _block_update(x: Any, state: State, log_w: torch.Tensor, block: Block, scheme: str, objective: bool):
-    anc = resample(log_w.detach(), scheme)
-    state = {k: gather(v, anc) for k, v in state.items()}
+def _block_update(sampler: Sampler, x: Any, particles: Particles, block: Block, *, scheme: str,
+                  generator: Optional[torch.Generator], objective: bool,
+                  learn_model: bool) -> Tuple[Particles, torch.Tensor, Optional[Step]]:
+    """Resample, propose block ``block``, reweigh: ``(particles, log_v (*batch, L), step or None)``."""
+    log_w = particles.log_weights
+    anc = resample(log_w.detach(), scheme, generator=generator)
+    state = {k: gather(v, anc) for k, v in particles.values.items()}
     log_w = log_mean_exp(log_w).unsqueeze(-1).expand_as(log_w)
     kernel = block.kernel(x, state)
-    new = {k: v.detach() for k, v in kernel.sample().items()}
+    new = {k: v.detach() for k, v in kernel.sample(generator).items()}
     missing = [k for k in block.variables if k not in new]
     if missing:
-        raise ValueError(f"block {block.name!r}: its kernel returned no value for {missing}")
+        raise APGError(f"block {block.name!r}: its kernel returned no value for {missing}")
     lq_new = kernel.log_prob(new)
     with torch.no_grad():
         old = {k: state[k] for k in block.variables}
@@ -185,83 +244,97 @@ def _block_update(x: Any, state: State, log_w: torch.Tensor, block: Block, schem
         lp_new = block.log_blanket(x, state)
         log_v_local = lp_new + lq_old - lp_old - lq_new.detach()
         if log_v_local.shape != lq_new.shape:
-            raise ValueError(f"block {block.name!r}: kernel log-density has shape {tuple(lq_new.shape)} but the "
-                             f"blanket's is {tuple(lp_new.shape)}; both must be (*batch, L, *local) with "
-                             f"local_dims={block.local_dims}")
+            raise APGError(f"block {block.name!r}: kernel log-density has shape {tuple(lq_new.shape)} but the "
+                           f"blanket's is {tuple(lp_new.shape)}; both must be (*batch, L, *local) with "
+                           f"local_dims={block.local_dims}")
         dims = tuple(range(log_v_local.dim() - block.local_dims, log_v_local.dim()))
         log_v = log_v_local.sum(dims) if dims else log_v_local
-    loss = None
+    step = None
     if objective:
-        loss = -_weighted_sum(log_v_local, lq_new, -1 - block.local_dims)
-    return state, log_w + log_v, log_v, loss
+        log_joint = None
+        if learn_model:
+            with torch.enable_grad():
+                log_joint = sampler.log_joint(x, state)
+        step = Step(block.name, lq_new, log_v_local, block.local_dims, log_joint)
+    return Particles(state, log_w + log_v), log_v, step
 
 
-def run(sampler: Sampler, x: Any, num_particles: int, num_sweeps: int, *, scheme: str = "systematic",
-        objective: bool = False, learn_model: bool = False, record_log_joint: bool = False,
-        record_states: bool = False, blocks: Optional[Sequence[Block]] = None) -> Result:
+def sweep(sampler: Sampler, x: Any, particles: Particles, *, generator: Optional[torch.Generator] = None,
+          blocks: Optional[Sequence[Block]] = None, scheme: str = "systematic", objective: bool = False,
+          learn_model: bool = False, record_log_joint: bool = False) -> Tuple[Particles, SweepInfo]:
+    """One Gibbs sweep: every block in turn resampled, proposed and reweighed (eq. 9).
+
+    Args:
+        sampler: the :class:`Sampler`.
+        x: the data.
+        particles: the current :class:`Particles`.
+        generator: the source of randomness.
+        blocks: these blocks instead of ``sampler.blocks`` (e.g. a :func:`joint_block`).
+        scheme: resampling scheme (``apg.resampling.SCHEMES``).
+        objective, learn_model, record_log_joint: as in :func:`init`.
+
+    Returns:
+        ``(particles, info)``.
+    """
+    blocks = list(sampler.blocks if blocks is None else blocks)
+    if not blocks:
+        raise APGError("a sweep needs at least one block (num_sweeps > 1 with a one-shot sampler)")
+    ess: Dict[str, torch.Tensor] = {}
+    log_vs: Dict[str, torch.Tensor] = {}
+    steps: List[Step] = []
+    for block in blocks:
+        with torch.set_grad_enabled(objective):
+            particles, log_v, step = _block_update(sampler, x, particles, block, scheme=scheme, generator=generator,
+                                                   objective=objective, learn_model=learn_model)
+        ess[block.name] = ess_fraction(particles.log_weights)
+        log_vs[block.name] = log_v
+        if step is not None:
+            steps.append(step)
+    log_joint = log_weights = None
+    if record_log_joint:
+        with torch.no_grad():
+            log_joint, log_weights = sampler.log_joint(x, particles.values), particles.log_weights
+    return particles, SweepInfo(log_mean_exp(particles.log_weights), ess, log_vs, log_joint, log_weights,
+                                tuple(steps))
+
+
+def run(sampler: Sampler, x: Any, num_particles: int, num_sweeps: int, *,
+        generator: Optional[torch.Generator] = None, scheme: str = "systematic", objective: bool = False,
+        learn_model: bool = False, record_log_joint: bool = False, record_states: bool = False,
+        blocks: Optional[Sequence[Block]] = None) -> Result:
     """Run the APG sampler (Algorithm 3): a one-shot proposal, then ``num_sweeps - 1`` sweeps.
 
     Args:
         sampler: the :class:`Sampler`.
-        x: the data (whatever the sampler's functions take), batch ``(*batch, ...)``.
+        x: the data, batch ``(*batch, ...)``.
         num_particles: L.
         num_sweeps: K (K = 1 is the one-shot proposal alone, i.e. RWS).
-        scheme: resampling scheme (``apg.resampling.SCHEMES``).
-        objective: build the surrogate losses (else everything runs without autograd).
-        learn_model: add the eq. 6 term (needs a differentiable ``log_joint``).
-        record_log_joint: store ``log p(x, z)`` and ``log w`` after every sweep.
+        generator: the source of randomness (torch's default if ``None``).
+        scheme: resampling scheme.
+        objective: record the terms of the surrogate losses (see :mod:`apg.objectives`).
+        learn_model: add the eq. 6 terms (needs a differentiable ``log_joint``).
+        record_log_joint: store ``log p(x, z)`` and the log-weights after every sweep.
         record_states: keep the state after every sweep (``Result.trajectory``).
-        blocks: use these blocks instead of ``sampler.blocks`` (e.g. a
-            :func:`joint_block` of them).
+        blocks: use these blocks instead of ``sampler.blocks``.
 
     Returns:
         a :class:`Result`.
     """
-    if isinstance(num_sweeps, bool) or not isinstance(num_sweeps, int) or num_sweeps < 1:
-        raise ValueError(f"num_sweeps must be an int >= 1, got {num_sweeps!r}")
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
-    blocks = list(sampler.blocks if blocks is None else blocks)
-    if num_sweeps > 1 and not blocks:
-        raise ValueError("num_sweeps > 1 needs at least one block")
-    loss_phi = loss_theta = None
-    with torch.set_grad_enabled(objective):
-        state, log_q = sampler.init(x, num_particles)
-        log_p = sampler.log_joint(x, state)
-        if log_p.shape != log_q.shape:
-            raise ValueError(f"the one-shot proposal's log q has shape {tuple(log_q.shape)} but the log joint's "
-                             f"is {tuple(log_p.shape)}; both must be (*batch, L={num_particles})")
-        log_w = (log_p - log_q).detach()
-        if objective:
-            loss_phi = -_weighted_sum(log_w, log_q, -1)
-            if learn_model:
-                loss_theta = -_weighted_sum(log_w, log_p, -1)
-    state = {k: v.detach() for k, v in state.items()}
-    info = SweepInfo(log_evidence=log_mean_exp(log_w), ess={"init": ess_fraction(log_w)})
-    if record_log_joint:
-        info.log_joint, info.log_w = log_p.detach(), log_w
+    _check_count("num_sweeps", num_sweeps, "--sweeps")
+    _check_count("num_particles", num_particles, "--particles")
+    if num_sweeps > 1 and not list(sampler.blocks if blocks is None else blocks):
+        raise APGError("num_sweeps > 1 needs at least one block")
+    particles, info = init(sampler, x, num_particles, generator=generator, objective=objective,
+                           learn_model=learn_model, record_log_joint=record_log_joint)
     infos = [info]
-    trajectory = [state] if record_states else None
+    trajectory = [particles.values] if record_states else None
     for _ in range(num_sweeps - 1):
-        info = SweepInfo(log_evidence=info.log_evidence)
-        for block in blocks:
-            with torch.set_grad_enabled(objective):
-                state, log_w, log_v, loss = _block_update(x, state, log_w, block, scheme, objective)
-            info.ess[block.name] = ess_fraction(log_w)
-            info.log_v[block.name] = log_v
-            if objective:
-                loss_phi = loss_phi + loss
-                if learn_model:
-                    with torch.enable_grad():
-                        loss_theta = loss_theta - _weighted_sum(log_v, sampler.log_joint(x, state), -1)
-        info.log_evidence = log_mean_exp(log_w)
-        if record_log_joint:
-            with torch.no_grad():
-                info.log_joint, info.log_w = sampler.log_joint(x, state), log_w
+        particles, info = sweep(sampler, x, particles, generator=generator, blocks=blocks, scheme=scheme,
+                                objective=objective, learn_model=learn_model, record_log_joint=record_log_joint)
         infos.append(info)
-        if record_states:
-            trajectory.append(state)
-    return Result(state, log_w, infos, loss_phi, loss_theta, trajectory)
+        if trajectory is not None:
+            trajectory.append(particles.values)
+    return Result(particles.values, particles.log_weights, infos, trajectory)
 
 
 class _JointKernel:
@@ -271,12 +344,13 @@ class _JointKernel:
         self.blocks, self.x, self.state = blocks, x, state
         self.kernels: List[Kernel] = []
 
-    def sample(self) -> State:
-        state, out = dict(self.state), {}
+    def sample(self, generator: Optional[torch.Generator] = None) -> State:
+        state: State = dict(self.state)
+        out: State = {}
         self.kernels = []
         for block in self.blocks:
             k = block.kernel(self.x, state)
-            v = k.sample()
+            v = k.sample(generator)
             self.kernels.append(k)
             state.update(v)
             out.update(v)
@@ -288,9 +362,12 @@ class _JointKernel:
 
     def log_prob(self, values: State) -> torch.Tensor:
         if not self.kernels:
-            raise ValueError("a joint block's kernel density is defined after sample() (its kernels condition "
-                             "on the new values of the earlier blocks)")
-        return sum(self._sum(k, b, values) for k, b in zip(self.kernels, self.blocks))
+            raise APGError("a joint block's kernel density is defined after sample() (its kernels condition "
+                           "on the new values of the earlier blocks)")
+        total = self._sum(self.kernels[0], self.blocks[0], values)
+        for k, b in zip(self.kernels[1:], self.blocks[1:]):
+            total = total + self._sum(k, b, values)
+        return total
 
 
 def joint_block(blocks: Sequence[Block], log_joint: Callable[[Any, State], torch.Tensor],

@@ -1,18 +1,27 @@
-"""Training the GMM proposals: APG (eqs. 5, Algorithm 3) and the RWS baselines, with checkpoints and resume.
+"""Generic training of APG samplers: proposals (phi) and model parameters (theta), with checkpoints and resume.
+
+One loop serves every registered model (:mod:`apg.models`).  Each iteration
+runs the sampler on a batch of training datasets (Algorithm 3 of Wu et al.,
+ICML 2020) and takes one step of each optimizer: Adam on the proposal
+parameters with eq. 5's gradient (:func:`apg.objectives.phi_loss`), and, when
+the model has learned parameters, Adam on them with eq. 6's
+(:func:`apg.objectives.theta_loss`).  Both learning rates decay exponentially
+from ``lr`` to ``lr_final``.
 
 A run lives in one directory::
 
     DIR/config.json      the run's settings (a resumed run must match them)
-    DIR/checkpoint.pt    networks, optimizer, schedule, RNG state, iteration
+    DIR/checkpoint.pt    networks, optimizers, schedules, generator state, iteration
     DIR/metrics.csv      one row per logged iteration
     DIR/proposals.pt     the trained networks alone (written at the end; what evaluation loads)
 
-Reproducibility: the training datasets are simulated from ``seed``; the batch
-of iteration ``t`` is a function of ``(seed, t)`` alone; the sampler's
-randomness is torch's global generator, whose state is checkpointed.  Ctrl-C or
-SIGTERM stops the run at the next iteration boundary and writes a checkpoint
-there, so a run that is interrupted and resumed ends in exactly the state of an
-uninterrupted run.
+Reproducibility: the training datasets come from ``seed``; the batch of
+iteration ``t`` is a function of ``(seed, t)`` alone; the sampler draws from a
+``torch.Generator`` whose state is checkpointed (it continues torch's default
+stream after the networks are initialised from ``seed``).  Ctrl-C or SIGTERM
+stops the run at the next iteration boundary and writes a checkpoint there, so
+a run that is interrupted and resumed ends in exactly the state of an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -22,79 +31,115 @@ import json
 import math
 import os
 import signal
+import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from . import gmm
-from .sampler import run
+from . import models
+from .errors import APGError
+from .models.base import Problem
+from .objectives import phi_loss, theta_loss
+from .sampler import Result, run
 
-__all__ = ["METHODS", "TrainConfig", "load_proposals", "make_proposals", "train"]
+__all__ = ["FLAGS", "TrainConfig", "Trained", "load_proposals", "train"]
 
-#: method name -> (one-shot encoder, conditional globals kernel)
-METHODS = {"apg": ("mlp", True), "rws-mlp": ("mlp", False), "rws-lstm": ("lstm", False)}
+#: TrainConfig field -> the ``apg train`` flag that sets it (named in errors)
+FLAGS = {"model": "MODEL", "method": "--method", "iterations": "--iterations", "batch_size": "--batch",
+         "num_particles": "--particles", "num_sweeps": "--sweeps", "lr": "--lr", "lr_final": "--lr-final",
+         "num_datasets": "--datasets", "seed": "--seed", "log_every": "--log-every",
+         "checkpoint_every": "--checkpoint-every", "threads": "--threads", "init": "--init"}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of one training run (the paper's: batch 20, K=10, L=10, Adam lr 1e-4, 20,000 datasets).
+    """Settings of one training run.
 
-    ``num_sweeps`` is 1 for the RWS baselines (a one-shot proposal, trained by RWS).
-    The learning rate decays exponentially from ``lr`` to ``lr_final``.
+    The defaults are those of the shipped GMM APG checkpoint (batch 20, K=10, L=10,
+    20,000 datasets as in the paper; Adam with the learning rate decaying from
+    2e-3 to 1e-4 over 32,000 iterations, one thread); ``apg train`` takes each
+    method's own defaults from its model (:class:`apg.models.Method`).
+    ``num_sweeps`` is 1 for one-shot (RWS) methods.
     """
 
+    model: str = "gmm"
     method: str = "apg"
-    iterations: int = 40000
+    iterations: int = 32000
     batch_size: int = 20
     num_particles: int = 10
     num_sweeps: int = 10
-    lr: float = 1e-3
+    lr: float = 2e-3
     lr_final: float = 1e-4
     num_datasets: int = 20000
     seed: int = 0
     log_every: int = 100
-    checkpoint_every: int = 1000
-    threads: int = 0  # 0: leave torch's default
+    checkpoint_every: int = 500
+    threads: int = 1  # 0: leave torch's default
     init: str = ""  # start from these trained networks (a proposals file of the same method)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        problem = models.get(self.model)
+        method = problem.method(self.method)
         for name in ("iterations", "batch_size", "num_particles", "num_sweeps", "num_datasets", "log_every",
                      "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.method != "apg" and self.num_sweeps != 1:
-            raise ValueError(f"{self.method} is a one-shot (RWS) method: num_sweeps must be 1, got {self.num_sweeps}")
+                raise APGError(f"{name} must be a positive int, got {v!r} ({FLAGS[name]})")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise APGError(f"threads must be a non-negative int, got {self.threads!r} (--threads)")
+        if method.one_shot and self.num_sweeps != 1:
+            raise APGError(f"{self.method} is a one-shot (RWS) method: num_sweeps must be 1, got {self.num_sweeps} "
+                           "(--sweeps)")
         if not (self.lr > 0 and self.lr_final > 0):
-            raise ValueError(f"lr and lr_final must be positive, got {self.lr} and {self.lr_final}")
+            raise APGError(f"lr and lr_final must be positive, got {self.lr} and {self.lr_final} (--lr, --lr-final)")
+        if self.batch_size > self.num_datasets:
+            raise APGError(f"batch_size {self.batch_size} exceeds num_datasets {self.num_datasets} "
+                           "(--batch, --datasets)")
+
+    @classmethod
+    def for_method(cls, model: str, method: str, **settings: Any) -> "TrainConfig":
+        """The method's defaults (those of its shipped checkpoint), overridden by ``settings``."""
+        defaults = dict(models.get(model).method(method).train_defaults)
+        unknown = [k for k in settings if k not in {f.name for f in fields(cls)}]
+        if unknown:
+            raise APGError(f"unknown training settings {unknown}")
+        return cls(model=model, method=method, **{**defaults, **settings})
 
 
-def make_proposals(method: str, cfg: Optional[gmm.GMMConfig] = None) -> gmm.GMMProposals:
-    """Fresh networks of ``method`` (see :data:`METHODS`) for the GMM ``cfg`` (default: the paper's)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    encoder, conditional = METHODS[method]
-    return gmm.GMMProposals(cfg or gmm.GMMConfig(), encoder=encoder, conditional=conditional)
+class Trained(NamedTuple):
+    """Networks loaded by :func:`load_proposals`."""
+
+    problem: Problem
+    method: str
+    proposals: nn.Module
+    model: nn.Module
 
 
-def load_proposals(path: str) -> gmm.GMMProposals:
+def load_proposals(path: str) -> Trained:
     """Networks saved by :func:`train`: ``DIR/proposals.pt`` (a finished run) or ``DIR/checkpoint.pt``
-    (an unfinished one; its method is read from ``DIR/config.json``)."""
+    (an unfinished one; its model and method are read from ``DIR/config.json``)."""
+    if not os.path.exists(path):
+        raise APGError(f"no such checkpoint: {path}")
     blob = torch.load(path, map_location="cpu", weights_only=False)
-    if "state_dict" in blob:
-        nets = make_proposals(blob["method"], gmm.GMMConfig(**blob["gmm"]))
-        nets.load_state_dict(blob["state_dict"])
-        return nets
-    with open(os.path.join(os.path.dirname(path), "config.json")) as f:
-        method = json.load(f)["method"]
-    nets = make_proposals(method)
-    nets.load_state_dict(blob["nets"])
-    return nets
+    if "state_dict" in blob:  # a proposals file (files written before models had names hold a "gmm" config)
+        name = blob.get("model", "gmm")
+        problem = models.get(name).with_config(blob.get("config", blob.get("gmm", {})))
+        method, proposal_state, model_state = blob["method"], blob["state_dict"], blob.get("model_state_dict")
+    else:
+        with open(os.path.join(os.path.dirname(path), "config.json")) as f:
+            saved = json.load(f)
+        problem = models.get(saved.get("model", "gmm"))
+        method, proposal_state, model_state = saved["method"], blob["proposals"], blob.get("model")
+    proposals = problem.make_proposals(method)
+    proposals.load_state_dict(proposal_state)
+    model = problem.make_model()
+    if model_state:
+        model.load_state_dict(model_state)
+    return Trained(problem, method, proposals, model)
 
 
 def _batch(data: torch.Tensor, cfg: TrainConfig, t: int) -> torch.Tensor:
@@ -106,8 +151,11 @@ def _batch(data: torch.Tensor, cfg: TrainConfig, t: int) -> torch.Tensor:
     return data[perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
 
 
-FIELDS = ["iteration", "seconds", "lr", "loss", "log_evidence", "log_joint", "ess_init", "ess_globals",
-          "ess_assignments", "kl_globals", "kl_assignments"]
+BASE_FIELDS = ["iteration", "seconds", "lr", "loss", "log_evidence", "log_joint", "ess_init"]
+
+
+def _fields(problem: Problem, has_theta: bool) -> List[str]:
+    return BASE_FIELDS + (["loss_theta"] if has_theta else []) + list(problem.metric_fields)
 
 
 def _atomic_save(obj: object, path: str) -> None:
@@ -116,72 +164,107 @@ def _atomic_save(obj: object, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _optimizer(params: List[nn.Parameter], cfg: TrainConfig):
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.99))
+    decay = math.log(cfg.lr_final / cfg.lr) / cfg.iterations
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: math.exp(decay * min(t, cfg.iterations)))
+
+
+def _settings_clash(out_dir: str, saved: Dict[str, Any], cfg: TrainConfig) -> APGError:
+    given = asdict(cfg)
+    diff = ", ".join(f"{FLAGS.get(k, k)} {given[k]!r} (the run has {saved.get(k)!r})"
+                     for k in given if saved.get(k) != given[k])
+    return APGError(f"{out_dir} holds a run with other settings: {diff}; resume it with its own settings, "
+                    "use another --out, or pass --restart to start over")
+
+
 def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
           on_step: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
-    """Train (or resume training) one method; returns the last logged metrics.
+    """Train (or resume training) one method of one model; returns the last logged metrics.
 
     Args:
         out_dir: the run directory (created).
         cfg: the settings; a run resumed from ``out_dir`` must have the same.
         resume: continue from ``out_dir/checkpoint.pt`` if it exists.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (on stderr).
         on_step: called with the iteration number after every step (tests use
             it to interrupt a run).
+
+    Raises:
+        APGError: settings that differ from those of the run in ``out_dir``
+            (naming the flags), or an ``init`` file of another method.
     """
+    problem = models.get(cfg.model)
     os.makedirs(out_dir, exist_ok=True)
     cfg_path, ckpt_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "checkpoint.pt")
     csv_path = os.path.join(out_dir, "metrics.csv")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    gcfg = gmm.GMMConfig()
-    torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own, and the RNG state)
-    nets = make_proposals(cfg.method, gcfg)
-    opt = torch.optim.Adam(nets.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    decay = math.log(cfg.lr_final / cfg.lr) / cfg.iterations
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: math.exp(decay * min(t, cfg.iterations)))
+    torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
+    proposals = problem.make_proposals(cfg.method)
+    model = problem.make_model()
+    # the sampler's randomness continues torch's default stream from here, in a generator of its own
+    generator = torch.Generator()
+    generator.set_state(torch.get_rng_state())
+    opt_phi, sched_phi = _optimizer(list(proposals.parameters()), cfg)
+    theta = list(model.parameters())
+    opt_theta, sched_theta = _optimizer(theta, cfg) if theta else (None, None)
+    fields_ = _fields(problem, bool(theta))
     start, elapsed = 0, 0.0
     if resume and os.path.exists(ckpt_path):
         with open(cfg_path) as f:
             saved = json.load(f)
         if saved != asdict(cfg):
-            diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
-            raise ValueError(f"{out_dir} holds a run with other settings (saved, given): {diff}; "
-                             "use another directory or resume=False")
+            raise _settings_clash(out_dir, saved, cfg)
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        nets.load_state_dict(ck["nets"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        torch.set_rng_state(ck["rng"])
+        proposals.load_state_dict(ck["proposals"])
+        opt_phi.load_state_dict(ck["opt_phi"])
+        sched_phi.load_state_dict(ck["sched_phi"])
+        if opt_theta is not None and sched_theta is not None:
+            model.load_state_dict(ck["model"])
+            opt_theta.load_state_dict(ck["opt_theta"])
+            sched_theta.load_state_dict(ck["sched_theta"])
+        generator.set_state(ck["generator"])
         start, elapsed = ck["iteration"], ck["seconds"]
-        _truncate_csv(csv_path, start)
+        _truncate_csv(csv_path, start, fields_)
+        if start >= cfg.iterations and os.path.exists(os.path.join(out_dir, "proposals.pt")):
+            tqdm.write(f"the run in {out_dir} is already finished ({start} iterations); nothing to do", file=sys.stderr)
+            return _last_row(csv_path)
     else:
         if cfg.init:
             start_from = load_proposals(cfg.init)
-            if METHODS[cfg.method] != (start_from.encoder, start_from.globals is not None):
-                raise ValueError(f"--init {cfg.init} holds networks of another method than {cfg.method!r}")
-            nets.load_state_dict(start_from.state_dict())
+            if (start_from.problem.name, start_from.method) != (cfg.model, cfg.method):
+                raise APGError(f"--init {cfg.init} holds {start_from.problem.name} {start_from.method!r} networks, "
+                               f"not {cfg.model} {cfg.method!r} (--method)")
+            proposals.load_state_dict(start_from.proposals.state_dict())
+            model.load_state_dict(start_from.model.state_dict())
         with open(cfg_path, "w") as f:
             json.dump(asdict(cfg), f, indent=1)
         with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerow(FIELDS)
-    data = gmm.simulate(cfg.num_datasets, gcfg, seed=cfg.seed + 7919)["x"]
-    sampler = gmm.apg_sampler(nets)
+            csv.writer(f).writerow(fields_)
+    data = problem.training_data(cfg.num_datasets, cfg.seed)
+    sampler = problem.sampler(proposals, model)
 
     def checkpoint(t: int, seconds: float) -> None:
-        _atomic_save({"nets": nets.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                      "rng": torch.get_rng_state(), "iteration": t, "seconds": seconds}, ckpt_path)
+        blob = {"proposals": proposals.state_dict(), "opt_phi": opt_phi.state_dict(),
+                "sched_phi": sched_phi.state_dict(), "generator": generator.get_state(), "iteration": t,
+                "seconds": seconds}
+        if opt_theta is not None and sched_theta is not None:
+            blob.update(model=model.state_dict(), opt_theta=opt_theta.state_dict(),
+                        sched_theta=sched_theta.state_dict())
+        _atomic_save(blob, ckpt_path)
 
     # Ctrl-C / SIGTERM only set a flag: the run stops at the next iteration boundary, after writing a
     # checkpoint, so an interrupted run resumes exactly (a second Ctrl-C exits at once, keeping the
     # last periodic checkpoint).
     stop = {"flag": False}
-    handlers = {}
+    handlers: Dict[int, Any] = {}
 
     def request_stop(signum, frame):
         stop["flag"] = True
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, handlers[signal.SIGINT])
-        tqdm.write("stopping after this iteration (a checkpoint will be written)")
+        tqdm.write("stopping after this iteration (a checkpoint will be written)", file=sys.stderr)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -192,23 +275,32 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
     t = start
     t0 = time.perf_counter()
     at_boundary = True
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=f"train {cfg.method}", unit="it")
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=f"train {cfg.model} {cfg.method}",
+               unit="it")
     try:
         while t < cfg.iterations:
             at_boundary = False
             x = _batch(data, cfg, t)
-            res = run(sampler, x, cfg.num_particles, cfg.num_sweeps, objective=True,
-                      record_log_joint=(t + 1) % cfg.log_every == 0)
-            opt.zero_grad(set_to_none=True)
-            res.loss_phi.backward()
-            opt.step()
-            sched.step()
+            res = run(sampler, x, cfg.num_particles, cfg.num_sweeps, objective=True, learn_model=bool(theta),
+                      record_log_joint=(t + 1) % cfg.log_every == 0, generator=generator)
+            loss = phi_loss(res.sweeps)
+            loss_theta = theta_loss(res.sweeps) if theta else None
+            opt_phi.zero_grad(set_to_none=True)
+            if opt_theta is not None:
+                opt_theta.zero_grad(set_to_none=True)
+            (loss if loss_theta is None else loss + loss_theta).backward()
+            opt_phi.step()
+            sched_phi.step()
+            if opt_theta is not None and sched_theta is not None:
+                opt_theta.step()
+                sched_theta.step()
             t += 1
             if t % cfg.log_every == 0:
-                last = _metrics(nets, x, res, t, elapsed + time.perf_counter() - t0, sched.get_last_lr()[0])
+                last = _metrics(problem, proposals, model, x, res, loss, loss_theta, t,
+                                elapsed + time.perf_counter() - t0, sched_phi.get_last_lr()[0])
                 with open(csv_path, "a", newline="") as f:
-                    csv.writer(f).writerow([last.get(k, "") for k in FIELDS])
-                bar.set_postfix(loss=f"{last['loss']:.1f}", ess_c=f"{last.get('ess_assignments', float('nan')):.2f}")
+                    csv.writer(f).writerow([last.get(k, "") for k in fields_])
+                bar.set_postfix(loss=f"{last['loss']:.1f}", ess=f"{last.get('ess_init', float('nan')):.2f}")
             bar.update(1)
             if t % cfg.checkpoint_every == 0 or t == cfg.iterations:
                 checkpoint(t, elapsed + time.perf_counter() - t0)
@@ -223,19 +315,26 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         bar.close()
         raise
     finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     bar.close()
-    _atomic_save({"method": cfg.method, "gmm": asdict(gcfg), "state_dict": nets.state_dict(),
+    _atomic_save({"model": cfg.model, "method": cfg.method, "config": problem.config(),
+                  "state_dict": proposals.state_dict(), "model_state_dict": model.state_dict(),
                   "train": asdict(cfg)}, os.path.join(out_dir, "proposals.pt"))
-    return last
+    return last or _last_row(csv_path)
 
 
-def _truncate_csv(path: str, iteration: int) -> None:
+def _last_row(path: str) -> Dict[str, float]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: float(v) for k, v in rows[-1].items() if v not in (None, "")} if rows else {}
+
+
+def _truncate_csv(path: str, iteration: int, fields_: List[str]) -> None:
     """Drop rows logged after the checkpoint (they will be logged again)."""
     if not os.path.exists(path):
         with open(path, "w", newline="") as f:
-            csv.writer(f).writerow(FIELDS)
+            csv.writer(f).writerow(fields_)
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
@@ -244,15 +343,18 @@ def _truncate_csv(path: str, iteration: int) -> None:
         csv.writer(f).writerows(keep)
 
 
-def _metrics(nets: gmm.GMMProposals, x: torch.Tensor, res, t: int, seconds: float, lr: float) -> Dict[str, float]:
+def _metrics(problem: Problem, proposals: nn.Module, model: nn.Module, x: torch.Tensor, res: Result,
+             loss: torch.Tensor, loss_theta: Optional[torch.Tensor], t: int, seconds: float,
+             lr: float) -> Dict[str, float]:
     last = res.sweeps[-1]
-    out = {"iteration": t, "seconds": round(seconds, 2), "lr": lr, "loss": res.loss_phi.item(),
-           "log_evidence": last.log_evidence.mean().item(), "log_joint": last.mean_log_joint().mean().item(),
-           "ess_init": res.sweeps[0].ess["init"].mean().item()}
+    out: Dict[str, float] = {"iteration": t, "seconds": round(seconds, 2), "lr": lr, "loss": loss.item(),
+                             "log_evidence": last.log_evidence.mean().item(),
+                             "log_joint": last.mean_log_joint().mean().item(),
+                             "ess_init": res.sweeps[0].ess["init"].mean().item()}
+    if loss_theta is not None:
+        out["loss_theta"] = loss_theta.item()
     for name, v in last.ess.items():
         if name != "init":
             out[f"ess_{name}"] = v.mean().item()
-    kl = gmm.inclusive_kl(nets, x, res.state, res.log_w)
-    for name, v in kl.items():
-        out[f"kl_{name}"] = v.mean().item()
+    out.update(problem.train_metrics(proposals, model, x, res))
     return out

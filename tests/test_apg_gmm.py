@@ -6,7 +6,7 @@ import math
 import torch
 from torch.distributions import Categorical
 
-from apg.gmm import (
+from apg.models.gmm import (
     GMMConfig,
     assignment_logits,
     gibbs,
@@ -79,7 +79,7 @@ def test_gibbs_samples_the_exact_posterior_over_assignments():
 
 def test_declared_model_density_and_blankets():
     """The tmcgraph declaration of the GMM gives the hand-written log joint, and its factor graph the blankets."""
-    from apg.gmm import _density, gmm_model
+    from apg.models.gmm.model import _density, gmm_model
     from tmcgraph.density import JointDensity
 
     cfg = GMMConfig()

@@ -5,7 +5,7 @@ import math
 import torch
 from torch.distributions import Gamma, Normal
 
-from apg.gmm import GMMConfig, global_posterior, simulate, sufficient_statistics
+from apg.models.gmm import GMMConfig, global_posterior, simulate, sufficient_statistics
 from apg.proposals import (
     NeuralCategorical,
     NeuralNormal,

@@ -7,18 +7,21 @@ import math
 import pytest
 import torch
 
-from apg import gmm
-from apg.gmm import (
+from apg import APGError
+from apg.metrics import ess_fraction
+from apg.models import gmm
+from apg.models.gmm import (
     CategoricalKernel,
     GMMConfig,
     NormalGammaKernel,
-    NormalGammaParams,
     exact_sampler,
     global_posterior,
     log_evidence_given_c,
     simulate,
 )
-from apg.sampler import Block, Sampler, _block_update, ess_fraction, joint_block, run
+from apg.objectives import phi_loss, theta_loss
+from apg.proposals import NormalGammaParams
+from apg.sampler import Block, Particles, Sampler, _block_update, init, joint_block, run, sweep
 
 CFG = GMMConfig()
 
@@ -85,8 +88,15 @@ def _setup(seed=0):
     nets = gmm.GMMProposals(GMMConfig(num_points=7)).double()
     x = simulate(2, GMMConfig(num_points=7), seed=seed)["x"].double()
     sampler = gmm.apg_sampler(nets)
-    state, _ = sampler.init(x, 5)
+    state, _ = sampler.init(x, 5, None)
     return nets, x, sampler, {k: v.detach() for k, v in state.items()}
+
+
+def _info(step):
+    """A sweep info holding one step, for the objectives."""
+    from apg.sampler import SweepInfo
+
+    return SweepInfo(torch.zeros(()), {}, {}, steps=(step,))
 
 
 def _grads(nets, loss):
@@ -106,9 +116,11 @@ def test_block_surrogate_gradient_is_the_self_normalised_kl_gradient():
     recomputed particle by particle: sum_l wbar_l grad log q(z_b'^l | x, z_-b^l), wbar = softmax(log v)."""
     nets, x, sampler, state = _setup()
     block = sampler.blocks[0]
-    torch.manual_seed(3)
-    new_state, _, log_v, loss = _block_update(x, state, torch.zeros(2, 5, dtype=torch.float64), block,
-                                              "systematic", True)
+    particles = Particles(state, torch.zeros(2, 5, dtype=torch.float64))
+    new, log_v, step = _block_update(sampler, x, particles, block, scheme="systematic",
+                                     generator=torch.Generator().manual_seed(3), objective=True, learn_model=False)
+    new_state = new.values
+    loss = phi_loss([_info(step)])
     assert torch.equal(new_state["c"], state["c"])
     direct = 0.0
     for b in range(2):
@@ -126,9 +138,11 @@ def test_local_block_weighs_each_element_by_its_own_weight():
     nets, x, sampler, state = _setup(1)
     block = sampler.blocks[1]
     assert block.local_dims == 1
-    torch.manual_seed(4)
-    new_state, log_w, log_v, loss = _block_update(x, state, torch.zeros(2, 5, dtype=torch.float64), block,
-                                                  "systematic", True)
+    particles = Particles(state, torch.zeros(2, 5, dtype=torch.float64))
+    new, log_v, step = _block_update(sampler, x, particles, block, scheme="systematic",
+                                     generator=torch.Generator().manual_seed(4), objective=True, learn_model=False)
+    new_state = new.values
+    loss = phi_loss([_info(step)])
     lq_new = CategoricalKernel(nets.assignment_logits(x, state["mu"], state["tau"])).log_prob(new_state)
     lq_old = CategoricalKernel(nets.assignment_logits(x, state["mu"], state["tau"])).log_prob(state)
     blanket = sampler.blocks[1].log_blanket
@@ -146,22 +160,38 @@ def test_local_block_weighs_each_element_by_its_own_weight():
 
 def test_one_shot_surrogates_are_eqs_5_and_6():
     nets, x, sampler, _ = _setup(2)
-    torch.manual_seed(5)
-    res = run(sampler, x, 5, 1, objective=True, learn_model=True)
-    torch.manual_seed(5)
-    state, log_q = sampler.init(x, 5)
+    res = run(sampler, x, 5, 1, objective=True, learn_model=True, generator=torch.Generator().manual_seed(5))
+    state, log_q = sampler.init(x, 5, torch.Generator().manual_seed(5))
     log_p = sampler.log_joint(x, state)
     w = torch.softmax((log_p - log_q).detach(), -1)
-    _assert_close(_grads(nets, res.loss_phi), _grads(nets, -(w * log_q).sum(-1).mean()))
-    assert torch.allclose(res.loss_theta, -(w * log_p).sum(-1).mean())
+    _assert_close(_grads(nets, phi_loss(res.sweeps)), _grads(nets, -(w * log_q).sum(-1).mean()))
+    assert torch.allclose(theta_loss(res.sweeps), -(w * log_p).sum(-1).mean())
+
+
+def test_run_is_init_then_sweeps_and_reproducible_from_its_generator():
+    x = simulate(2, seed=1)["x"].double()
+    s = exact_sampler()
+    a = run(s, x, 4, 3, generator=torch.Generator().manual_seed(7), record_log_joint=True)
+    b = run(s, x, 4, 3, generator=torch.Generator().manual_seed(7), record_log_joint=True)
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    g = torch.Generator().manual_seed(7)
+    particles, info = init(s, x, 4, generator=g, record_log_joint=True)
+    for _ in range(2):
+        particles, info = sweep(s, x, particles, generator=g, record_log_joint=True)
+    assert all(torch.equal(a.state[k], particles.values[k]) for k in a.state)
+    assert torch.equal(a.sweeps[-1].mean_log_joint(), info.mean_log_joint())
+    c = run(s, x, 4, 3, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(a.state["mu"], c.state["mu"])
 
 
 def test_run_checks_its_arguments():
     s = exact_sampler()
     x = simulate(1, seed=0)["x"]
-    with pytest.raises(ValueError, match="num_sweeps"):
+    with pytest.raises(APGError, match="num_sweeps"):
         run(s, x, 4, 0)
-    with pytest.raises(ValueError, match="num_particles"):
+    with pytest.raises(APGError, match="num_particles"):
         run(s, x, 0, 2)
-    with pytest.raises(ValueError, match="at least one block"):
+    with pytest.raises(APGError, match="at least one block"):
         run(Sampler(s.init, [], s.log_joint), x, 4, 2)
+    with pytest.raises(APGError, match="no step was recorded"):
+        phi_loss(run(s, x, 4, 2).sweeps)

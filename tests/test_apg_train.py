@@ -8,12 +8,14 @@ import os
 import pytest
 import torch
 
-from apg import gmm
+from apg import APGError, models
 from apg.cli import main
-from apg.evaluate import SHIPPED, EvalConfig, evaluate, format_table
-from apg.train import TrainConfig, load_proposals, make_proposals, train
+from apg.evaluate import SHIPPED, evaluate
+from apg.models import gmm
+from apg.train import TrainConfig, load_proposals, train
 
-TINY = dict(batch_size=4, num_particles=3, num_sweeps=2, num_datasets=40, log_every=2, checkpoint_every=4)
+TINY = dict(batch_size=4, num_particles=3, num_sweeps=2, num_datasets=40, log_every=2, checkpoint_every=4,
+            threads=0)
 
 
 def test_short_training_lowers_the_inclusive_kl():
@@ -25,14 +27,14 @@ def test_short_training_lowers_the_inclusive_kl():
         return {k: v.mean().item() for k, v in gmm.inclusive_kl(nets, x, ref).items()}
 
     torch.manual_seed(0)
-    before = kl(make_proposals("apg"))
+    before = kl(models.get("gmm").make_proposals("apg"))
     cfg = TrainConfig(iterations=100, batch_size=10, num_particles=5, num_sweeps=3, lr=1e-2, lr_final=1e-2,
-                      num_datasets=500, log_every=50, checkpoint_every=100)
+                      num_datasets=500, log_every=50, checkpoint_every=100, threads=0)
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         train(d, cfg, progress=False)
-        after = kl(load_proposals(os.path.join(d, "proposals.pt")))
+        after = kl(load_proposals(os.path.join(d, "proposals.pt")).proposals)
     assert after["assignments"] < 0.8 * before["assignments"], (before, after)
 
 
@@ -61,18 +63,32 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     a, b = _interrupted_and_uninterrupted(tmp_path, cfg, interrupt, 6)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _rows(tmp_path / "a" / "metrics.csv") == _rows(tmp_path / "b" / "metrics.csv")
-    # a resumed run must have the same settings
-    with pytest.raises(ValueError, match="other settings"):
+    # a resumed run must have the same settings; the error names the flag
+    with pytest.raises(APGError, match=r"other settings: --iterations 12 \(the run has 10\)"):
         train(str(tmp_path / "b"), TrainConfig(iterations=12, seed=3, **TINY), progress=False)
+    # rerunning a finished run says so and returns its last metrics
+    assert train(str(tmp_path / "b"), cfg, progress=False)["iteration"] == 10
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(APGError, match=r"no method 'vae'; valid: \['apg', 'rws-lstm', 'rws-mlp'\]"):
         TrainConfig(method="vae")
-    with pytest.raises(ValueError, match="num_sweeps must be 1"):
+    with pytest.raises(APGError, match=r"unknown model 'hmm'; valid: \['gmm'\]"):
+        TrainConfig(model="hmm")
+    with pytest.raises(APGError, match="num_sweeps must be 1"):
         TrainConfig(method="rws-mlp", num_sweeps=10)
-    with pytest.raises(ValueError, match="iterations"):
+    with pytest.raises(APGError, match=r"iterations .*\(--iterations\)"):
         TrainConfig(iterations=0)
+
+
+def test_method_defaults_are_the_shipped_checkpoints_settings():
+    import json
+
+    for method in ("apg", "rws-mlp", "rws-lstm"):
+        with open(os.path.join(SHIPPED, f"gmm-{method}.config.json")) as f:
+            shipped = json.load(f)
+        cfg = TrainConfig.for_method("gmm", method)
+        assert {k: getattr(cfg, k) for k in shipped} == shipped, method
 
 
 def test_cli_train_and_evaluate_at_tiny_sizes(tmp_path, capsys):
@@ -89,6 +105,9 @@ def test_cli_train_and_evaluate_at_tiny_sizes(tmp_path, capsys):
                  "--datasets", "3", "--particles", "4", "--rws-particles", "6", "--sweeps", "2", "3",
                  "--budget", "12", "--budget-sweeps", "1", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "gmm", "--checkpoint", str(tmp_path / "runs"), "--quiet",
+                 "--datasets", "3", "--particles", "4", "--rws-particles", "6", "--sweeps", "2", "3"]) == 0
+    assert "APG (K=3)" in capsys.readouterr().out
     methods = [(r["method"], r["sweeps"]) for r in out["rows"]]
     assert methods == [("RWS-MLP", 1), ("RWS-LSTM", 1), ("APG", 2), ("APG", 3)]
     assert out["rows"][0]["delta_log_joint"] is None and out["rows"][0]["kl"]["globals"] is None
@@ -96,23 +115,24 @@ def test_cli_train_and_evaluate_at_tiny_sizes(tmp_path, capsys):
     assert set(apg["ess"]) == {"joint", "globals", "assignments"} and set(apg["kl"]) == {"globals", "assignments"}
     assert all(0 < v <= 1 for v in apg["ess"].values()) and all(v >= 0 for v in apg["kl"].values())
     assert (figs / "fig1a.png").stat().st_size > 0 and (figs / "fig2.png").stat().st_size > 0
-    assert "APG (K=3)" in format_table(out)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["evaluate", "gmm", "--checkpoint", str(tmp_path)]) == 2
-    assert "no checkpoint for 'rws-mlp'" in capsys.readouterr().err
+    assert "no checkpoint for 'apg'" in capsys.readouterr().err
     args = ["train", "gmm", "--out", str(tmp_path / "r"), "--iterations", "2", "--batch", "4", "--particles", "3",
             "--sweeps", "2", "--datasets", "40", "--quiet"]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args[:-1] + ["--seed", "5", "--quiet"]) == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "other settings: --seed 5 (the run has 0)" in capsys.readouterr().err
+    assert main(args) == 0  # rerunning a finished run
+    assert "already finished" in capsys.readouterr().err
 
 
 def test_shipped_checkpoints_load_and_evaluate():
     assert os.path.isdir(SHIPPED)  # apg/checkpoints is part of the package
-    out = evaluate(None, EvalConfig(num_datasets=2, apg_particles=4, rws_particles=8, sweeps=(2,)))
+    out = evaluate("gmm", options={"datasets": 2, "particles": 4, "rws_particles": 8, "sweeps": [2]})
     assert [r["method"] for r in out["rows"]] == ["RWS-MLP", "RWS-LSTM", "APG"]
 
 

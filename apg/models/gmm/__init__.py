@@ -1,0 +1,174 @@
+"""The Gaussian mixture model of the APG paper (Wu et al., ICML 2020, section 5.1), registered as ``"gmm"``.
+
+* :mod:`.algebra`: the model's exact conjugate algebra, simulator and Gibbs sampler.
+* :mod:`.model`: the model declared with tmcgraph (Markov blankets from its
+  factor graph), the block kernels, the exact and learned APG samplers, the
+  inclusive KL of eq. 4.
+* :mod:`.networks`: the learned proposals (appendix E) and the RWS-LSTM encoder.
+* :mod:`.evaluation`: Table 1a, Figs. 1a and 2.
+
+Methods: ``apg`` (one-shot encoder plus block kernels of the globals and the
+assignments, K sweeps), ``rws-mlp`` and ``rws-lstm`` (one-shot encoders trained
+by reweighted wake-sleep).  The model has no learned parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ...errors import APGError
+from ...sampler import Result, Sampler
+from ..base import Method, Problem
+from .algebra import (
+    PAPER,
+    GMMConfig,
+    assignment_logits,
+    gibbs,
+    global_posterior,
+    log_evidence_given_c,
+    log_joint,
+    normal_gamma_log_prob,
+    prior_params,
+    sample_categorical,
+    sample_normal_gamma,
+    simulate,
+    sufficient_statistics,
+)
+from .evaluation import EvalConfig, evaluate_gmm, format_table
+from .model import CategoricalKernel, NormalGammaKernel, apg_sampler, exact_sampler, gmm_model, inclusive_kl
+from .networks import GMMProposals, LSTMNormalGamma
+
+__all__ = [
+    "CategoricalKernel",
+    "EvalConfig",
+    "GMMConfig",
+    "GMMProblem",
+    "GMMProposals",
+    "LSTMNormalGamma",
+    "NormalGammaKernel",
+    "apg_sampler",
+    "assignment_logits",
+    "evaluate_gmm",
+    "exact_sampler",
+    "format_table",
+    "gibbs",
+    "global_posterior",
+    "gmm_model",
+    "inclusive_kl",
+    "log_evidence_given_c",
+    "log_joint",
+    "normal_gamma_log_prob",
+    "prior_params",
+    "sample_categorical",
+    "sample_normal_gamma",
+    "simulate",
+    "sufficient_statistics",
+]
+
+#: the settings the shipped checkpoints were trained with (see docs/apg.md)
+_RWS_DEFAULTS = dict(iterations=10000, num_particles=100, num_sweeps=1, lr=2e-3, lr_final=1e-4, threads=1)
+
+
+def _positive(text: str) -> int:
+    from ...cli import positive_int
+
+    return positive_int(text)
+
+
+class GMMProblem(Problem):
+    """The GMM for the generic drivers (see :class:`apg.models.base.Problem`).
+
+    Args:
+        cfg: sizes and Normal-Gamma hyperparameters (default: the paper's).
+    """
+
+    name = "gmm"
+    description = "Gaussian mixture (section 5.1): Table 1a, Figs. 1a and 2"
+    methods = {
+        "apg": Method("apg", "APG: one-shot encoder + learned Gibbs kernels of {mu, tau} and {c}",
+                      train_defaults=dict(iterations=32000, num_particles=10, num_sweeps=10, lr=2e-3,
+                                          lr_final=1e-4, threads=1)),
+        "rws-mlp": Method("rws-mlp", "RWS baseline: neural-sufficient-statistics encoder, one shot", one_shot=True,
+                          train_defaults=_RWS_DEFAULTS),
+        "rws-lstm": Method("rws-lstm", "RWS baseline: LSTM encoder over the points, one shot", one_shot=True,
+                           train_defaults=_RWS_DEFAULTS),
+    }
+    metric_fields = ("ess_globals", "ess_assignments", "kl_globals", "kl_assignments")
+
+    def __init__(self, cfg: GMMConfig = PAPER) -> None:
+        self.cfg = cfg
+
+    def config(self) -> Dict[str, Any]:
+        return asdict(self.cfg)
+
+    def with_config(self, config: Dict[str, Any]) -> "GMMProblem":
+        return GMMProblem(GMMConfig(**config))
+
+    def make_proposals(self, method: str) -> GMMProposals:
+        m = self.method(method)
+        encoder = "lstm" if method == "rws-lstm" else "mlp"
+        return GMMProposals(self.cfg, encoder=encoder, conditional=not m.one_shot)
+
+    def sampler(self, proposals: nn.Module, model: nn.Module) -> Sampler:
+        assert isinstance(proposals, GMMProposals)
+        return apg_sampler(proposals)
+
+    def training_data(self, num_datasets: int, seed: int) -> torch.Tensor:
+        return simulate(num_datasets, self.cfg, seed=seed + 7919)["x"]
+
+    def train_metrics(self, proposals: nn.Module, model: nn.Module, x: torch.Tensor,
+                      result: Result) -> Dict[str, float]:
+        assert isinstance(proposals, GMMProposals)
+        kl = inclusive_kl(proposals, x, result.state, result.log_weights)
+        return {f"kl_{name}": v.mean().item() for name, v in kl.items()}
+
+    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
+        d = EvalConfig()
+        parser.add_argument("--datasets", type=_positive, default=d.num_datasets, metavar="N",
+                            help="held-out test datasets")
+        parser.add_argument("--seed", type=int, default=d.seed, help="seed of the test datasets and of the sampler")
+        parser.add_argument("--particles", type=_positive, default=d.apg_particles, metavar="L",
+                            help="particles L of the APG rows")
+        parser.add_argument("--rws-particles", type=_positive, default=d.rws_particles, metavar="L",
+                            help="particles L of the RWS rows")
+        parser.add_argument("--sweeps", type=_positive, nargs="+", default=list(d.sweeps), metavar="K",
+                            help="sweeps K of the APG rows")
+        parser.add_argument("--budget", type=_positive, default=None, metavar="K*L",
+                            help=f"with --plots: the fixed budget K * L of Fig. 2 (default {d.budget})")
+        parser.add_argument("--budget-sweeps", type=_positive, nargs="+", default=None, metavar="K",
+                            help="with --plots: the values of K in Fig. 2 (default "
+                                 f"{' '.join(map(str, d.budget_sweeps))})")
+
+    def evaluate(self, checkpoints: Dict[str, str], options: Mapping[str, Any], *, plots: Optional[str],
+                 metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
+        from ...train import load_proposals
+
+        d = EvalConfig()
+        if plots is None:
+            given = [flag for flag, key in (("--budget", "budget"), ("--budget-sweeps", "budget_sweeps"))
+                     if options.get(key) is not None]
+            if given:
+                raise APGError(f"{' and '.join(given)} set(s) up Fig. 2, which is drawn only with --plots DIR")
+        nets = {}
+        for method, path in checkpoints.items():
+            loaded = load_proposals(path).proposals
+            assert isinstance(loaded, GMMProposals)
+            nets[method] = loaded
+
+        def get(key: str, default: Any) -> Any:
+            value = options.get(key)
+            return default if value is None else value
+
+        cfg = EvalConfig(num_datasets=get("datasets", d.num_datasets), seed=get("seed", d.seed),
+                         apg_particles=get("particles", d.apg_particles),
+                         rws_particles=get("rws_particles", d.rws_particles), sweeps=tuple(get("sweeps", d.sweeps)),
+                         budget=get("budget", d.budget), budget_sweeps=tuple(get("budget_sweeps", d.budget_sweeps)))
+        return evaluate_gmm(nets, cfg, plots=plots, metrics=metrics, progress=progress)
+
+    def format(self, out: Dict[str, Any]) -> str:
+        return format_table(out)

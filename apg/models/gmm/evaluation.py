@@ -1,0 +1,310 @@
+"""Evaluation of trained GMM proposals: Table 1a, Fig. 1a and Fig. 2 of the APG paper (Wu et al., ICML 2020).
+
+Table 1a columns, per method, on held-out datasets simulated with ``seed``:
+
+* ``delta_log_joint``: mean over datasets of ``E_w[log p(x, z)]`` (the
+  self-normalised average over the final particles) minus the RWS-MLP row's.
+* ESS/L (eq. 11) of the last sweep: ``joint`` for ``{tau, mu, c}`` updated as one
+  block (:func:`apg.sampler.joint_block`, one resampling per sweep; for RWS the
+  one-shot weights), ``globals`` for the ``{tau, mu}`` block and
+  ``assignments`` for ``{c}`` in the blocked sampler.
+* ``kl``: the inclusive KL of eq. 4 between the exact conditionals and the
+  learned kernels at the final particles (:func:`apg.models.gmm.inclusive_kl`).
+
+All randomness comes from generators seeded with ``seed``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...sampler import joint_block, run
+from .algebra import PAPER, gibbs, log_joint, simulate
+from .model import apg_sampler, inclusive_kl
+from .networks import GMMProposals
+
+__all__ = ["EvalConfig", "METHOD_NAMES", "evaluate_gmm", "format_table"]
+
+METHOD_NAMES = {"rws-mlp": "RWS-MLP", "rws-lstm": "RWS-LSTM", "apg": "APG"}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of an evaluation (defaults: 100 test datasets, APG L=100, RWS L=1000)."""
+
+    num_datasets: int = 100
+    seed: int = 12345
+    apg_particles: int = 100
+    rws_particles: int = 1000
+    sweeps: Sequence[int] = (5, 10, 15)
+    budget: int = 1000
+    budget_sweeps: Sequence[int] = (1, 2, 5, 10, 20, 50, 100)
+    budget_runs: int = 10
+    budget_datasets: int = 5
+    chunk: int = 20000  # datasets x particles per batched call (bounds memory)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _rws_row(nets: GMMProposals, x: torch.Tensor, L: int, chunk: int,
+             generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    sampler = apg_sampler(nets)
+    lj, ess = [], []
+    for s in _chunks(x.shape[0], max(1, chunk // L)):
+        res = run(sampler, x[s], L, 1, record_log_joint=True, generator=generator)
+        lj.append(res.sweeps[-1].mean_log_joint())
+        ess.append(res.sweeps[0].ess["init"])
+    return {"log_joint": torch.cat(lj), "joint": torch.cat(ess)}
+
+
+def _apg_row(nets: GMMProposals, x: torch.Tensor, L: int, K: int, chunk: int,
+             generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    sampler = apg_sampler(nets)
+    joint = [joint_block(sampler.blocks, sampler.log_joint)]
+    out: Dict[str, List[torch.Tensor]] = {k: [] for k in ("log_joint", "globals", "assignments", "joint",
+                                                           "kl_globals", "kl_assignments")}
+    for s in _chunks(x.shape[0], max(1, chunk // L)):
+        res = run(sampler, x[s], L, K, record_log_joint=True, generator=generator)
+        last = res.sweeps[-1]
+        out["log_joint"].append(last.mean_log_joint())
+        out["globals"].append(last.ess["globals"])
+        out["assignments"].append(last.ess["assignments"])
+        kl = inclusive_kl(nets, x[s], res.state, res.log_weights)
+        out["kl_globals"].append(kl["globals"])
+        out["kl_assignments"].append(kl["assignments"])
+        out["joint"].append(run(sampler, x[s], L, K, blocks=joint, generator=generator).sweeps[-1].ess["joint"])
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _mean(t: Optional[torch.Tensor]) -> Optional[float]:
+    return None if t is None else float(f"{float(t.mean()):.5g}")
+
+
+def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), plots: Optional[str] = None,
+                 metrics: Optional[Dict[str, Optional[str]]] = None, progress: bool = False) -> Dict[str, Any]:
+    """Table 1a on held-out datasets (and the figures when ``plots`` names a directory).
+
+    Args:
+        nets: method (``"rws-mlp"``, ``"rws-lstm"``, ``"apg"``) -> trained proposals.
+        cfg: the evaluation settings.
+        plots: directory for ``fig1a.png``, ``fig2.png`` (and ``training.png``).
+        metrics: method -> training metrics.csv, for the training curves.
+        progress: a progress bar on stderr (one step per table row, reference and figure).
+
+    Returns:
+        ``{"rows": [{"method", "sweeps", "particles", "log_joint", "delta_log_joint",
+        "ess": {"joint", "globals", "assignments"}, "kl": {"globals", "assignments"}}, ...],
+        "settings": {...}}``; ``None`` where a column does not apply.
+    """
+    from tqdm.auto import tqdm
+
+    x = simulate(cfg.num_datasets, seed=cfg.seed)["x"]
+    g = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(total=2 + len(cfg.sweeps) + 1 + (2 if plots is not None else 0), disable=not progress,
+               desc="evaluate gmm", unit="step")
+    rows = []
+    with torch.no_grad():
+        base = None
+        for m in ("rws-mlp", "rws-lstm"):
+            r = _rws_row(nets[m], x, cfg.rws_particles, cfg.chunk, g)
+            bar.update(1)
+            if base is None:
+                base = r["log_joint"]
+            rows.append({"method": METHOD_NAMES[m], "sweeps": 1, "particles": cfg.rws_particles,
+                         "log_joint": _mean(r["log_joint"]),
+                         "delta_log_joint": None if m == "rws-mlp" else _mean(r["log_joint"] - base),
+                         "ess": {"joint": _mean(r["joint"]), "globals": None, "assignments": None},
+                         "kl": {"globals": None, "assignments": None}})
+        assert base is not None
+        for K in cfg.sweeps:
+            r = _apg_row(nets["apg"], x, cfg.apg_particles, K, cfg.chunk, g)
+            bar.update(1)
+            rows.append({"method": "APG", "sweeps": K, "particles": cfg.apg_particles,
+                         "log_joint": _mean(r["log_joint"]), "delta_log_joint": _mean(r["log_joint"] - base),
+                         "ess": {"joint": _mean(r["joint"]), "globals": _mean(r["globals"]),
+                                 "assignments": _mean(r["assignments"])},
+                         "kl": {"globals": _mean(r["kl_globals"]), "assignments": _mean(r["kl_assignments"])}})
+        # reference points: the exact blocked Gibbs sampler (same L, the largest K) and the simulated truth
+        K = max(cfg.sweeps)
+        gib = torch.cat([gibbs(x[s], cfg.apg_particles, K, generator=g)["log_joint"][-1].mean(-1)
+                         for s in _chunks(x.shape[0], max(1, cfg.chunk // cfg.apg_particles))])
+        truth = simulate(cfg.num_datasets, seed=cfg.seed)
+        true_lj = log_joint(truth["x"], truth["mu"], truth["tau"], truth["c"], PAPER)
+        bar.update(1)
+    out: Dict[str, Any] = {"rows": rows, "reference": {
+        f"gibbs_log_joint_K{K}": _mean(gib), "true_latents_log_joint": _mean(true_lj),
+        "rws_mlp_log_joint": _mean(base)}, "settings": {
+        "test_datasets": cfg.num_datasets, "seed": cfg.seed, "apg_particles": cfg.apg_particles,
+        "rws_particles": cfg.rws_particles}}
+    if plots is not None:
+        os.makedirs(plots, exist_ok=True)
+        fig2, fig2_data = _fig2(nets["apg"], cfg, os.path.join(plots, "fig2.png"))
+        bar.update(1)
+        out["figures"] = {"fig1a": _fig1a(nets, cfg, os.path.join(plots, "fig1a.png")), "fig2": fig2}
+        bar.update(1)
+        out["fig2"] = fig2_data
+        curves = _training_curves(metrics or {}, os.path.join(plots, "training.png"))
+        if curves is not None:
+            out["figures"]["training"] = curves
+    bar.close()
+    return out
+
+
+def format_table(out: Dict[str, Any]) -> str:
+    """Table 1a as text."""
+    def f(v, width=9, digits=3):
+        if v is None:
+            return f"{'-':>{width}}"
+        return f"{v:>{width}.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:>{width}.1e}"
+
+    head = (f"{'method':<14}{'L':>6}{'dlogp':>10}{'ESS/L':>9}{'':>9}{'':>9}{'KL':>9}{'':>9}\n"
+            f"{'':<14}{'':>6}{'':>10}{'{t,m,c}':>9}{'{t,m}':>9}{'{c}':>9}{'{t,m}':>9}{'{c}':>9}")
+    lines = [head]
+    for r in out["rows"]:
+        name = r["method"] if r["method"] != "APG" else f"APG (K={r['sweeps']})"
+        lines.append(f"{name:<14}{r['particles']:>6}{f(r['delta_log_joint'], 10, 1)}{f(r['ess']['joint'])}"
+                     f"{f(r['ess']['globals'])}{f(r['ess']['assignments'])}{f(r['kl']['globals'])}"
+                     f"{f(r['kl']['assignments'])}")
+    s = out.get("settings", {})
+    lines.append(f"({s.get('test_datasets')} held-out datasets, seed {s.get('seed')}; dlogp: mean log joint "
+                 "minus RWS-MLP's; ESS/L and KL of the last sweep)")
+    ref = out.get("reference", {})
+    if ref:
+        lines.append("reference mean log joints: " + ", ".join(f"{k} {v:.2f}" for k, v in ref.items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _draw(ax, x, state, best, title):
+    import numpy as np
+
+    c = state["c"][best].numpy() if state is not None else None
+    xs = x.numpy()
+    colours = np.array(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"])
+    ax.scatter(xs[:, 0], xs[:, 1], s=6, c="grey" if c is None else colours[c % len(colours)])
+    if state is not None:
+        from matplotlib.patches import Ellipse
+
+        mu, tau = state["mu"][best].numpy(), state["tau"][best].numpy()
+        for i in range(mu.shape[0]):
+            sd = 1 / np.sqrt(tau[i])
+            ax.add_patch(Ellipse(mu[i], 4 * sd[0], 4 * sd[1], fill=False, color=colours[i % len(colours)], lw=1.2))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+
+
+def _fig1a(nets, cfg: EvalConfig, path: str) -> str:
+    """Fig. 1a: 5 test datasets of different sizes; data, RWS, then APG after 4, 8, 12 sweeps (best particle)."""
+    plt = _pyplot()
+    sizes = [60, 100, 150, 200, 300]
+    fig, axes = plt.subplots(len(sizes), 5, figsize=(10, 2 * len(sizes)))
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for row, n in enumerate(sizes):
+            x = simulate(1, seed=cfg.seed + 1000 + n, num_points=n)["x"]
+            _draw(axes[row, 0], x[0], None, None, f"data, N={n}")
+            rws = run(apg_sampler(nets["rws-mlp"]), x, cfg.apg_particles, 1, generator=g)
+            _draw(axes[row, 1], x[0], {k: v[0] for k, v in rws.state.items()}, int(rws.log_weights[0].argmax()),
+                  "RWS")
+            res = run(apg_sampler(nets["apg"]), x, cfg.apg_particles, 13, record_states=True, generator=g)
+            assert res.trajectory is not None
+            for col, k in enumerate((4, 8, 12), start=2):
+                st = {kk: v[0] for kk, v in res.trajectory[k].items()}
+                lj = log_joint(x[0], st["mu"], st["tau"], st["c"], nets["apg"].cfg)
+                _draw(axes[row, col], x[0], st, int(lj.argmax()), f"APG, {k} sweeps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fig2(nets, cfg: EvalConfig, path: str) -> Tuple[str, Dict[str, Any]]:
+    """Fig. 2: fixed budget K * L; mean log joint and ESS/L against K (std over runs of random datasets)."""
+    plt = _pyplot()
+    Ks = [k for k in cfg.budget_sweeps if cfg.budget // k >= 1]
+    lj = torch.zeros(len(Ks), cfg.budget_runs)
+    ess = {b: torch.zeros(len(Ks), cfg.budget_runs) for b in ("globals", "assignments")}
+    sampler = apg_sampler(nets)
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for r in range(cfg.budget_runs):
+            x = simulate(cfg.budget_datasets, seed=cfg.seed + 50_000 + r)["x"]
+            for i, K in enumerate(Ks):
+                res = run(sampler, x, cfg.budget // K, K, record_log_joint=True, generator=g)
+                lj[i, r] = res.sweeps[-1].mean_log_joint().mean()
+                for b in ess:
+                    ess[b][i, r] = (res.sweeps[-1].ess[b].mean() if K > 1 else res.sweeps[0].ess["init"].mean())
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, series, label in ((a1, {"log joint": lj}, "log p(x, z)"), (a2, ess, "ESS / L")):
+        for name, t in series.items():
+            m, s = t.mean(1).numpy(), t.std(1).numpy()
+            ax.plot(Ks, m, marker="o", label=name)
+            ax.fill_between(Ks, m - s, m + s, alpha=0.25)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"sweeps K (L = {cfg.budget} / K)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"APG on the GMM, fixed budget K * L = {cfg.budget}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    data: Dict[str, Any] = {"sweeps": Ks, "log_joint_mean": [round(float(v), 2) for v in lj.mean(1)],
+            "log_joint_sd": [round(float(v), 2) for v in lj.std(1)]}
+    for b, t in ess.items():
+        data[f"ess_{b}_mean"] = [round(float(v), 3) for v in t.mean(1)]
+    return path, data
+
+
+def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[str]:
+    """Training curves (ESS/L and inclusive KL per block against iteration) from the runs' metrics CSVs."""
+    import csv
+
+    runs = {m: p for m, p in metrics.items() if p is not None}
+    if not runs:
+        return None
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m, p in runs.items():
+        with open(p) as f:
+            rows = list(csv.DictReader(f))
+        it = [int(r["iteration"]) for r in rows]
+
+        def col(name, rows=rows):
+            return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+
+        if m == "apg":
+            a1.plot(it, col("ess_globals"), label="APG {tau, mu}")
+            a1.plot(it, col("ess_assignments"), label="APG {c}")
+            a2.plot(it, col("kl_globals"), label="APG {tau, mu}")
+            a2.plot(it, col("kl_assignments"), label="APG {c}")
+        else:
+            a1.plot(it, col("ess_init"), label=f"{METHOD_NAMES[m]} one-shot")
+    a1.set_ylabel("ESS / L (training batch)")
+    a2.set_ylabel("inclusive KL (training batch)")
+    a2.set_yscale("log")
+    for ax in (a1, a2):
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
