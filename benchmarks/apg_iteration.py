@@ -31,7 +31,8 @@ import time
 import torch
 from torch.distributions import Categorical, Gamma, Normal
 
-from apg import gmm
+from apg.models import gmm
+from apg.objectives import phi_loss
 from apg.resampling import resample
 from apg.sampler import run
 
@@ -117,7 +118,7 @@ def straightforward(nets, x, L, K, cfg):
 
 
 def ours(sampler, x, L, K):
-    return run(sampler, x, L, K, objective=True).loss_phi
+    return phi_loss(run(sampler, x, L, K, objective=True).sweeps)
 
 
 def _time(fn):

@@ -99,7 +99,7 @@ def test_appendix_a_example_runs(capsys):
     import runpy
     from pathlib import Path
 
-    runpy.run_path(str(Path(__file__).parent.parent / "examples" / "appendix_a.py"), run_name="__main__")
+    runpy.run_path(str(Path(__file__).resolve().parents[2] / "examples" / "appendix_a.py"), run_name="__main__")
     assert "Fig. 6" in capsys.readouterr().out
 
 
@@ -111,7 +111,7 @@ def test_dregs_gradients_example_runs(capsys):
     argv = sys.argv
     sys.argv = ["dregs_gradients.py", "--draws", "200"]
     try:
-        runpy.run_path(str(Path(__file__).parent.parent / "examples" / "dregs_gradients.py"), run_name="__main__")
+        runpy.run_path(str(Path(__file__).resolve().parents[2] / "examples" / "dregs_gradients.py"), run_name="__main__")
     except SystemExit as stop:
         assert stop.code == 0
     finally:
@@ -126,7 +126,7 @@ def test_readme_quick_start_runs():
     import re
     from pathlib import Path
 
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= 2
     namespace: dict = {}

@@ -43,6 +43,7 @@ def test_matches_exp_domain(equation, shapes, optimize):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_many_operands_and_memory_limit():
     ops = [_randn(4, 4, seed=k) for k in range(8)]
     eq = "ab,bc,cd,de,ef,fg,gh,ha->"

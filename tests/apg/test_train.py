@@ -18,6 +18,7 @@ TINY = dict(batch_size=4, num_particles=3, num_sweeps=2, num_datasets=40, log_ev
             threads=0)
 
 
+@pytest.mark.slow
 def test_short_training_lowers_the_inclusive_kl():
     torch.manual_seed(0)
     x = gmm.simulate(10, seed=99)["x"]
