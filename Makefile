@@ -1,10 +1,14 @@
-.PHONY: test bench lint demo
+.PHONY: test lint docs docs-serve bench demo
 test:
 	python -m pytest -q
-bench:
-	python benchmarks/contract.py --threads 1 2 --repeats 9 --json benchmarks/results/contract.json
 lint:
 	ruff check tmcgraph apg tests benchmarks examples
-	mypy tmcgraph
+	mypy tmcgraph apg
+docs:
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict -d site
+docs-serve:
+	NO_MKDOCS_2_WARNING=1 mkdocs serve
+bench:
+	python benchmarks/contract.py --threads 1 2 --repeats 9 --json benchmarks/results/contract.json
 demo:
 	tmcgraph demo

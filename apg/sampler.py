@@ -271,7 +271,9 @@ def sweep(sampler: Sampler, x: Any, particles: Particles, *, generator: Optional
         generator: the source of randomness.
         blocks: these blocks instead of ``sampler.blocks`` (e.g. a :func:`joint_block`).
         scheme: resampling scheme (``apg.resampling.SCHEMES``).
-        objective, learn_model, record_log_joint: as in :func:`init`.
+        objective: as in :func:`init`.
+        learn_model: as in :func:`init`.
+        record_log_joint: as in :func:`init`.
 
     Returns:
         ``(particles, info)``.

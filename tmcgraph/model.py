@@ -160,8 +160,9 @@ class Model:
             plates: plates the latent is replicated over.
             enumerate: sum exactly over the prior's support (discrete latents,
                 appendix D) instead of sampling; no proposal is allowed.
-            parents, proposal_parents: explicit parent names (the functions are
-                then called positionally).
+            parents: explicit parent names of ``prior`` (it is then called
+                positionally).
+            proposal_parents: explicit parent names of ``proposal``.
         """
         self._check_new(name)
         owner = f"latent {name!r}"
@@ -322,7 +323,9 @@ class Model:
         Args:
             K: samples per latent: an int for all, or ``{latent: K}`` for every
                 sampled latent (enumerated latents use their support size).
-            optimize, memory_limit: as in :meth:`tmcgraph.FactorGraph.compile`.
+            optimize: the path optimizer, as in :meth:`tmcgraph.FactorGraph.compile`.
+            memory_limit: the largest intermediate in elements, as in
+                :meth:`tmcgraph.FactorGraph.compile`.
 
         Returns:
             a :class:`tmcgraph.TMC` estimator.

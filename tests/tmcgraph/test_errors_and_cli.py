@@ -111,12 +111,12 @@ def test_dregs_gradients_example_runs(capsys):
     argv = sys.argv
     sys.argv = ["dregs_gradients.py", "--draws", "200"]
     try:
-        runpy.run_path(str(Path(__file__).resolve().parents[2] / "examples" / "dregs_gradients.py"), run_name="__main__")
+        example = Path(__file__).resolve().parents[2] / "examples" / "dregs_gradients.py"
+        runpy.run_path(str(example), run_name="__main__")
     except SystemExit as stop:
         assert stop.code == 0
     finally:
         sys.argv = argv
-        torch.set_default_dtype(torch.float32)
     out = capsys.readouterr().out
     assert "dregs (ours)" in out and "plated" in out
 
