@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -44,33 +45,30 @@ def demo_graph(*, num_data: int, num_theta: int, num_z: int, num_loop: int) -> F
     return g
 
 
-def _demo(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
+def demo(*, seed: int = 0, scale: float = 3.0, num_data: int = 1000, K: int = 64) -> Dict[str, Any]:
+    """The demo's numbers: a small graph against brute force, the same structure at scale, and a declared
+    model's TMC / IWAE / SMC estimates and posterior mean against the closed form."""
+    torch.manual_seed(seed)
     small = demo_graph(num_data=3, num_theta=4, num_z=3, num_loop=3)
-    factors = random_factors(small, seed=args.seed, scale=args.scale)
-    plan = small.compile()
-    print("== a small graph, checked against brute-force enumeration (float64) ==")
-    print(plan.describe())
-    value = plan.log_sum(factors).item()
+    factors = random_factors(small, seed=seed, scale=scale)
+    small_plan = small.compile()
+    value = small_plan.log_sum(factors).item()
     oracle = brute_force_log_sum(small, factors).item()
-    print(f"\ncompiled log_sum    = {value:.12f}")
-    print(f"brute force log_sum = {oracle:.12f}   (|difference| = {abs(value - oracle):.2e})")
-
-    big = demo_graph(num_data=args.num_data, num_theta=args.K, num_z=args.K, num_loop=args.K)
+    big = demo_graph(num_data=num_data, num_theta=K, num_z=K, num_loop=K)
     plan = big.compile()
-    factors32 = random_factors(big, seed=args.seed, scale=args.scale, dtype=torch.float32)
-    print(f"\n== the same structure at N={args.num_data}, K={args.K} (float32; brute force is out of reach) ==")
-    print(plan.describe())
+    factors32 = random_factors(big, seed=seed, scale=scale, dtype=torch.float32)
     start = time.perf_counter()
     value32 = plan.log_sum(factors32).item()
     seconds = time.perf_counter() - start
     reference = plan.log_sum({k: v.double() for k, v in factors32.items()}).item()
-    print(f"\nlog_sum float32 = {value32:.6f} in {seconds * 1e3:.1f} ms; float64 = {reference:.6f}")
-    ok_model = _demo_model(args.seed)
-    return 0 if abs(value - oracle) < 1e-9 * max(1.0, abs(oracle)) and ok_model else 1
+    return {"small": {"plan": small_plan.describe(), "log_sum": value, "brute_force": oracle,
+                      "treewidth": small_plan.treewidth},
+            "large": {"N": num_data, "K": K, "plan": plan.describe(), "log_sum_float32": value32,
+                      "log_sum_float64": reference, "seconds": seconds, "treewidth": plan.treewidth},
+            "model": _demo_model(seed)}
 
 
-def _demo_model(seed: int) -> bool:
+def _demo_model(seed: int) -> Dict[str, Any]:
     """A declared model (global mu, local z_i, x_i): TMC, IWAE and SMC against the closed form."""
     from torch.distributions import MultivariateNormal, Normal
 
@@ -88,19 +86,43 @@ def _demo_model(seed: int) -> bool:
     cov = torch.ones(n, n, dtype=torch.float64) + 1.25 * torch.eye(n, dtype=torch.float64)
     exact = MultivariateNormal(torch.zeros(n, dtype=torch.float64), cov).log_prob(x.double()).item()
     est = m.compile(K=64)
-    print(f"\n== a declared model: mu ~ N(0,1), z_i ~ N(mu,1), x_i ~ N(z_i,0.5^2), N={n} "
-          "(mixture proposal for z) ==")
-    print(f"exact log p(x)            = {exact:.3f}")
     with torch.no_grad():
         tmc = est.log_marginal({"x": x.expand(10, n)})
         iw = iwae(m, {"x": x.expand(10, n)}, 64)
         sm = smc(m, {"x": x.expand(10, n)}, 64)
         post = est.posterior({"x": x})
-    for name, v in (("TMC  K=64 per latent", tmc), ("IWAE K=64 joint", iw), ("SMC  K=64 particles", sm)):
-        print(f"{name:<25} = {v.mean().item():.3f} +- {v.std().item():.3f} (mean +- sd of 10 runs)")
-    post_mean = (x.sum() / (n + 1.25)).item()  # E[mu | x] for this conjugate model
-    print(f"posterior mean of mu: TMC {post.mean('mu').item():.3f}, exact {post_mean:.3f}")
-    return abs(tmc.mean().item() - exact) < 1.0
+    estimates = {name: {"mean": v.mean().item(), "sd": v.std().item()}
+                 for name, v in (("tmc", tmc), ("iwae", iw), ("smc", sm))}
+    return {"N": n, "K": 64, "runs": 10, "exact": exact, "estimates": estimates,
+            "posterior_mean_mu": post.mean("mu").item(), "exact_posterior_mean_mu": (x.sum() / (n + 1.25)).item()}
+
+
+def _demo(args: argparse.Namespace) -> int:
+    out = demo(seed=args.seed, scale=args.scale, num_data=args.num_data, K=args.K)
+    small, large, model = out["small"], out["large"], out["model"]
+    ok = (abs(small["log_sum"] - small["brute_force"]) < 1e-9 * max(1.0, abs(small["brute_force"]))
+          and abs(model["estimates"]["tmc"]["mean"] - model["exact"]) < 1.0)
+    out["ok"] = ok
+    if args.json:
+        print(json.dumps(out))
+        return 0 if ok else 1
+    print("== a small graph, checked against brute-force enumeration (float64) ==")
+    print(small["plan"])
+    print(f"\ncompiled log_sum    = {small['log_sum']:.12f}")
+    print(f"brute force log_sum = {small['brute_force']:.12f}   "
+          f"(|difference| = {abs(small['log_sum'] - small['brute_force']):.2e})")
+    print(f"\n== the same structure at N={large['N']}, K={large['K']} (float32; brute force is out of reach) ==")
+    print(large["plan"])
+    print(f"\nlog_sum float32 = {large['log_sum_float32']:.6f} in {large['seconds'] * 1e3:.1f} ms; "
+          f"float64 = {large['log_sum_float64']:.6f}")
+    print(f"\n== a declared model: mu ~ N(0,1), z_i ~ N(mu,1), x_i ~ N(z_i,0.5^2), N={model['N']} "
+          "(mixture proposal for z) ==")
+    print(f"exact log p(x)            = {model['exact']:.3f}")
+    labels = {"tmc": "TMC  K=64 per latent", "iwae": "IWAE K=64 joint", "smc": "SMC  K=64 particles"}
+    for name, v in model["estimates"].items():
+        print(f"{labels[name]:<25} = {v['mean']:.3f} +- {v['sd']:.3f} (mean +- sd of {model['runs']} runs)")
+    print(f"posterior mean of mu: TMC {model['posterior_mean_mu']:.3f}, exact {model['exact_posterior_mean_mu']:.3f}")
+    return 0 if ok else 1
 
 
 def _threads(n: int) -> None:
@@ -114,7 +136,7 @@ def _treewidth(args: argparse.Namespace) -> int:
     kw = dict(N=args.N, seed=args.seed, K=args.K, iwae_samples=args.iwae_samples, chunk_size=args.chunk_size,
               noise=args.noise)
     if not args.sweep:
-        out = treewidth_experiment(p=args.p, progress=not args.json, **kw)
+        out = treewidth_experiment(p=args.p, progress=True, **kw)
         if args.json:
             print(json.dumps(out))
             return 0
@@ -135,7 +157,7 @@ def _treewidth(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     rows = []
-    for p in tqdm(args.ps, desc="sweep", disable=args.json):
+    for p in tqdm(args.ps or SWEEP_PS, desc="sweep"):
         rows.append(treewidth_experiment(p=p, **kw))
     if args.json:
         print(json.dumps(rows))
@@ -170,17 +192,27 @@ def _maybe_plot(draw, results, args: argparse.Namespace) -> None:
 def _plot_sweep(rows, path: str) -> None:
     plt = _pyplot()
 
-    fig, (ax_err, ax_time) = plt.subplots(1, 2, figsize=(9, 3.5))
+    # every point is a different random graph (one edge probability p): points, not lines
+    fig, (ax_err, ax_time) = plt.subplots(1, 2, figsize=(9, 3.8))
     tw = [r["treewidth"] for r in rows]
-    for key, label in (("tmc", f"TMC K={rows[0]['K']}"), ("iwae", f"IWAE {rows[0]['iwae_samples']} samples")):
+    for key, label, marker in (("tmc", f"TMC K={rows[0]['K']}", "o"),
+                               ("iwae", f"IWAE {rows[0]['iwae_samples']} samples", "s")):
         colour = "tab:blue" if key == "tmc" else "tab:red"
-        pts = [(t, abs(r[key] - r["exact"]), r[key + "_seconds"]) for t, r in zip(tw, rows) if r[key] is not None]
-        ax_err.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], "o-", color=colour, label=label)
-        ax_time.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=colour, label=label)
-    ax_err.set(xlabel="tree-width", ylabel="|log p(x) estimate - exact| (nats)", yscale="log")
-    ax_time.set(xlabel="tree-width", ylabel="seconds", yscale="log")
-    ax_err.legend()
-    fig.tight_layout()
+        pts = [(t, abs(r[key] - r["exact"]), r[key + "_seconds"], r["p"]) for t, r in zip(tw, rows)
+               if r[key] is not None]
+        ax_err.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], marker, color=colour, label=label,
+                    linestyle="none")
+        ax_time.plot([p[0] for p in pts], [p[2] for p in pts], marker, color=colour, label=label, linestyle="none")
+        if key == "tmc":
+            for t, err, _, p in pts:
+                ax_err.annotate(f"p={p:g}", (t, max(err, 1e-3)), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points")
+    ax_err.set(xlabel="tree-width of the random graph", ylabel="|log p(x) estimate - exact| (nats)", yscale="log",
+               title=f"error (N={rows[0]['N']}, one graph per edge probability p)")
+    ax_time.set(xlabel="tree-width of the random graph", ylabel="seconds", yscale="log", title="time")
+    handles, labels = ax_err.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
 
 
@@ -189,7 +221,7 @@ def _gaussian(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     out = gaussian_experiment(N=args.N, K=args.K, Ks=args.Ks, Ns=args.Ns, seed=args.seed, repeats=args.repeats,
-                              progress=not args.json)
+                              progress=True)
     if args.json:
         print(json.dumps(out))
     else:
@@ -220,11 +252,19 @@ def _plot_gaussian(out, path: str) -> None:
             if name != "exact":
                 axes[1, col].plot(xs, [r[name + "_seconds"] for r in rows], "o-", color=colours[name],
                                   label=name.upper())
-        axes[0, col].set(xscale="log", xlabel=x, ylabel="log p(x)" + (" / N" if per_point else ""))
-        axes[1, col].set(xscale="log", yscale="log", xlabel=x, ylabel="seconds")
-    axes[0, 0].legend()
-    axes[1, 0].legend()
-    fig.tight_layout()
+        fixed = f"N = {rows[0]['N']} fixed" if key == "vs_K" else f"K = {rows[0]['K']} fixed"
+        axes[0, col].set(xscale="log", xlabel=x, ylabel="log p(x)" + (" / N" if per_point else ""),
+                         title=f"estimate against {x} ({fixed})")
+        axes[1, col].set(xscale="log", yscale="log", xlabel=x, ylabel="seconds (median)",
+                         title=f"time against {x} ({fixed})")
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax in axes.flat:  # K and N are powers of two: plain numbers on a base-2 axis
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
 
 
@@ -234,7 +274,7 @@ def _dregs(args: argparse.Namespace) -> int:
     _threads(args.threads)
     out = dregs_experiment(N=args.N, noise=args.noise, seed=args.seed, Ks=args.Ks, draws=args.draws, at=args.at,
                            K=args.K, steps=args.steps, batch=args.batch, lr=args.lr, eval_every=args.eval_every,
-                           eval_draws=args.eval_draws, progress=not args.json)
+                           eval_draws=args.eval_draws, progress=True)
     if args.json:
         print(json.dumps(out))
     else:
@@ -294,79 +334,147 @@ def _plot_dregs(out, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _int_list(text: str):
-    return [int(v) for v in text.split(",") if v]
+#: the edge probabilities of ``tmcgraph treewidth --sweep``
+SWEEP_PS = [0.004, 0.006, 0.008, 0.01, 0.012, 0.014, 0.016, 0.02]
 
 
-def _float_list(text: str):
-    return [float(v) for v in text.split(",") if v]
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
+def _list_of(item, what: str):
+    def parse(text: str):
+        try:
+            values = [item(v) for v in text.split(",") if v.strip()]
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}")
+        return values
+
+    return parse
+
+
+_positive_ints = _list_of(_positive_int, "positive integers")
+_probabilities = _list_of(_probability, "probabilities")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, descriptions as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tmcgraph", description="Graph-compiled Tensor Monte Carlo for PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compile a small factor graph, check it against brute force, then scale it up")
-    demo.add_argument("--seed", type=int, default=0, help="random seed for the factor values (default 0)")
-    demo.add_argument("--scale", type=float, default=3.0, help="std of the random log-factors (default 3)")
-    demo.add_argument("--num-data", type=int, default=1000, help="plate size N of the large graph (default 1000)")
-    demo.add_argument("--K", type=int, default=64, help="samples per latent in the large graph (default 64)")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="tmcgraph", description="Graph-compiled Tensor Monte Carlo for PyTorch "
+                                     "(Aitchison, NeurIPS 2019): a demo and the paper's experiments.",
+                                     formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"tmcgraph {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str):
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
+        p.add_argument("--json", action="store_true", help="print the results as JSON only (progress on stderr)")
+        return p
+
+    demo = command("demo", "compile a small factor graph, check it against brute force, then scale it up")
+    demo.add_argument("--seed", type=int, default=0, help="random seed for the factor values")
+    demo.add_argument("--scale", type=_positive_float, default=3.0, help="std of the random log-factors")
+    demo.add_argument("--num-data", type=_positive_int, default=1000, metavar="N",
+                      help="plate size N of the large graph")
+    demo.add_argument("--K", type=_positive_int, default=64, help="samples per latent in the large graph")
     demo.set_defaults(func=_demo)
 
-    tw = sub.add_parser("treewidth", help="appendix H: TMC vs IWAE on a random sparse linear-Gaussian model")
-    tw.add_argument("--N", type=int, default=100, help="number of latents and of observations (default 100)")
-    tw.add_argument("--p", type=float, default=0.01, help="probability that C_ij = 1 (default 0.01)")
+    tw = command("treewidth", "appendix H: TMC vs IWAE on a random sparse linear-Gaussian model")
+    tw.add_argument("--N", type=_positive_int, default=100, help="number of latents and of observations")
+    tw.add_argument("--p", type=_probability, default=0.01, help="probability that C_ij = 1")
     tw.add_argument("--seed", type=int, default=1,
-                    help="seed for C, the data and the samples (default 1: tree-width 3, at most 4 parents; "
+                    help="seed for C, the data and the samples (1: tree-width 3, at most 4 parents; "
                          "seed 0 draws an observation with 6 parents)")
-    tw.add_argument("--K", type=int, default=64, help="TMC samples per latent (default 64)")
-    tw.add_argument("--iwae-samples", type=int, default=2**24, help="IWAE joint samples (default 2^24 = 16.8M)")
-    tw.add_argument("--chunk-size", type=int, default=2**18, help="IWAE samples per chunk (default 2^18)")
-    tw.add_argument("--noise", type=float, default=0.1, help="observation noise std (default 0.1)")
-    tw.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one CPU core as in the paper)")
+    tw.add_argument("--K", type=_positive_int, default=64, help="TMC samples per latent")
+    tw.add_argument("--iwae-samples", type=_positive_int, default=2**24, metavar="S", help="IWAE joint samples")
+    tw.add_argument("--chunk-size", type=_positive_int, default=2**18, metavar="S", help="IWAE samples per chunk")
+    tw.add_argument("--noise", type=_positive_float, default=0.1, help="observation noise std")
+    tw.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1: one CPU core as in the paper)")
     tw.add_argument("--sweep", action="store_true", help="vary p (and so the tree-width)")
-    tw.add_argument("--ps", type=_float_list, default=[0.004, 0.006, 0.008, 0.01, 0.012, 0.014, 0.016, 0.02],
-                    help="comma-separated p values for --sweep (default 0.004,0.006,...,0.016,0.02)")
-    tw.add_argument("--plot", default=None, help="with --sweep: write error/time vs tree-width to this PNG")
-    tw.add_argument("--json", action="store_true", help="print the results as JSON only")
+    tw.add_argument("--ps", type=_probabilities, default=None, metavar="P,P,...",
+                    help="with --sweep: the values of p (default " + ",".join(map(str, SWEEP_PS)) + ")")
+    tw.add_argument("--plot", default=None, metavar="PNG",
+                    help="with --sweep: write error and time against tree-width here (needs matplotlib)")
     tw.set_defaults(func=_treewidth)
 
-    ga = sub.add_parser("gaussian", help="Fig. 7: TMC vs SMC vs IWAE vs Kalman ground truth on a Gaussian chain")
-    ga.add_argument("--N", type=int, default=128, help="chain length for the sweep over K (default 128)")
-    ga.add_argument("--K", type=int, default=128, help="samples for the sweep over N (default 128)")
-    ga.add_argument("--Ks", type=_int_list, default=None, help="comma-separated K values (default 2,4,...,128)")
-    ga.add_argument("--Ns", type=_int_list, default=None, help="comma-separated N values (default 8,16,...,128)")
-    ga.add_argument("--seed", type=int, default=0, help="seed for the data and the samples (default 0)")
-    ga.add_argument("--repeats", type=int, default=3, help="runs per point (default 3)")
-    ga.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ga.add_argument("--plot", default=None, help="write the four panels of Fig. 7 to this PNG")
-    ga.add_argument("--json", action="store_true", help="print the results as JSON only")
+    ga = command("gaussian", "Fig. 7: TMC vs SMC vs IWAE vs Kalman ground truth on a Gaussian chain")
+    ga.add_argument("--N", type=_positive_int, default=128, help="chain length of the sweep over K")
+    ga.add_argument("--K", type=_positive_int, default=128, help="samples of the sweep over N")
+    ga.add_argument("--Ks", type=_positive_ints, default=None, metavar="K,K,...",
+                    help="values of K (default 2,4,...,128)")
+    ga.add_argument("--Ns", type=_positive_ints, default=None, metavar="N,N,...",
+                    help="values of N (default 8,16,...,128)")
+    ga.add_argument("--seed", type=int, default=0, help="seed for the data and the samples")
+    ga.add_argument("--repeats", type=_positive_int, default=3, help="runs per point")
+    ga.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    ga.add_argument("--plot", default=None, metavar="PNG",
+                    help="write the four panels of Fig. 7 here (needs matplotlib)")
     ga.set_defaults(func=_gaussian)
 
-    dr = sub.add_parser("dregs", help="DReGs for TMC: gradient SNR against K, and proposals trained with each gradient")
-    dr.add_argument("--N", type=int, default=8, help="plate size (default 8)")
-    dr.add_argument("--noise", type=float, default=0.5, help="observation noise std (default 0.5)")
-    dr.add_argument("--seed", type=int, default=0, help="seed for the data and the samples (default 0)")
-    dr.add_argument("--Ks", type=_int_list, default=None, help="comma-separated K values (default 1,2,4,...,64)")
-    dr.add_argument("--draws", type=int, default=2000, help="gradients drawn per SNR point (default 2000)")
-    dr.add_argument("--at", type=float, default=0.5,
-                    help="where the SNR is measured: 0 = proposals at the prior, 1 = at the posterior marginals "
-                         "(default 0.5)")
-    dr.add_argument("--K", type=int, default=8, help="samples per latent for training (default 8)")
-    dr.add_argument("--steps", type=int, default=600, help="Adam steps (default 600)")
-    dr.add_argument("--batch", type=int, default=16, help="draws averaged per step (default 16)")
-    dr.add_argument("--lr", type=float, default=0.02, help="Adam learning rate (default 0.02)")
-    dr.add_argument("--eval-every", type=int, default=100, help="evaluate every this many steps (default 100)")
-    dr.add_argument("--eval-draws", type=int, default=2000, help="draws per evaluation (default 2000)")
-    dr.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    dr.add_argument("--plot", default=None, help="write the SNR and training panels to this PNG")
-    dr.add_argument("--json", action="store_true", help="print the results as JSON only")
+    dr = command("dregs", "DReGs for TMC: gradient SNR against K, and proposals trained with each gradient")
+    dr.add_argument("--N", type=_positive_int, default=8, help="plate size")
+    dr.add_argument("--noise", type=_positive_float, default=0.5, help="observation noise std")
+    dr.add_argument("--seed", type=int, default=0, help="seed for the data and the samples")
+    dr.add_argument("--Ks", type=_positive_ints, default=None, metavar="K,K,...",
+                    help="values of K for the SNR (default 1,2,4,...,64)")
+    dr.add_argument("--draws", type=_positive_int, default=2000, help="gradients drawn per SNR point")
+    dr.add_argument("--at", type=_probability, default=0.5,
+                    help="where the SNR is measured: 0 = proposals at the prior, 1 = at the posterior marginals")
+    dr.add_argument("--K", type=_positive_int, default=8, help="samples per latent for training")
+    dr.add_argument("--steps", type=_positive_int, default=600, help="Adam steps")
+    dr.add_argument("--batch", type=_positive_int, default=16, help="draws averaged per step")
+    dr.add_argument("--lr", type=_positive_float, default=0.02, help="Adam learning rate")
+    dr.add_argument("--eval-every", type=_positive_int, default=100, help="evaluate every this many steps")
+    dr.add_argument("--eval-draws", type=_positive_int, default=2000, help="draws per evaluation")
+    dr.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    dr.add_argument("--plot", default=None, metavar="PNG", help="write the SNR and training panels here "
+                    "(needs matplotlib)")
     dr.set_defaults(func=_dregs)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tmcgraph`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "treewidth" and args.plot and not args.sweep:
+        parser.error("--plot draws the tree-width sweep: add --sweep (or drop --plot)")
+    if args.command == "treewidth" and not args.sweep and args.ps is not None:
+        parser.error("--ps gives the values of p for --sweep: add --sweep (or use --p for one value)")
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib: pip install 'tmcgraph[plots]'")
     return int(args.func(args))
 
 

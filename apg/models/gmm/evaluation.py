@@ -257,12 +257,12 @@ def _fig2(nets, cfg: EvalConfig, path: str) -> Tuple[str, Dict[str, Any]]:
     for ax, series, label in ((a1, {"log joint": lj}, "log p(x, z)"), (a2, ess, "ESS / L")):
         for name, t in series.items():
             m, s = t.mean(1).numpy(), t.std(1).numpy()
-            ax.plot(Ks, m, marker="o", label=name)
-            ax.fill_between(Ks, m - s, m + s, alpha=0.25)
+            ax.plot(Ks, m, marker="o", label=f"{name} (mean)")
+            ax.fill_between(Ks, m - s, m + s, alpha=0.25, label=f"{name}: +-1 sd over {cfg.budget_runs} runs")
         ax.set_xscale("log")
         ax.set_xlabel(f"sweeps K (L = {cfg.budget} / K)")
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"APG on the GMM, fixed budget K * L = {cfg.budget}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
