@@ -54,8 +54,17 @@ def positive_float(text: str) -> float:
     return value
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, descriptions as written."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; each option's default in its help, unless it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or default is None or default is False or default == argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown})"
 
 
 def _defaults_text(problem: models.Problem, key: str) -> str:
@@ -64,6 +73,8 @@ def _defaults_text(problem: models.Problem, key: str) -> str:
         value = method.train_defaults.get(key)
         if value is not None:
             by_method.setdefault(str(value), []).append(name)
+    if len(by_method) == 1:  # the same for every method
+        return next(iter(by_method))
     return "; ".join(f"{', '.join(names)}: {value}" for value, names in by_method.items())
 
 

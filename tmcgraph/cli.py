@@ -385,8 +385,17 @@ _positive_ints = _list_of(_positive_int, "positive integers")
 _probabilities = _list_of(_probability, "probabilities")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, descriptions as written."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; each option's default in its help, unless it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or default is None or default is False or default == argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown})"
 
 
 def build_parser() -> argparse.ArgumentParser:

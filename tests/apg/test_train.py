@@ -152,3 +152,30 @@ def test_sigint_stops_at_an_iteration_boundary_and_resumes_exactly(tmp_path):
     a, b = _interrupted_and_uninterrupted(tmp_path, cfg, ctrl_c, 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "gmm", "--particles", "0"], "argument --particles: expected a positive integer, got '0'"),
+    (["train", "gmm", "--out", "x", "--lr", "-1"], "argument --lr: expected a positive number"),
+    (["train", "hmm", "--out", "x"], "invalid choice: 'hmm'"),
+    (["train", "gmm", "--out", "x", "--method", "vae"], "invalid choice: 'vae'"),
+])
+def test_bad_values_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: apg" in err and message in err
+
+
+def test_flags_that_need_plots_and_version(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one help line per option
+    assert main(["evaluate", "gmm", "--budget", "10", "--datasets", "1", "--quiet"]) == 2
+    assert "--budget set(s) up Fig. 2, which is drawn only with --plots" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("apg ")
+    with pytest.raises(SystemExit):
+        main(["train", "gmm", "--help"])
+    help_text = capsys.readouterr().out
+    assert "apg: 32000; rws-mlp, rws-lstm: 10000" in help_text  # each method's defaults are shown

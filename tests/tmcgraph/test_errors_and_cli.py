@@ -1,5 +1,6 @@
 """Every declaration/compile/evaluation error names what is wrong; the CLI runs."""
 
+import json
 import math
 
 import pytest
@@ -133,3 +134,29 @@ def test_readme_quick_start_runs():
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     assert torch.isfinite(namespace["log_p"]) and torch.isfinite(namespace["surrogate"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["treewidth", "--K", "0"], "argument --K: expected a positive integer, got '0'"),
+    (["gaussian", "--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+    (["gaussian", "--Ks", "2,x"], "expected a comma-separated list of positive integers"),
+    (["treewidth", "--plot", "out.png"], "--plot draws the tree-width sweep: add --sweep"),
+    (["treewidth", "--ps", "0.1"], "--ps gives the values of p for --sweep"),
+    (["dregs", "--at", "2"], "expected a probability in [0, 1]"),
+])
+def test_bad_values_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: tmcgraph" in err and message in err and "Traceback" not in err
+
+
+def test_version_and_demo_json(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("tmcgraph ")
+    assert main(["demo", "--json", "--num-data", "20", "--K", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and abs(out["small"]["log_sum"] - out["small"]["brute_force"]) < 1e-9
+    assert set(out["model"]["estimates"]) == {"tmc", "iwae", "smc"}
