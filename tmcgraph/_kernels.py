@@ -22,6 +22,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+__all__ = ["align", "log_contract", "log_contract_pair", "log_product", "log_reduce"]
+
 # Entries of the fast-path sum C = sum_j exp(a_ij - a_i) exp(b_jk - b_k) below
 # this fraction of the dtype's range are recomputed.  C >= max term, and terms
 # are lost only below the denormal threshold (2**-126 in float32), so C above

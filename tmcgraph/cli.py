@@ -20,8 +20,11 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from . import plots
 from .graph import FactorGraph
 from .testing import brute_force_log_sum, random_factors
+
+__all__ = ["build_parser", "demo", "demo_graph", "main"]
 
 
 def demo_graph(*, num_data: int, num_theta: int, num_z: int, num_loop: int) -> FactorGraph:
@@ -168,18 +171,8 @@ def _treewidth(args: argparse.Namespace) -> int:
             tmc_s = "" if r["tmc"] is None else f"{r['tmc_seconds']:.2f}"
             print(f"{r['p']:>6} {r['treewidth']:>3} {r['exact']:>9.2f} {tmc:>9} {tmc_s:>7} {r['iwae']:>11.2f} "
                   f"{r['iwae_seconds']:>7.2f}")
-    _maybe_plot(_plot_sweep, rows, args)
+    _maybe_plot(plots.plot_sweep, rows, args)
     return 0
-
-
-def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (``pip install -e ".[plots]"``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _maybe_plot(draw, results, args: argparse.Namespace) -> None:
@@ -187,33 +180,6 @@ def _maybe_plot(draw, results, args: argparse.Namespace) -> None:
         draw(results, args.plot)
         if not args.json:
             print(f"plot written to {args.plot}")
-
-
-def _plot_sweep(rows, path: str) -> None:
-    plt = _pyplot()
-
-    # every point is a different random graph (one edge probability p): points, not lines
-    fig, (ax_err, ax_time) = plt.subplots(1, 2, figsize=(9, 3.8))
-    tw = [r["treewidth"] for r in rows]
-    for key, label, marker in (("tmc", f"TMC K={rows[0]['K']}", "o"),
-                               ("iwae", f"IWAE {rows[0]['iwae_samples']} samples", "s")):
-        colour = "tab:blue" if key == "tmc" else "tab:red"
-        pts = [(t, abs(r[key] - r["exact"]), r[key + "_seconds"], r["p"]) for t, r in zip(tw, rows)
-               if r[key] is not None]
-        ax_err.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], marker, color=colour, label=label,
-                    linestyle="none")
-        ax_time.plot([p[0] for p in pts], [p[2] for p in pts], marker, color=colour, label=label, linestyle="none")
-        if key == "tmc":
-            for t, err, _, p in pts:
-                ax_err.annotate(f"p={p:g}", (t, max(err, 1e-3)), fontsize=6, xytext=(3, 3),
-                                textcoords="offset points")
-    ax_err.set(xlabel="tree-width of the random graph", ylabel="|log p(x) estimate - exact| (nats)", yscale="log",
-               title=f"error (N={rows[0]['N']}, one graph per edge probability p)")
-    ax_time.set(xlabel="tree-width of the random graph", ylabel="seconds", yscale="log", title="time")
-    handles, labels = ax_err.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
 
 
 def _gaussian(args: argparse.Namespace) -> int:
@@ -233,39 +199,8 @@ def _gaussian(args: argparse.Namespace) -> int:
                 print(f"{r['N']:>5} {r['K']:>5} {r['exact']:>10.2f} {r['tmc']:>10.2f} {r['smc']:>10.2f} "
                       f"{r['iwae']:>10.2f} {r['tmc_seconds']:>8.4f} {r['smc_seconds']:>8.4f} "
                       f"{r['iwae_seconds']:>8.4f}")
-    _maybe_plot(_plot_gaussian, out, args)
+    _maybe_plot(plots.plot_gaussian, out, args)
     return 0
-
-
-def _plot_gaussian(out, path: str) -> None:
-    plt = _pyplot()
-
-    fig, axes = plt.subplots(2, 2, figsize=(9, 7))
-    for col, (key, x, per_point) in enumerate((("vs_K", "K", False), ("vs_N", "N", True))):
-        rows = out[key]
-        xs = [r[x] for r in rows]
-        colours = {"exact": "black", "tmc": "tab:blue", "smc": "tab:green", "iwae": "tab:red"}
-        for name in ("exact", "tmc", "smc", "iwae"):
-            ys = [r[name] / (r["N"] if per_point else 1) for r in rows]
-            axes[0, col].plot(xs, ys, "o-" if name != "exact" else "--", color=colours[name],
-                              label="ground truth (Kalman)" if name == "exact" else name.upper())
-            if name != "exact":
-                axes[1, col].plot(xs, [r[name + "_seconds"] for r in rows], "o-", color=colours[name],
-                                  label=name.upper())
-        fixed = f"N = {rows[0]['N']} fixed" if key == "vs_K" else f"K = {rows[0]['K']} fixed"
-        axes[0, col].set(xscale="log", xlabel=x, ylabel="log p(x)" + (" / N" if per_point else ""),
-                         title=f"estimate against {x} ({fixed})")
-        axes[1, col].set(xscale="log", yscale="log", xlabel=x, ylabel="seconds (median)",
-                         title=f"time against {x} ({fixed})")
-    from matplotlib.ticker import ScalarFormatter
-
-    for ax in axes.flat:  # K and N are powers of two: plain numbers on a base-2 axis
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=120)
 
 
 def _dregs(args: argparse.Namespace) -> int:
@@ -294,44 +229,8 @@ def _dregs(args: argparse.Namespace) -> int:
         print(f"{'gradient':<16}" + "".join(f"{'step ' + str(s):>16}" for s in steps))
         for name, curve in out["training"].items():
             print(f"{name:<16}" + "".join(f"{c['log_marginal']:>9.3f} +-{c['log_marginal_se']:.3f}" for c in curve))
-    _maybe_plot(_plot_dregs, out, args)
+    _maybe_plot(plots.plot_dregs, out, args)
     return 0
-
-
-_GRADIENT_STYLE = {"reparameterised": ("tab:red", "reparameterised"), "dregs": ("tab:blue", "DReGs (ours)"),
-                   "dregs-paper": ("tab:gray", "DReGs, paper's eq. 60 (biased)")}
-
-
-def _plot_dregs(out, path: str) -> None:
-    plt = _pyplot()
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, latent in zip(axes[:2], ("mu", "z")):
-        for name, (colour, label) in _GRADIENT_STYLE.items():
-            rows = [r for r in out["snr"] if r["gradient"] == name]
-            ks = [r["K"] for r in rows]
-            ax.plot(ks, [r["snr"][f"{latent}_loc"] for r in rows], "o-", color=colour, label=f"{label}: mean")
-            ax.plot(ks, [r["snr"][f"{latent}_log_scale"] for r in rows], "s--", color=colour, label=f"{label}: log sd",
-                    alpha=0.7)
-        ax.set(xscale="log", yscale="log", xlabel="K (samples per latent)", ylabel="gradient SNR |E g| / sd(g)",
-               title=f"q({latent}) parameters (mean over the group)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    ax = axes[2]
-    for name, curve in out["training"].items():
-        colour, label = _GRADIENT_STYLE[name]
-        steps = [c["step"] for c in curve]
-        ys = [c["log_marginal"] for c in curve]
-        se = [2 * c["log_marginal_se"] for c in curve]
-        ax.plot(steps, ys, "o-", color=colour, label=label)
-        ax.fill_between(steps, [y - e for y, e in zip(ys, se)], [y + e for y, e in zip(ys, se)], color=colour,
-                        alpha=0.2)
-    ax.axhline(out["exact"], color="black", ls=":", label="exact log p(x)")
-    ax.set(xlabel="training step", ylabel=f"E[log P_TMC], K={out['settings']['K']} (band: 2 s.e.)",
-           title="proposals trained with each gradient")
-    ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(path, dpi=120)
 
 
 #: the edge probabilities of ``tmcgraph treewidth --sweep``

@@ -1,5 +1,7 @@
 """The one error type of tmcgraph."""
 
+__all__ = ["TMCError"]
+
 
 class TMCError(ValueError):
     """Bad input to tmcgraph: the message names the factor, index, plate, operand

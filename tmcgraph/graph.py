@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Tuple
 
 from .errors import TMCError
 
+__all__ = ["FactorGraph", "FactorSpec", "IndexSpec", "check_plate_list"]
+
 if TYPE_CHECKING:
     from .plan import Plan
 

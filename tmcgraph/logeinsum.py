@@ -15,6 +15,8 @@ from .errors import TMCError
 from .plan import Plan, check_operands, check_result
 from .stages import InputSpec
 
+__all__ = ["ParsedEquation", "log_einsum", "log_einsum_plan", "parse_equation"]
+
 _ELLIPSIS_BASE = 1000  # opt_einsum symbols from here on are never letters
 
 

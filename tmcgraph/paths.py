@@ -37,6 +37,9 @@ from opt_einsum import paths as oe_paths
 
 from .errors import TMCError
 
+__all__ = ["Candidate", "OPTIMIZERS", "PathCost", "cotengra_available", "elimination_order", "path_cost",
+           "path_from_order", "search", "step_outputs", "tree_path"]
+
 Path = List[Tuple[int, ...]]
 PathFn = Callable[[List[FrozenSet[str]], FrozenSet[str], Dict[str, int]], Path]
 

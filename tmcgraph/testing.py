@@ -17,6 +17,8 @@ import torch
 
 from .graph import FactorGraph
 
+__all__ = ["STRUCTURES", "brute_force_log_sum", "random_factor_graph", "random_factors"]
+
 STRUCTURES = ("random", "chain", "tree", "loop", "grid")
 
 

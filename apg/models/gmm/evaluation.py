@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from tmcgraph.plots import pyplot
+
 from ...sampler import joint_block, run
 from .algebra import PAPER, gibbs, log_joint, simulate
 from .model import apg_sampler, inclusive_kl
@@ -184,15 +186,6 @@ def format_table(out: Dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------
 # figures
 # ---------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _draw(ax, x, state, best, title):
     import numpy as np
 
@@ -214,7 +207,7 @@ def _draw(ax, x, state, best, title):
 
 def _fig1a(nets, cfg: EvalConfig, path: str) -> str:
     """Fig. 1a: 5 test datasets of different sizes; data, RWS, then APG after 4, 8, 12 sweeps (best particle)."""
-    plt = _pyplot()
+    plt = pyplot()
     sizes = [60, 100, 150, 200, 300]
     fig, axes = plt.subplots(len(sizes), 5, figsize=(10, 2 * len(sizes)))
     g = torch.Generator().manual_seed(cfg.seed)
@@ -239,7 +232,7 @@ def _fig1a(nets, cfg: EvalConfig, path: str) -> str:
 
 def _fig2(nets, cfg: EvalConfig, path: str) -> Tuple[str, Dict[str, Any]]:
     """Fig. 2: fixed budget K * L; mean log joint and ESS/L against K (std over runs of random datasets)."""
-    plt = _pyplot()
+    plt = pyplot()
     Ks = [k for k in cfg.budget_sweeps if cfg.budget // k >= 1]
     lj = torch.zeros(len(Ks), cfg.budget_runs)
     ess = {b: torch.zeros(len(Ks), cfg.budget_runs) for b in ("globals", "assignments")}
@@ -281,7 +274,7 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
     runs = {m: p for m, p in metrics.items() if p is not None}
     if not runs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for m, p in runs.items():
         with open(p) as f:
