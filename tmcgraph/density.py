@@ -22,6 +22,7 @@ import torch
 from .errors import TMCError
 from .layout import Layout, build_graph, data_batch_shape
 from .model import Model
+from .trace import site_density
 
 __all__ = ["JointDensity"]
 
@@ -152,11 +153,7 @@ class JointDensity:
             if not_in:
                 raise TMCError(f"log_prob: {owner} is not in plate(s) {not_in}, so its term cannot be kept per "
                                "element of them")
-            role = "prior" if site.kind == "latent" else "likelihood"
-            # a density varies along the particles only through its parents' values
-            along = [_PARTICLES] if site.parents else []
-            d = layout.density(f"{owner} {role}", site.fn, [vals[p] for p in site.parents],
-                               [events[p] for p in site.parents], along, site.plates, sample_index=_PARTICLES)
+            d = site_density(layout, self.model, name, vals, events, sample_index=_PARTICLES)
             value = vals[name]
             lp = d.log_prob(value)
             full = layout.template([_PARTICLES], site.plates)

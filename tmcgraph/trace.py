@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch.distributions import Distribution
@@ -21,7 +21,7 @@ from .errors import TMCError
 from .layout import Layout, call_site_fn, check_proposal, factor_indices
 from .model import Model
 
-__all__ = ["Trace", "trace"]
+__all__ = ["Trace", "site_density", "trace"]
 
 
 def _select(value: torch.Tensor, event_dim: int, src: int, dst: int, choice: torch.Tensor) -> torch.Tensor:
@@ -74,6 +74,33 @@ class Trace:
     samples: Optional[Dict[str, torch.Tensor]] = None
 
 
+def site_density(layout: Layout, model: Model, name: str, values: Mapping[str, torch.Tensor],
+                 event_dims: Mapping[str, int], *, sample_index: Optional[str] = None) -> Distribution:
+    """The prior (latent) or likelihood (observation) of site ``name`` given its parents' values.
+
+    Calls the site's function with its parents' values (in the layout) and checks
+    the distribution: it may vary along its parents' indices and its plates only
+    (:meth:`Layout.density`); errors name the site and the function.
+
+    Args:
+        layout: the evaluation's layout.
+        model: the model.
+        name: a site.
+        values: at least the site's parents -> values in the layout.
+        event_dims: the same keys -> number of event dims.
+        sample_index: expand the result along this index as well (e.g. the
+            particle index of :class:`~tmcgraph.JointDensity`).
+
+    Returns:
+        the distribution, expanded to the layout.
+    """
+    site = model.sites[name]
+    owner = f"latent {name!r} prior" if site.kind == "latent" else f"observation {name!r} likelihood"
+    parent_idx = list(dict.fromkeys(layout.index_of[p] for p in site.parents))
+    return layout.density(owner, site.fn, [values[p] for p in site.parents], [event_dims[p] for p in site.parents],
+                          parent_idx, site.plates, sample_index=sample_index)
+
+
 def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bool = False,
           detach_samples: bool = False) -> Trace:
     """Sample every latent in topological order and compute every log-factor.
@@ -102,17 +129,12 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         arg_events[name] = model.sites[name].event_dim
     event_dims: Dict[str, int] = {}
 
-    def density(role: str, fn: Callable, parents: Sequence[str], arg_values: List[torch.Tensor],
-                indices: Sequence[str], **kw) -> Distribution:
-        return layout.density(f"{owner} {role}", fn, arg_values, [arg_events[p] for p in parents], indices,
-                              site.plates, **kw)
 
     for name in model.order():
         site = model.sites[name]
-        parent_idx = list(dict.fromkeys(layout.index_of[p] for p in site.parents))
         if site.kind == "observed":
             owner = f"observation {name!r}"
-            d = density("likelihood", site.fn, site.parents, [values[p] for p in site.parents], parent_idx)
+            d = site_density(layout, model, name, values, arg_events)
             idx = factor_indices(model, layout.index_of, name)
             if len(d.event_shape) != site.event_dim:
                 raise TMCError(
@@ -129,7 +151,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         pos = layout.index_pos[own]
         idx = factor_indices(model, layout.index_of, name)
         if site.enumerate:
-            d = density("prior", site.fn, site.parents, [values[p] for p in site.parents], parent_idx)
+            d = site_density(layout, model, name, values, arg_events)
             if not getattr(d, "has_enumerate_support", False):
                 raise TMCError(
                     f"{owner}: enumerate=True needs a prior with enumerable support (Bernoulli, Categorical, ...), "
@@ -169,8 +191,8 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             mix.append(layout.index_pos[pidx])
         # a proposal varies along the latent's own index only through its latent parents' selected samples
         latent_parents = any(model.sites[p].kind == "latent" for p in site.proposal_parents)
-        q = density("proposal", proposal, site.proposal_parents, args, [own] if latent_parents else [],
-                    sample_index=own)
+        q = layout.density(f"{owner} proposal", proposal, args, [arg_events[p] for p in site.proposal_parents],
+                           [own] if latent_parents else [], site.plates, sample_index=own)
         if q.has_rsample:
             z = q.rsample()
         else:
@@ -192,7 +214,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             lq = _logmeanexp_dims(q_all.log_prob(z), layout.ndim, mix)
         else:
             lq = q.log_prob(z)
-        prior = density("prior", site.fn, site.parents, [values[p] for p in site.parents], parent_idx)
+        prior = site_density(layout, model, name, values, arg_events)
         check_proposal(name, prior, q)
         lp = prior.log_prob(z)
         factors[name] = layout.to_factor(lp - lq, owner, idx, site.plates)
