@@ -15,6 +15,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .errors import TMCError
 from .graph import FactorGraph
 
 __all__ = ["STRUCTURES", "brute_force_log_sum", "random_factor_graph", "random_factors"]
@@ -40,7 +41,7 @@ def brute_force_log_sum(graph: FactorGraph, factors: Mapping[str, torch.Tensor])
             sizes.append(index.size)
     n = len(sizes)
     if math.prod(sizes) > 50_000_000:
-        raise ValueError(f"brute force would enumerate {math.prod(sizes):.3g} assignments; use a smaller graph")
+        raise TMCError(f"brute force would enumerate {math.prod(sizes):.3g} assignments; use a smaller graph")
     batch = torch.broadcast_shapes(
         *(factors[f].shape[: factors[f].dim() - len(s.plates) - len(s.indices)] for f, s in graph.factors.items())
     )
@@ -131,11 +132,11 @@ def random_factor_graph(
         max_size: index sizes are drawn from ``1..max_size``.
     """
     if structure not in STRUCTURES:
-        raise ValueError(f"unknown structure={structure!r}; expected one of {STRUCTURES}")
+        raise TMCError(f"unknown structure={structure!r}; expected one of {STRUCTURES}")
     rng = random.Random(seed)
     if plates:
         if structure != "random":
-            raise ValueError("plates=True is only supported with structure='random'")
+            raise TMCError("plates=True is only supported with structure='random'")
         return _plated_graph(rng, max_size)
     n = num_indices if num_indices is not None else (9 if structure == "grid" else rng.randint(3, 6))
     g = FactorGraph()
