@@ -8,10 +8,12 @@ import json
 import sys
 from typing import Dict, List, Optional
 
+from tmcgraph.cli import HelpFormatter, non_negative_int, positive_float, positive_int
+
 from . import models
 from .errors import APGError
 
-__all__ = ["main", "positive_int", "non_negative_int", "positive_float"]
+__all__ = ["build_parser", "main"]
 
 EXAMPLES = """examples:
   apg evaluate gmm                                      Table 1a from the shipped checkpoints
@@ -19,52 +21,6 @@ EXAMPLES = """examples:
   apg train gmm --method apg --out runs/gmm/apg         retrain the shipped APG checkpoint
   apg train gmm --method rws-mlp --out runs/gmm/rws-mlp
 Rerun an interrupted training command (Ctrl-C) to resume it."""
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an int >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions as written; each option's default in its help, unless it has none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if "(default" in text or default is None or default is False or default == argparse.SUPPRESS \
-                or not action.option_strings:
-            return text
-        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
-        return f"{text} (default: {shown})"
 
 
 def _defaults_text(problem: models.Problem, key: str) -> str:
@@ -83,7 +39,7 @@ def _add_train(sub: argparse._SubParsersAction, problem: models.Problem) -> None
 
     base = TrainConfig()
     p = sub.add_parser(problem.name, help=problem.description, description=f"Train {problem.description}. "
-                       "Settings default to those of the method's shipped checkpoint.", formatter_class=_Formatter)
+                       "Settings default to those of the method's shipped checkpoint.", formatter_class=HelpFormatter)
     methods = list(problem.methods)
     p.add_argument("--method", choices=methods, default=methods[0],
                    help="; ".join(f"{m.name}: {m.description}" for m in problem.methods.values()))
@@ -142,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_evaluate(sub: argparse._SubParsersAction, problem: models.Problem) -> None:
     p = sub.add_parser(problem.name, help=problem.description, description=f"Evaluate {problem.description}.",
-                       formatter_class=_Formatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help=f"directory with run directories ({', '.join(problem.methods)}) or "
                         f"{problem.name}-METHOD.pt files (default: the checkpoints shipped in the package)")
@@ -174,14 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(prog="apg", description="Amortized population Gibbs samplers (Wu et al., ICML 2020) "
-                                "built on tmcgraph.", epilog=EXAMPLES, formatter_class=_Formatter)
+                                "built on tmcgraph.", epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"apg {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train a model's proposals (rerun the same command to resume)",
-                       description="Train a model's proposals. Choose the model:", formatter_class=_Formatter)
+                       description="Train a model's proposals. Choose the model:", formatter_class=HelpFormatter)
     ts = t.add_subparsers(dest="model_name", required=True, metavar="MODEL")
     e = sub.add_parser("evaluate", help="evaluate trained proposals (the paper's tables and figures)",
-                       description="Evaluate trained proposals. Choose the model:", formatter_class=_Formatter)
+                       description="Evaluate trained proposals. Choose the model:", formatter_class=HelpFormatter)
     es = e.add_subparsers(dest="model_name", required=True, metavar="MODEL")
     for name in models.names():
         problem = models.get(name)

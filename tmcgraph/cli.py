@@ -16,7 +16,7 @@ import argparse
 import importlib.util
 import json
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -24,7 +24,8 @@ from . import plots
 from .graph import FactorGraph
 from .testing import brute_force_log_sum, random_factors
 
-__all__ = ["build_parser", "demo", "demo_graph", "main"]
+__all__ = ["HelpFormatter", "build_parser", "demo", "demo_graph", "list_of", "main", "non_negative_int",
+           "positive_float", "positive_int", "probability"]
 
 
 def demo_graph(*, num_data: int, num_theta: int, num_z: int, num_loop: int) -> FactorGraph:
@@ -237,38 +238,33 @@ def _dregs(args: argparse.Namespace) -> int:
 SWEEP_PS = [0.004, 0.006, 0.008, 0.01, 0.012, 0.014, 0.016, 0.02]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert(text)`` accepted when ``ok``; else a usage error saying ``what`` was expected."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+#: argparse types shared by the ``tmcgraph`` and ``apg`` command lines (errors say what was expected)
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+probability = _number(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
-    return value
+def list_of(item: Callable[[str], Any], what: str) -> Callable[[str], List[Any]]:
+    """An argparse type: a comma-separated list of ``item`` values."""
 
-
-def _list_of(item, what: str):
-    def parse(text: str):
+    def parse(text: str) -> List[Any]:
         try:
             values = [item(v) for v in text.split(",") if v.strip()]
         except argparse.ArgumentTypeError:
@@ -280,11 +276,11 @@ def _list_of(item, what: str):
     return parse
 
 
-_positive_ints = _list_of(_positive_int, "positive integers")
-_probabilities = _list_of(_probability, "probabilities")
+_positive_ints = list_of(positive_int, "positive integers")
+_probabilities = list_of(probability, "probabilities")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions as written; each option's default in its help, unless it has none."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -302,34 +298,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="tmcgraph", description="Graph-compiled Tensor Monte Carlo for PyTorch "
                                      "(Aitchison, NeurIPS 2019): a demo and the paper's experiments.",
-                                     formatter_class=_Formatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"tmcgraph {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str):
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.add_argument("--json", action="store_true", help="print the results as JSON only (progress on stderr)")
         return p
 
     demo = command("demo", "compile a small factor graph, check it against brute force, then scale it up")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the factor values")
-    demo.add_argument("--scale", type=_positive_float, default=3.0, help="std of the random log-factors")
-    demo.add_argument("--num-data", type=_positive_int, default=1000, metavar="N",
+    demo.add_argument("--scale", type=positive_float, default=3.0, help="std of the random log-factors")
+    demo.add_argument("--num-data", type=positive_int, default=1000, metavar="N",
                       help="plate size N of the large graph")
-    demo.add_argument("--K", type=_positive_int, default=64, help="samples per latent in the large graph")
+    demo.add_argument("--K", type=positive_int, default=64, help="samples per latent in the large graph")
     demo.set_defaults(func=_demo)
 
     tw = command("treewidth", "appendix H: TMC vs IWAE on a random sparse linear-Gaussian model")
-    tw.add_argument("--N", type=_positive_int, default=100, help="number of latents and of observations")
-    tw.add_argument("--p", type=_probability, default=0.01, help="probability that C_ij = 1")
+    tw.add_argument("--N", type=positive_int, default=100, help="number of latents and of observations")
+    tw.add_argument("--p", type=probability, default=0.01, help="probability that C_ij = 1")
     tw.add_argument("--seed", type=int, default=1,
                     help="seed for C, the data and the samples (1: tree-width 3, at most 4 parents; "
                          "seed 0 draws an observation with 6 parents)")
-    tw.add_argument("--K", type=_positive_int, default=64, help="TMC samples per latent")
-    tw.add_argument("--iwae-samples", type=_positive_int, default=2**24, metavar="S", help="IWAE joint samples")
-    tw.add_argument("--chunk-size", type=_positive_int, default=2**18, metavar="S", help="IWAE samples per chunk")
-    tw.add_argument("--noise", type=_positive_float, default=0.1, help="observation noise std")
-    tw.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1: one CPU core as in the paper)")
+    tw.add_argument("--K", type=positive_int, default=64, help="TMC samples per latent")
+    tw.add_argument("--iwae-samples", type=positive_int, default=2**24, metavar="S", help="IWAE joint samples")
+    tw.add_argument("--chunk-size", type=positive_int, default=2**18, metavar="S", help="IWAE samples per chunk")
+    tw.add_argument("--noise", type=positive_float, default=0.1, help="observation noise std")
+    tw.add_argument("--threads", type=positive_int, default=1, help="torch threads (1: one CPU core as in the paper)")
     tw.add_argument("--sweep", action="store_true", help="vary p (and so the tree-width)")
     tw.add_argument("--ps", type=_probabilities, default=None, metavar="P,P,...",
                     help="with --sweep: the values of p (default " + ",".join(map(str, SWEEP_PS)) + ")")
@@ -338,35 +334,35 @@ def build_parser() -> argparse.ArgumentParser:
     tw.set_defaults(func=_treewidth)
 
     ga = command("gaussian", "Fig. 7: TMC vs SMC vs IWAE vs Kalman ground truth on a Gaussian chain")
-    ga.add_argument("--N", type=_positive_int, default=128, help="chain length of the sweep over K")
-    ga.add_argument("--K", type=_positive_int, default=128, help="samples of the sweep over N")
+    ga.add_argument("--N", type=positive_int, default=128, help="chain length of the sweep over K")
+    ga.add_argument("--K", type=positive_int, default=128, help="samples of the sweep over N")
     ga.add_argument("--Ks", type=_positive_ints, default=None, metavar="K,K,...",
                     help="values of K (default 2,4,...,128)")
     ga.add_argument("--Ns", type=_positive_ints, default=None, metavar="N,N,...",
                     help="values of N (default 8,16,...,128)")
     ga.add_argument("--seed", type=int, default=0, help="seed for the data and the samples")
-    ga.add_argument("--repeats", type=_positive_int, default=3, help="runs per point")
-    ga.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    ga.add_argument("--repeats", type=positive_int, default=3, help="runs per point")
+    ga.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     ga.add_argument("--plot", default=None, metavar="PNG",
                     help="write the four panels of Fig. 7 here (needs matplotlib)")
     ga.set_defaults(func=_gaussian)
 
     dr = command("dregs", "DReGs for TMC: gradient SNR against K, and proposals trained with each gradient")
-    dr.add_argument("--N", type=_positive_int, default=8, help="plate size")
-    dr.add_argument("--noise", type=_positive_float, default=0.5, help="observation noise std")
+    dr.add_argument("--N", type=positive_int, default=8, help="plate size")
+    dr.add_argument("--noise", type=positive_float, default=0.5, help="observation noise std")
     dr.add_argument("--seed", type=int, default=0, help="seed for the data and the samples")
     dr.add_argument("--Ks", type=_positive_ints, default=None, metavar="K,K,...",
                     help="values of K for the SNR (default 1,2,4,...,64)")
-    dr.add_argument("--draws", type=_positive_int, default=2000, help="gradients drawn per SNR point")
-    dr.add_argument("--at", type=_probability, default=0.5,
+    dr.add_argument("--draws", type=positive_int, default=2000, help="gradients drawn per SNR point")
+    dr.add_argument("--at", type=probability, default=0.5,
                     help="where the SNR is measured: 0 = proposals at the prior, 1 = at the posterior marginals")
-    dr.add_argument("--K", type=_positive_int, default=8, help="samples per latent for training")
-    dr.add_argument("--steps", type=_positive_int, default=600, help="Adam steps")
-    dr.add_argument("--batch", type=_positive_int, default=16, help="draws averaged per step")
-    dr.add_argument("--lr", type=_positive_float, default=0.02, help="Adam learning rate")
-    dr.add_argument("--eval-every", type=_positive_int, default=100, help="evaluate every this many steps")
-    dr.add_argument("--eval-draws", type=_positive_int, default=2000, help="draws per evaluation")
-    dr.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    dr.add_argument("--K", type=positive_int, default=8, help="samples per latent for training")
+    dr.add_argument("--steps", type=positive_int, default=600, help="Adam steps")
+    dr.add_argument("--batch", type=positive_int, default=16, help="draws averaged per step")
+    dr.add_argument("--lr", type=positive_float, default=0.02, help="Adam learning rate")
+    dr.add_argument("--eval-every", type=positive_int, default=100, help="evaluate every this many steps")
+    dr.add_argument("--eval-draws", type=positive_int, default=2000, help="draws per evaluation")
+    dr.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     dr.add_argument("--plot", default=None, metavar="PNG", help="write the SNR and training panels here "
                     "(needs matplotlib)")
     dr.set_defaults(func=_dregs)

@@ -21,6 +21,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from tmcgraph.cli import positive_int
+
 from ...errors import APGError
 from ...sampler import Result, Sampler
 from ..base import Method, Problem
@@ -74,12 +76,6 @@ __all__ = [
 _RWS_DEFAULTS = dict(iterations=10000, num_particles=100, num_sweeps=1, lr=2e-3, lr_final=1e-4, threads=1)
 
 
-def _positive(text: str) -> int:
-    from ...cli import positive_int
-
-    return positive_int(text)
-
-
 class GMMProblem(Problem):
     """The GMM for the generic drivers (see :class:`apg.models.base.Problem`).
 
@@ -129,18 +125,18 @@ class GMMProblem(Problem):
 
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         d = EvalConfig()
-        parser.add_argument("--datasets", type=_positive, default=d.num_datasets, metavar="N",
+        parser.add_argument("--datasets", type=positive_int, default=d.num_datasets, metavar="N",
                             help="held-out test datasets")
         parser.add_argument("--seed", type=int, default=d.seed, help="seed of the test datasets and of the sampler")
-        parser.add_argument("--particles", type=_positive, default=d.apg_particles, metavar="L",
+        parser.add_argument("--particles", type=positive_int, default=d.apg_particles, metavar="L",
                             help="particles L of the APG rows")
-        parser.add_argument("--rws-particles", type=_positive, default=d.rws_particles, metavar="L",
+        parser.add_argument("--rws-particles", type=positive_int, default=d.rws_particles, metavar="L",
                             help="particles L of the RWS rows")
-        parser.add_argument("--sweeps", type=_positive, nargs="+", default=list(d.sweeps), metavar="K",
+        parser.add_argument("--sweeps", type=positive_int, nargs="+", default=list(d.sweeps), metavar="K",
                             help="sweeps K of the APG rows")
-        parser.add_argument("--budget", type=_positive, default=None, metavar="K*L",
+        parser.add_argument("--budget", type=positive_int, default=None, metavar="K*L",
                             help=f"with --plots: the fixed budget K * L of Fig. 2 (default {d.budget})")
-        parser.add_argument("--budget-sweeps", type=_positive, nargs="+", default=None, metavar="K",
+        parser.add_argument("--budget-sweeps", type=positive_int, nargs="+", default=None, metavar="K",
                             help="with --plots: the values of K in Fig. 2 (default "
                                  f"{' '.join(map(str, d.budget_sweeps))})")
 
