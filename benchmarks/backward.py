@@ -1,0 +1,106 @@
+"""The pairwise-step backward: the custom one (softmax-weighted contraction of the saved exponentials)
+against autograd through the plain fast path, on the contraction benchmark's graphs.
+
+Both run in the same process, interleaved, with medians over repeats and torch threads pinned; the
+numbers that matter are the ratios printed (plain / custom fwd+bwd time, and fwd+bwd / fwd).
+
+Run: python benchmarks/backward.py --threads 1 2 --repeats 7 [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from contract import GRAPHS  # noqa: E402
+
+import tmcgraph._kernels as kernels  # noqa: E402
+from tmcgraph.testing import random_factors  # noqa: E402
+
+
+@contextlib.contextmanager
+def plain_backward():
+    """Route pairwise steps through autograd of the plain path (the reference)."""
+    saved = kernels._LogContractPair.apply
+
+    def plain(a, b, la, lb, out):
+        return kernels._plain_pair(a, la, b, lb, out)
+
+    kernels._LogContractPair.apply = plain  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        kernels._LogContractPair.apply = saved  # type: ignore[method-assign]
+
+
+def measure(name: str, threads: int, repeats: int) -> Dict[str, float]:
+    torch.set_num_threads(threads)
+    graph = GRAPHS[name]()
+    plan = graph.compile()
+    factors = random_factors(graph, seed=0, scale=1.0, dtype=torch.float32)
+    leaves = {k: v.clone().requires_grad_() for k, v in factors.items()}
+
+    def forward():
+        with torch.no_grad():
+            plan.log_sum(factors)
+
+    def fwd_bwd():
+        torch.autograd.grad(plan.log_sum(leaves), list(leaves.values()))
+
+    def fwd_bwd_plain():
+        with plain_backward():
+            fwd_bwd()
+
+    fns = {"fwd": forward, "custom": fwd_bwd, "plain": fwd_bwd_plain}
+    with plain_backward():  # the two backwards agree (to float rounding)
+        want = torch.autograd.grad(plan.log_sum(leaves), list(leaves.values()))
+    got = torch.autograd.grad(plan.log_sum(leaves), list(leaves.values()))
+    err = max(((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for g, w in zip(got, want))
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"graph": name, "threads": threads, "plain_over_custom": med["plain"] / med["custom"],
+            "custom_fwd_bwd_over_fwd": med["custom"] / med["fwd"], "plain_fwd_bwd_over_fwd": med["plain"] / med["fwd"],
+            "max_relative_gradient_difference": err}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=list(GRAPHS))
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    rows = []
+    print(f"torch {torch.__version__}, float32, medians of {args.repeats} interleaved repeats")
+    print(f"{'graph':<26}{'threads':>8}{'plain/custom':>14}{'custom fb/f':>13}{'plain fb/f':>12}{'grad diff':>11}")
+    for name in args.graphs:
+        for threads in args.threads:
+            r = measure(name, threads, args.repeats)
+            rows.append(r)
+            print(f"{name:<26}{threads:>8}{r['plain_over_custom']:>14.2f}{r['custom_fwd_bwd_over_fwd']:>13.2f}"
+                  f"{r['plain_fwd_bwd_over_fwd']:>12.2f}{r['max_relative_gradient_difference']:>11.1e}")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
