@@ -18,17 +18,50 @@ weight); no kernel produces NaN from finite or ``-inf`` input.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+import threading
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["align", "log_contract", "log_contract_pair", "log_product", "log_reduce"]
+__all__ = ["align", "log_contract", "log_contract_pair", "log_product", "log_reduce", "release_scratch"]
 
 # Entries of the fast-path sum C = sum_j exp(a_ij - a_i) exp(b_jk - b_k) below
 # this fraction of the dtype's range are recomputed.  C >= max term, and terms
 # are lost only below the denormal threshold (2**-126 in float32), so C above
 # sqrt(tiny) (2**-63 in float32) carries full relative precision.
 _REPAIR_BLOCK_ELEMENTS = 1 << 22
+
+
+#: operands at least this large are shifted and exponentiated into reused scratch memory
+_SCRATCH_MIN_ELEMENTS = 1 << 16
+_scratch_pool = threading.local()
+
+
+def _scratch(slot: int, x: torch.Tensor, shift: torch.Tensor) -> Optional[torch.Tensor]:
+    """A reusable buffer shaped like ``x - shift`` (slot 0 or 1: the two operands of a step), or ``None``
+    (a fresh tensor) for small operands.
+
+    Fresh allocations of large tensors page-fault on first touch, which costs more than the shift
+    itself; the no-grad path writes into one growing buffer per slot and thread instead.  The buffers
+    live until :func:`release_scratch`.
+    """
+    shape = torch.broadcast_shapes(x.shape, shift.shape)
+    numel = math.prod(shape)
+    if numel < _SCRATCH_MIN_ELEMENTS:
+        return None
+    pool = getattr(_scratch_pool, "buffers", None)
+    if pool is None:
+        pool = _scratch_pool.buffers = {}
+    key = (slot, x.dtype, x.device)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = pool[key] = torch.empty(numel, dtype=x.dtype, device=x.device)
+    return buf[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Free the scratch buffers of the calling thread (they are reallocated when next needed)."""
+    _scratch_pool.buffers = {}
 
 
 def _threshold(dtype: torch.dtype) -> float:
@@ -146,9 +179,12 @@ def _fast_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str, *,
     sum_b = [c for c in lb if c not in out]
     raw_a, shift_a = _max_shift(a, _labelled_dims(a.dim(), la, sum_a))
     raw_b, shift_b = _max_shift(b, _labelled_dims(b.dim(), lb, sum_b))
-    # a - shift is a fresh tensor: exponentiate it in place (one allocation, autograd-safe)
-    ea = (a - shift_a).exp_()
-    eb = (b - shift_b).exp_()
+    if inplace:  # no autograd: shift and exponentiate into reused scratch memory (no fresh pages)
+        ea = torch.sub(a, shift_a, out=_scratch(0, a, shift_a)).exp_()
+        eb = torch.sub(b, shift_b, out=_scratch(1, b, shift_b)).exp_()
+    else:  # a - shift is a fresh tensor: exponentiate it in place (autograd-safe)
+        ea = (a - shift_a).exp_()
+        eb = (b - shift_b).exp_()
     total = _einsum(la, lb, out, ea, eb)
     ka = "".join(c for c in la if c not in sum_a)
     kb = "".join(c for c in lb if c not in sum_b)

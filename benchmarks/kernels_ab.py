@@ -1,10 +1,14 @@
-"""The pairwise-step backward: the custom one (softmax-weighted contraction of the saved exponentials)
-against autograd through the plain fast path, on the contraction benchmark's graphs.
+"""A/B of two evaluator mechanisms, each against the same code without it, on the contraction graphs:
 
-Both run in the same process, interleaved, with medians over repeats and torch threads pinned; the
-numbers that matter are the ratios printed (plain / custom fwd+bwd time, and fwd+bwd / fwd).
+* the pairwise step's custom backward (a softmax-weighted contraction of the saved exponentials)
+  against autograd through the plain fast path (fwd+bwd times);
+* the no-grad scratch buffers (shift and exponentiate into reused memory) against fresh allocations
+  (forward times).
 
-Run: python benchmarks/backward.py --threads 1 2 --repeats 7 [--json FILE]
+Everything runs in one process, interleaved, with medians over repeats and torch threads pinned; the
+numbers that matter are the ratios printed (without / with, and fwd+bwd / fwd).
+
+Run: python benchmarks/kernels_ab.py --threads 1 2 --repeats 7 [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,6 +46,17 @@ def plain_backward():
         kernels._LogContractPair.apply = saved  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def no_scratch():
+    """Fresh allocations for every shifted exponential (the reference for the scratch buffers)."""
+    saved = kernels._SCRATCH_MIN_ELEMENTS
+    kernels._SCRATCH_MIN_ELEMENTS = 1 << 62
+    try:
+        yield
+    finally:
+        kernels._SCRATCH_MIN_ELEMENTS = saved
+
+
 def measure(name: str, threads: int, repeats: int) -> Dict[str, float]:
     torch.set_num_threads(threads)
     graph = GRAPHS[name]()
@@ -60,7 +75,11 @@ def measure(name: str, threads: int, repeats: int) -> Dict[str, float]:
         with plain_backward():
             fwd_bwd()
 
-    fns = {"fwd": forward, "custom": fwd_bwd, "plain": fwd_bwd_plain}
+    def forward_fresh():
+        with no_scratch():
+            forward()
+
+    fns = {"fwd": forward, "fwd_fresh": forward_fresh, "custom": fwd_bwd, "plain": fwd_bwd_plain}
     with plain_backward():  # the two backwards agree (to float rounding)
         want = torch.autograd.grad(plan.log_sum(leaves), list(leaves.values()))
     got = torch.autograd.grad(plan.log_sum(leaves), list(leaves.values()))
@@ -74,7 +93,8 @@ def measure(name: str, threads: int, repeats: int) -> Dict[str, float]:
             fn()
             samples[key].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    return {"graph": name, "threads": threads, "plain_over_custom": med["plain"] / med["custom"],
+    return {"graph": name, "threads": threads, "fresh_over_scratch_fwd": med["fwd_fresh"] / med["fwd"],
+            "plain_over_custom": med["plain"] / med["custom"],
             "custom_fwd_bwd_over_fwd": med["custom"] / med["fwd"], "plain_fwd_bwd_over_fwd": med["plain"] / med["fwd"],
             "max_relative_gradient_difference": err}
 
@@ -88,12 +108,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = []
     print(f"torch {torch.__version__}, float32, medians of {args.repeats} interleaved repeats")
-    print(f"{'graph':<26}{'threads':>8}{'plain/custom':>14}{'custom fb/f':>13}{'plain fb/f':>12}{'grad diff':>11}")
+    print(f"{'graph':<26}{'threads':>8}{'fwd fresh/scratch':>18}{'fb plain/custom':>16}{'custom fb/f':>13}"
+          f"{'plain fb/f':>12}{'grad diff':>11}")
     for name in args.graphs:
         for threads in args.threads:
             r = measure(name, threads, args.repeats)
             rows.append(r)
-            print(f"{name:<26}{threads:>8}{r['plain_over_custom']:>14.2f}{r['custom_fwd_bwd_over_fwd']:>13.2f}"
+            print(f"{name:<26}{threads:>8}{r['fresh_over_scratch_fwd']:>18.2f}{r['plain_over_custom']:>16.2f}"
+                  f"{r['custom_fwd_bwd_over_fwd']:>13.2f}"
                   f"{r['plain_fwd_bwd_over_fwd']:>12.2f}{r['max_relative_gradient_difference']:>11.1e}")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
