@@ -144,7 +144,7 @@ def plan_flops(g: tmcgraph.FactorGraph, with_cotengra: bool) -> Dict[str, float]
     return out
 
 
-def speed(g: tmcgraph.FactorGraph, repeats: int, with_pyro: bool) -> Dict[str, float]:
+def speed(g: tmcgraph.FactorGraph, repeats: int, with_pyro: bool, with_compiled: bool = False) -> Dict[str, float]:
     plan = g.compile()
     gen = torch.Generator().manual_seed(0)
     factors = {n: torch.randn(g.factor_shape(n), generator=gen) for n in g.factors}
@@ -185,6 +185,24 @@ def speed(g: tmcgraph.FactorGraph, repeats: int, with_pyro: bool) -> Dict[str, f
             return values[-1]
 
     fns = {"tmcgraph fwd": forward, "tmcgraph fwd+bwd": backward, "linear floor": floor}
+    compile_seconds = {}
+    if with_compiled:
+        compiled_grads = {n: t.clone().requires_grad_(True) for n, t in factors.items()}
+
+        def compiled_fwd():
+            with torch.no_grad():
+                return plan.log_sum(factors, backend="compiled")
+
+        def compiled_bwd():
+            out = plan.log_sum(compiled_grads, backend="compiled")
+            out.backward()
+            return out
+
+        for key, fn in (("compiled fwd", compiled_fwd), ("compiled fwd+bwd", compiled_bwd)):
+            start = time.perf_counter()
+            fn()  # the cold call compiles (the warm-up in _median_times then runs warm)
+            compile_seconds[key] = time.perf_counter() - start
+            fns[key] = fn
     if with_pyro and not g.plates:
         import pyro.ops.contract as pc
 
@@ -225,7 +243,9 @@ def speed(g: tmcgraph.FactorGraph, repeats: int, with_pyro: bool) -> Dict[str, f
 
         fns["pyro fwd"] = pyro_fwd
         fns["pyro fwd+bwd"] = pyro_bwd
-    return _median_times(fns, repeats)
+    times = _median_times(fns, repeats)
+    times.update({f"{k} cold s": v for k, v in compile_seconds.items()})
+    return times
 
 
 def main(argv=None) -> int:
@@ -235,6 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=list(GRAPHS))
     parser.add_argument("--no-pyro", action="store_true")
     parser.add_argument("--no-cotengra", action="store_true")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time backend='compiled' (and report its cold first calls, which compile)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     with_pyro = not args.no_pyro
@@ -251,7 +273,7 @@ def main(argv=None) -> int:
         row = {"treewidth": g.compile().treewidth, "flops": flops, "times": {}}
         for threads in args.threads:
             torch.set_num_threads(threads)
-            row["times"][threads] = speed(g, args.repeats, with_pyro)
+            row["times"][threads] = speed(g, args.repeats, with_pyro, args.compiled)
         results[name] = row
         best_ref = min(v for k, v in flops.items() if k in ("dp", "cotengra") and not math.isnan(v)) if any(
             k in flops and not math.isnan(flops[k]) for k in ("dp", "cotengra")
@@ -265,13 +287,20 @@ def main(argv=None) -> int:
         )
         for threads, times in row["times"].items():
             floor = times["linear floor"]
-            cells = ", ".join(f"{k} {v / floor:.2f}x" for k, v in times.items() if k != "linear floor")
+            cells = ", ".join(f"{k} {v / floor:.2f}x" for k, v in times.items()
+                              if k != "linear floor" and not k.endswith("cold s"))
+            cold = ", ".join(f"{k} {v:.1f}" for k, v in times.items() if k.endswith("cold s"))
+            if cold:
+                cells += f"; first calls (compile): {cold}"
             pyro = ""
             if "pyro fwd" in times:
                 pyro = (
                     f"; pyro/ours fwd {times['pyro fwd'] / times['tmcgraph fwd']:.2f}x, "
                     f"fwd+bwd {times['pyro fwd+bwd'] / times['tmcgraph fwd+bwd']:.2f}x"
                 )
+                if "compiled fwd" in times:
+                    pyro += (f"; pyro/compiled fwd {times['pyro fwd'] / times['compiled fwd']:.2f}x, "
+                             f"fwd+bwd {times['pyro fwd+bwd'] / times['compiled fwd+bwd']:.2f}x")
             print(f"  threads={threads}: floor {floor * 1e3:.2f} ms; relative to floor: {cells}{pyro}")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

@@ -317,6 +317,7 @@ class Model:
         *,
         optimize: str = "auto",
         memory_limit: Optional[int] = None,
+        backend: str = "eager",
     ) -> "TMC":
         """Build the TMC estimator: the factor graph of sample indices, compiled once.
 
@@ -326,13 +327,16 @@ class Model:
             optimize: the path optimizer, as in :meth:`tmcgraph.FactorGraph.compile`.
             memory_limit: the largest intermediate in elements, as in
                 :meth:`tmcgraph.FactorGraph.compile`.
+            backend: how the contraction runs: ``"eager"`` (default) or
+                ``"compiled"`` (``torch.compile`` of the whole plan, compiled on
+                first use per shape; see :mod:`tmcgraph.compiled`).
 
         Returns:
             a :class:`tmcgraph.TMC` estimator.
         """
         from .estimators import TMC
 
-        return TMC(self, K, optimize=optimize, memory_limit=memory_limit)
+        return TMC(self, K, optimize=optimize, memory_limit=memory_limit, backend=backend)
 
     def __repr__(self) -> str:
         lat = [n for n, s in self._sites.items() if s.kind == "latent"]

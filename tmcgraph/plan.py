@@ -123,6 +123,7 @@ class Plan:
         self.optimize = optimize
         self.memory_limit = memory_limit
         self._slicer = slicer  # batch elements -> stages sliced for memory_limit (the compiler's planner)
+        self._compiled: Optional[Callable[[Sequence[torch.Tensor]], Optional[torch.Tensor]]] = None
         self._input_index = {spec.name: k for k, spec in enumerate(inputs)}
         self.steps, self.path = self._trace()
         self.flops = sum(step.flops for step in self.steps)
@@ -240,12 +241,16 @@ class Plan:
             result = result.expand(*batch, *result.shape[result.dim() - len(self.output_labels) :])
         return result + self.constant if self.constant else result
 
-    def log_sum(self, factors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def log_sum(self, factors: Mapping[str, torch.Tensor], *, backend: str = "eager") -> torch.Tensor:
         """``log sum_{index copies} exp(sum of factor copies)``.
 
         Args:
             factors: factor name -> tensor ``(*batch, *plates, *indices)`` in the
                 factor's declared orders.  Batch shapes broadcast across factors.
+            backend: ``"eager"`` (default) or ``"compiled"``: the whole plan as one
+                ``torch.compile``'d program (:mod:`tmcgraph.compiled`), compiled on
+                first use per input shapes; same results (it falls back to eager
+                where precision could be lost).
 
         Returns:
             tensor ``(*batch,)``: differentiable, ``-inf`` where every term has zero
@@ -265,11 +270,25 @@ class Plan:
         if unknown:
             declared = [s.name for s in self.inputs]
             raise TMCError(f"tensor(s) given for undeclared factor(s) {unknown}; declared: {declared}")
+        from .compiled import check_backend
+
+        check_backend(backend)
         tensors = [factors[s.name] for s in self.inputs]
         tensors = check_operands(tensors, self.inputs)
-        result = self.run(tensors)
+        result = self._run_compiled(tensors) if backend == "compiled" else self.run(tensors)
         check_result(result, tensors, self.inputs)
         return result
+
+    def _run_compiled(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.memory_limit is not None:
+            raise TMCError("backend='compiled' evaluates unsliced: compile the plan without memory_limit")
+        if self._compiled is None:
+            from .compiled import CompiledProgram  # torch.compile machinery only when asked for
+
+            self._compiled = CompiledProgram(self.stages, [s.labels for s in self.inputs], self.output_labels,
+                                             self.constant)
+        result = self._compiled(tensors)
+        return self.run(tensors) if result is None else result
 
 
 def check_operands(tensors: Sequence[torch.Tensor], specs: Sequence[InputSpec]) -> List[torch.Tensor]:

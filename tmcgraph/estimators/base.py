@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Mapping, Optional, Tuple
 
+from ..compiled import check_backend
 from ..errors import TMCError
 from ..graph import FactorGraph
 from ..layout import Layout, build_graph, call_site_fn, data_batch_shape, index_slots
@@ -23,8 +24,11 @@ class GraphEstimator:
 
     def __init__(self, model: Model, index_of: Dict[str, str], sizes: Dict[str, Optional[int]],
                  index_plates: Dict[str, Tuple[str, ...]], *, optimize: str, memory_limit: Optional[int],
-                 compile_now: bool = True) -> None:
+                 compile_now: bool = True, backend: str = "eager") -> None:
         self.model = model
+        self.backend = check_backend(backend)
+        if backend == "compiled" and memory_limit is not None:
+            raise TMCError("backend='compiled' evaluates unsliced: drop memory_limit")
         self.index_of = index_of
         self._sizes = sizes
         self._index_plates = index_plates

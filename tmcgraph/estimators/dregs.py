@@ -31,7 +31,8 @@ def check_factorised(model: Model, sampled: Sequence[str]) -> None:
             )
 
 
-def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequence[str]) -> torch.Tensor:
+def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequence[str], *,
+              backend: str = "eager") -> torch.Tensor:
     """The TMC DReGs surrogate of a trace made with ``detach_samples=True`` (see :meth:`TMC.dregs_surrogate`).
 
     Args:
@@ -40,6 +41,7 @@ def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequenc
         plan: the compiled plan of the trace's index sizes.
         norm: the log-normaliser (``sum log K`` over sampled index copies).
         sampled: the sampled latents.
+        backend: the plan's evaluation backend.
 
     Returns:
         ``(*batch,)``: value ``log P_TMC``, gradient (w.r.t. proposal parameters)
@@ -48,7 +50,7 @@ def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequenc
     assert tr.samples is not None
     layout = tr.layout
     with torch.enable_grad():
-        total = plan.log_sum(tr.factors)
+        total = plan.log_sum(tr.factors, backend=backend)
         grads = torch.autograd.grad(total.sum(), [tr.factors[n] for n in sampled] + [tr.values[n] for n in sampled])
     nb = len(layout.batch)
     path: Optional[torch.Tensor] = None

@@ -39,7 +39,7 @@ class Posterior:
         self._fac = {n: f.detach().expand(batch + tuple(f.shape[f.dim() - core[n]:])) for n, f in tr.factors.items()}
         leaves = {n: f.clone().requires_grad_() for n, f in self._fac.items()}
         with torch.enable_grad():
-            total = plan.log_sum(leaves)
+            total = plan.log_sum(leaves, backend=est.backend)
             if not bool(torch.isfinite(total).all()):
                 raise TMCError("every sample combination has zero weight (log P_TMC = -inf) for some batch element; "
                                "the posterior over samples is undefined")
@@ -99,7 +99,7 @@ class Posterior:
             extra = len(factor_indices(model, self._trace.layout.index_of, n)) - 1
             leaf = fac[n].clone().requires_grad_()
             with torch.enable_grad():
-                total = self._plan.log_sum({**fac, n: leaf})
+                total = self._plan.log_sum({**fac, n: leaf}, backend=self._est.backend)
                 (g,) = torch.autograd.grad(total.sum(), [leaf])
             w = g.sum(dim=tuple(range(g.dim() - extra, g.dim()))) if extra else g
             k = w.shape[-1]

@@ -28,10 +28,11 @@ class TMC(GraphEstimator):
         K: samples per sampled latent.
         plan: the compiled :class:`~tmcgraph.Plan` (``plan.treewidth``, ``plan.describe()``).
         graph: the :class:`~tmcgraph.FactorGraph` of sample indices.
+        backend: ``"eager"`` or ``"compiled"``: how the plan runs (:meth:`Plan.log_sum`).
     """
 
     def __init__(self, model: Model, K: Union[int, Mapping[str, int]], *, optimize: str = "auto",
-                 memory_limit: Optional[int] = None) -> None:
+                 memory_limit: Optional[int] = None, backend: str = "eager") -> None:
         latents = model.latents()
         sampled = [n for n in latents if not model.sites[n].enumerate]
         if isinstance(K, Mapping):
@@ -50,7 +51,8 @@ class TMC(GraphEstimator):
         sizes = {n: self.K[n] if n in self.K else enumerated_size(model, n) for n in latents}
         index_of = {n: n for n in latents}
         plates = {n: model.sites[n].plates for n in latents}
-        super().__init__(model, index_of, sizes, plates, optimize=optimize, memory_limit=memory_limit)
+        super().__init__(model, index_of, sizes, plates, optimize=optimize, memory_limit=memory_limit,
+                         backend=backend)
 
     def log_marginal(self, data: Mapping[str, object]) -> torch.Tensor:
         """log of the TMC estimate of ``p(x)``; differentiable (reparameterised samples).
@@ -63,7 +65,7 @@ class TMC(GraphEstimator):
             tensor ``(*batch,)``.  Its exp is unbiased for ``p(x)``.
         """
         tr, plan, norm = self._trace(data)
-        return plan.log_sum(tr.factors) - norm
+        return plan.log_sum(tr.factors, backend=self.backend) - norm
 
     def dregs_surrogate(self, data: Mapping[str, object], *, form: str = "tmc") -> torch.Tensor:
         """A surrogate whose gradient w.r.t. the proposal parameters is the DReGs estimator.
@@ -111,7 +113,7 @@ class TMC(GraphEstimator):
             raise TMCError(f"form must be 'tmc' or 'paper', got {form!r}")
         dregs.check_factorised(self.model, self._sampled)
         tr, plan, norm = self._trace(data, detach_samples=True)
-        return dregs.surrogate(self.model, tr, plan, norm, self._sampled)
+        return dregs.surrogate(self.model, tr, plan, norm, self._sampled, backend=self.backend)
 
     # kept for the tests that check each form against its formula
     def _paper_dregs_from_trace(self, tr: Trace, plan: Plan) -> torch.Tensor:

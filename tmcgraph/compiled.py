@@ -1,0 +1,145 @@
+"""The compiled backend: a whole plan lowered to one ``torch.compile``'d program.
+
+``plan.log_sum(factors, backend="compiled")`` runs the plan's stages as a single
+function compiled by ``torch.compile`` (``fullgraph=True``: no graph breaks, no host
+syncs inside).  Each pairwise step is the log-domain fast path of
+:mod:`tmcgraph._kernels` (shift by the max over the summed labels, exponentiate,
+contract, log, restore the shift) without its data-dependent repair: instead, the
+program also returns the smallest shifted sum of any step (entries that are zero
+by structure excluded).  When that flag is below ``sqrt(tiny)`` some entry may have
+lost precision and the evaluation is redone by the eager evaluator, which repairs
+exactly; so results are as exact as eager's, and the flag costs one host sync per
+evaluation.  Autograd works through the compiled program (AOTAutograd derives the
+backward).
+
+Programs are compiled lazily, once per plan and per input shapes, dtype and device
+(``dynamic=False``; torch recompiles for a new batch size).  The first call of each
+shape pays the compile (seconds to minutes on a CPU; see docs/performance.md);
+plans with a ``memory_limit`` (sliced stages) are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ._kernels import _einsum, _labelled_dims, _squeeze_labels, align
+from .errors import TMCError
+from .stages import EinsumStage, ProductStage, Stage
+
+__all__ = ["BACKENDS", "CompiledProgram", "check_backend"]
+
+#: the evaluation backends of :meth:`tmcgraph.Plan.log_sum`
+BACKENDS = ("eager", "compiled")
+
+
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of :data:`BACKENDS`, else a :class:`TMCError` listing them."""
+    if backend not in BACKENDS:
+        raise TMCError(f"unknown backend={backend!r}; expected one of {list(BACKENDS)}")
+    return backend
+
+
+def _max(x: torch.Tensor, dims: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(raw max keeping ``-inf``, finite max with 0 there), detached, keepdim."""
+    raw = x.detach().amax(dim=dims, keepdim=True)
+    return raw, torch.nan_to_num(raw, nan=0.0, neginf=0.0, posinf=0.0)
+
+
+def _reduce(x: torch.Tensor, labels: str, keep: str) -> torch.Tensor:
+    """Exact ``log sum exp`` over the labels not in ``keep`` (the shifted sum is >= 1: no flag)."""
+    summed = [c for c in labels if c not in keep]
+    if summed:
+        dims = _labelled_dims(x.dim(), labels, summed)
+        raw, shift = _max(x, dims)
+        total = torch.exp(x - shift).sum(dim=dims, keepdim=True)
+        x = (torch.log(total.clamp_min(0.5)) + raw).squeeze(dims)
+        labels = "".join(c for c in labels if c in keep)
+    return align(x, labels, keep)
+
+
+def _pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fast path of one pairwise step: ``(result, smallest shifted sum of a non-structural-zero entry)``."""
+    sum_a = [c for c in la if c not in out]
+    sum_b = [c for c in lb if c not in out]
+    if not sum_a or not sum_b:
+        ka = "".join(c for c in out if c in la)
+        kb = "".join(c for c in out if c in lb)
+        value = align(_reduce(a, la, ka), ka, out) + align(_reduce(b, lb, kb), kb, out)
+        return value, torch.full((), math.inf, dtype=value.dtype, device=value.device)
+    raw_a, shift_a = _max(a, _labelled_dims(a.dim(), la, sum_a))
+    raw_b, shift_b = _max(b, _labelled_dims(b.dim(), lb, sum_b))
+    total = _einsum(la, lb, out, torch.exp(a - shift_a), torch.exp(b - shift_b))
+    ka = "".join(c for c in la if c not in sum_a)
+    kb = "".join(c for c in lb if c not in sum_b)
+    shift = align(_squeeze_labels(raw_a, la, sum_a), ka, out) + align(_squeeze_labels(raw_b, lb, sum_b), kb, out)
+    value = torch.log(total.clamp_min(torch.finfo(total.dtype).tiny)) + shift
+    # structural zeros (a whole slice -inf: shift -inf) are exact; every other entry must keep precision
+    flag = torch.where(shift > -math.inf, total.detach(), math.inf).amin()
+    return value, flag
+
+
+def _program(stages: Sequence[Stage], input_labels: Sequence[str], output_labels: str,
+             constant: float) -> Callable[[List[torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]:
+    """The plan as a pure function of its input tensors: ``(result (*batch,), underflow flag)``."""
+
+    def run(tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        batch = torch.broadcast_shapes(*(t.shape[: t.dim() - len(lab)] for t, lab in zip(tensors, input_labels)))
+        values = list(tensors)
+        flag = torch.full((), math.inf, dtype=tensors[0].dtype, device=tensors[0].device)
+        for stage in stages:
+            operands = [values[k] for k in stage.inputs]
+            if isinstance(stage, ProductStage):
+                labels, keep = stage.input_labels[0], stage.output_labels
+                x = operands[0]
+                summed = [c for c in labels if c not in keep]
+                if summed:
+                    x = x.sum(dim=_labelled_dims(x.dim(), labels, summed))
+                    labels = "".join(c for c in labels if c in keep)
+                values.append(align(x, labels, keep))
+                continue
+            assert isinstance(stage, EinsumStage)
+            work = list(zip(operands, stage.input_labels))
+            for step in stage.steps:
+                positions = sorted(step.positions)
+                taken = [work[p] for p in positions]
+                for p in reversed(positions):
+                    work.pop(p)
+                if len(taken) == 1:
+                    value = _reduce(taken[0][0], taken[0][1], step.result_labels)
+                else:
+                    value, step_flag = _pair(taken[0][0], taken[0][1], taken[1][0], taken[1][1],
+                                             step.result_labels)
+                    flag = torch.minimum(flag, step_flag)
+                work.append((value, step.result_labels))
+            (value, labels), = work
+            values.append(align(value, labels, stage.output_labels))
+        result = values[-1]
+        result = result.expand(tuple(batch) + tuple(result.shape[result.dim() - len(output_labels):]))
+        return (result + constant if constant else result), flag
+
+    return run
+
+
+class CompiledProgram:
+    """A plan's compiled program (built by :meth:`tmcgraph.Plan.log_sum` with ``backend="compiled"``).
+
+    Calling it with validated input tensors returns the result, or ``None`` when the
+    underflow flag tripped (the caller then evaluates eagerly, which is exact).
+    """
+
+    def __init__(self, stages: Sequence[Stage], input_labels: Sequence[str], output_labels: str,
+                 constant: float) -> None:
+        if any(isinstance(s, EinsumStage) and s.steps and any(len(st.positions) > 2 for st in s.steps)
+               for s in stages):
+            raise TMCError("backend='compiled' supports pairwise plans only")
+        self._fn = torch.compile(_program(stages, input_labels, output_labels, constant), dynamic=False,
+                                 fullgraph=True)
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+        result, flag = self._fn(list(tensors))
+        if bool(flag < math.sqrt(torch.finfo(result.dtype).tiny)):  # the one host sync
+            return None
+        return result
