@@ -20,7 +20,9 @@ plans with a ``memory_limit`` (sliced stages) are refused.
 
 from __future__ import annotations
 
+import itertools
 import math
+import types
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,6 +35,7 @@ __all__ = ["BACKENDS", "CompiledProgram", "check_backend"]
 
 #: the evaluation backends of :meth:`tmcgraph.Plan.log_sum`
 BACKENDS = ("eager", "compiled")
+_PROGRAM_IDS = itertools.count()
 
 
 def check_backend(backend: str) -> str:
@@ -135,8 +138,14 @@ class CompiledProgram:
         if any(isinstance(s, EinsumStage) and s.steps and any(len(st.positions) > 2 for st in s.steps)
                for s in stages):
             raise TMCError("backend='compiled' supports pairwise plans only")
-        self._fn = torch.compile(_program(stages, input_labels, output_labels, constant), dynamic=False,
-                                 fullgraph=True)
+        program = _program(stages, input_labels, output_labels, constant)
+        # torch.compile keeps its cache (and its recompile limit) per code object, and every plan's program
+        # is a closure over the same code: give each plan a code object of its own, so plans do not evict
+        # each other or exhaust the limit together
+        code = program.__code__.replace(co_name=f"tmcgraph_plan_{next(_PROGRAM_IDS)}")
+        program = types.FunctionType(code, program.__globals__, code.co_name, program.__defaults__,
+                                     program.__closure__)
+        self._fn = torch.compile(program, dynamic=False, fullgraph=True)
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
         result, flag = self._fn(list(tensors))

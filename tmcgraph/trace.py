@@ -1,11 +1,13 @@
 """Sampling and factor building: one draw of every latent and the log-factors over sample indices.
 
-Every estimator and :class:`~tmcgraph.JointDensity` builds on the same routine:
-:func:`trace` visits the sites in topological order, draws each sampled latent
-from its proposal (a mixture over its latent parents' samples when they live on
-other indices, appendix C of the TMC paper), and turns prior, proposal and
-likelihood densities into log-factors ``(*batch, *plates, *indices)``.  What
-differs between estimators is the index assignment in the :class:`~tmcgraph.layout.Layout`.
+Every estimator builds on :func:`trace`: it visits the sites in topological
+order, draws each sampled latent from its proposal (a mixture over its latent
+parents' samples when they live on other indices, appendix C of the TMC paper),
+and turns prior, proposal and likelihood densities into log-factors
+``(*batch, *plates, *indices)``.  What differs between estimators is the index
+assignment in the :class:`~tmcgraph.layout.Layout`.  :func:`site_density`, the
+checked call of one site's prior or likelihood, is shared with
+:class:`~tmcgraph.JointDensity`, which evaluates given values instead of sampling.
 """
 
 from __future__ import annotations
@@ -62,8 +64,11 @@ class Trace:
         layout: the dim layout of ``values``.
         values: site name -> samples (latents) or observed value, in layout.
         factors: site name -> log-factor ``(*batch, *plates, *indices)``.
+        event_dims: latent -> number of event dims of its values.
         hat_factors: with ``dregs=True``, the factors whose gradient keeps only
             the path through the reparameterised samples (appendix F's w-hat).
+        samples: with ``detach_samples=True``, latent -> the reparameterised
+            samples (``values`` then holds detached leaves of them).
     """
 
     layout: Layout
