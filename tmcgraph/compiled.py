@@ -26,6 +26,7 @@ import types
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from torch.distributions import Distribution
 
 from ._kernels import _einsum, _labelled_dims, _squeeze_labels, align
 from .errors import TMCError
@@ -145,10 +146,20 @@ class CompiledProgram:
         code = program.__code__.replace(co_name=f"tmcgraph_plan_{next(_PROGRAM_IDS)}")
         program = types.FunctionType(code, program.__globals__, code.co_name, program.__defaults__,
                                      program.__closure__)
-        self._fn = torch.compile(program, dynamic=False, fullgraph=True)
+        validate = Distribution._validate_args  # see __call__
+        try:
+            self._fn = torch.compile(program, dynamic=False, fullgraph=True)
+        finally:
+            Distribution.set_default_validate_args(validate)
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-        result, flag = self._fn(list(tensors))
+        # torch.compile's first use turns off torch.distributions argument validation for the whole process
+        # (TorchPatcher); our programs trace no distribution, so keep the user's setting
+        validate = Distribution._validate_args
+        try:
+            result, flag = self._fn(list(tensors))
+        finally:
+            Distribution.set_default_validate_args(validate)
         if bool(flag < math.sqrt(torch.finfo(result.dtype).tiny)):  # the one host sync
             return None
         return result

@@ -92,3 +92,13 @@ def test_a_declared_model_with_the_compiled_backend():
     post = compiled.posterior(data)
     torch.manual_seed(0)
     assert torch.allclose(post.mean("mu"), eager.posterior(data).mean("mu"), rtol=1e-10)
+
+
+def test_distribution_validation_is_left_as_the_user_set_it():
+    """torch.compile's first use turns torch.distributions validation off process-wide; we restore it."""
+    from torch.distributions import Distribution
+
+    g = _plated()
+    before = Distribution._validate_args
+    g.compile().log_sum(random_factors(g, seed=5), backend="compiled")
+    assert Distribution._validate_args == before
