@@ -29,7 +29,7 @@ def _defaults_text(problem: models.Problem, key: str) -> str:
         value = method.train_defaults.get(key)
         if value is not None:
             by_method.setdefault(str(value), []).append(name)
-    if len(by_method) == 1:  # the same for every method
+    if len(by_method) == 1 and sum(map(len, by_method.values())) == len(problem.methods):  # the same for all
         return next(iter(by_method))
     return "; ".join(f"{', '.join(names)}: {value}" for value, names in by_method.items())
 
@@ -64,8 +64,10 @@ def _add_train(sub: argparse._SubParsersAction, problem: models.Problem) -> None
     p.add_argument("--checkpoint-every", type=positive_int, default=base.checkpoint_every, metavar="N",
                    help="write a checkpoint every N iterations")
     method_default("--threads", "threads", non_negative_int, "torch threads (0: torch's default)", "T")
+    inits = _defaults_text(problem, "init")
     p.add_argument("--init", default=None, metavar="FILE",
-                   help=f"start from trained networks of the same method (e.g. apg/checkpoints/{problem.name}-apg.pt)")
+                   help="start from trained networks (a proposals file, or shipped:NAME for apg/checkpoints/NAME.pt)"
+                        + (f" (default: {inits}; none for the other methods)" if inits else ""))
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the last metrics as JSON only")
@@ -76,11 +78,11 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     settings = {"iterations": args.iterations, "num_particles": args.particles, "num_sweeps": args.sweeps,
-                "lr": args.lr, "lr_final": args.lr_final, "threads": args.threads}
+                "lr": args.lr, "lr_final": args.lr_final, "threads": args.threads, "init": args.init}
     settings = {k: v for k, v in settings.items() if v is not None}
     cfg = TrainConfig.for_method(args.model, args.method, batch_size=args.batch, num_datasets=args.datasets,
                                  seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                                 init=args.init or "", **settings)
+                                 **settings)
     try:
         last = train(args.out, cfg, resume=not args.restart, progress=not args.quiet)
     except KeyboardInterrupt:

@@ -57,7 +57,13 @@ def evaluate(model: str, *, checkpoint: Optional[str] = None, options: Optional[
     problem = models.get(model)
     if checkpoint is not None and not os.path.isdir(checkpoint):
         raise APGError(f"--checkpoint {checkpoint}: not a directory")
-    checkpoints = {m: find_checkpoint(checkpoint, model, m) for m in problem.methods}
+    checkpoints = {}
+    for m in problem.methods:
+        try:
+            checkpoints[m] = find_checkpoint(checkpoint, model, m)
+        except APGError:
+            if m not in problem.optional_methods:
+                raise
     metrics = {m: find_metrics(checkpoint, model, m) for m in problem.methods}
     if plots is not None:
         os.makedirs(plots, exist_ok=True)

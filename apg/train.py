@@ -121,7 +121,10 @@ class Trained(NamedTuple):
 
 def load_proposals(path: str) -> Trained:
     """Networks saved by :func:`train`: ``DIR/proposals.pt`` (a finished run) or ``DIR/checkpoint.pt``
-    (an unfinished one; its model and method are read from ``DIR/config.json``)."""
+    (an unfinished one; its model and method are read from ``DIR/config.json``).  ``shipped:NAME`` is the
+    checkpoint ``NAME.pt`` shipped in ``apg/checkpoints``."""
+    if path.startswith("shipped:"):
+        path = os.path.join(os.path.dirname(__file__), "checkpoints", path[len("shipped:"):] + ".pt")
     if not os.path.exists(path):
         raise APGError(f"no such checkpoint: {path}")
     blob = torch.load(path, map_location="cpu", weights_only=False)
@@ -232,12 +235,7 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
             return _last_row(csv_path)
     else:
         if cfg.init:
-            start_from = load_proposals(cfg.init)
-            if (start_from.problem.name, start_from.method) != (cfg.model, cfg.method):
-                raise APGError(f"--init {cfg.init} holds {start_from.problem.name} {start_from.method!r} networks, "
-                               f"not {cfg.model} {cfg.method!r} (--method)")
-            proposals.load_state_dict(start_from.proposals.state_dict())
-            model.load_state_dict(start_from.model.state_dict())
+            problem.init_from(cfg.method, proposals, model, load_proposals(cfg.init))
         with open(cfg_path, "w") as f:
             json.dump(asdict(cfg), f, indent=1)
         with open(csv_path, "w", newline="") as f:

@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import APGError
 from ..sampler import Result, Sampler
+
+if TYPE_CHECKING:
+    from ..train import Trained
 
 __all__ = ["Method", "Problem"]
 
@@ -49,12 +52,14 @@ class Problem(ABC):
         description: one line for ``--help``.
         methods: method name -> :class:`Method`, the first being the default.
         metric_fields: extra per-iteration training metrics (columns of metrics.csv).
+        optional_methods: methods evaluated only when a checkpoint of theirs is found.
     """
 
     name: str = ""
     description: str = ""
     methods: Mapping[str, Method] = {}
     metric_fields: Tuple[str, ...] = ()
+    optional_methods: Tuple[str, ...] = ()
 
     def method(self, name: str) -> Method:
         """The :class:`Method` called ``name``; an error lists the valid ones."""
@@ -77,6 +82,18 @@ class Problem(ABC):
     def make_model(self) -> nn.Module:
         """The generative model's learned parameters (theta); a module without parameters if none."""
         return nn.Module()
+
+    def init_from(self, method: str, proposals: nn.Module, model: nn.Module, trained: "Trained") -> None:
+        """Start ``method``'s fresh networks from ``trained`` ones (``apg train --init FILE``).
+
+        The default copies everything and needs the same model and method; a problem may
+        allow more (e.g. a method sharing some networks with another).
+        """
+        if (trained.problem.name, trained.method) != (self.name, method):
+            raise APGError(f"--init holds {trained.problem.name} {trained.method!r} networks, not {self.name} "
+                           f"{method!r} (--method)")
+        proposals.load_state_dict(trained.proposals.state_dict())
+        model.load_state_dict(trained.model.state_dict())
 
     @abstractmethod
     def sampler(self, proposals: nn.Module, model: nn.Module) -> Sampler:

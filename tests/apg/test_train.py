@@ -72,7 +72,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(APGError, match=r"no method 'vae'; valid: \['apg', 'rws-lstm', 'rws-mlp'\]"):
+    with pytest.raises(APGError, match=r"no method 'vae'; valid: \['apg', 'apg-features', 'rws-lstm', 'rws-mlp'\]"):
         TrainConfig(method="vae")
     with pytest.raises(APGError, match=r"unknown model 'hmm'; valid: \['gmm'\]"):
         TrainConfig(model="hmm")
@@ -178,4 +178,4 @@ def test_flags_that_need_plots_and_version(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "gmm", "--help"])
     help_text = capsys.readouterr().out
-    assert "apg: 32000; rws-mlp, rws-lstm: 10000" in help_text  # each method's defaults are shown
+    assert "apg: 32000; apg-features: 2000; rws-mlp, rws-lstm: 10000" in help_text  # each method's defaults

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from typing import Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
-from tmcgraph.cli import positive_int
+from tmcgraph.cli import positive_float, positive_int
 
 from ...errors import APGError
+
+if TYPE_CHECKING:
+    from ...train import Trained
 from ...sampler import Result, Sampler
 from ..base import Method, Problem
 from .algebra import (
@@ -89,12 +92,17 @@ class GMMProblem(Problem):
         "apg": Method("apg", "APG: one-shot encoder + learned Gibbs kernels of {mu, tau} and {c}",
                       train_defaults=dict(iterations=32000, num_particles=10, num_sweeps=10, lr=2e-3,
                                           lr_final=1e-4, threads=1)),
+        "apg-features": Method("apg-features", "APG with the assignment network fed [x - mu, (x - mu)^2 tau, "
+                               "log tau] (the exact logit is linear in them)",
+                               train_defaults=dict(iterations=2000, num_particles=10, num_sweeps=10, lr=2e-3,
+                                                   lr_final=1e-4, threads=1, init="shipped:gmm-apg")),
         "rws-mlp": Method("rws-mlp", "RWS baseline: neural-sufficient-statistics encoder, one shot", one_shot=True,
                           train_defaults=_RWS_DEFAULTS),
         "rws-lstm": Method("rws-lstm", "RWS baseline: LSTM encoder over the points, one shot", one_shot=True,
                            train_defaults=_RWS_DEFAULTS),
     }
     metric_fields = ("ess_globals", "ess_assignments", "kl_globals", "kl_assignments")
+    optional_methods = ("apg-features",)
 
     def __init__(self, cfg: GMMConfig = PAPER) -> None:
         self.cfg = cfg
@@ -108,7 +116,19 @@ class GMMProblem(Problem):
     def make_proposals(self, method: str) -> GMMProposals:
         m = self.method(method)
         encoder = "lstm" if method == "rws-lstm" else "mlp"
-        return GMMProposals(self.cfg, encoder=encoder, conditional=not m.one_shot)
+        features = "conjugate" if method == "apg-features" else "paper"
+        return GMMProposals(self.cfg, encoder=encoder, conditional=not m.one_shot, features=features)
+
+    def init_from(self, method: str, proposals: nn.Module, model: nn.Module, trained: "Trained") -> None:
+        """As the default, and: ``apg-features`` may start from trained ``apg`` networks, taking their
+        one-shot and globals kernels (its assignment network, with other inputs, starts fresh)."""
+        if method == "apg-features" and (trained.problem.name, trained.method) == ("gmm", "apg"):
+            assert isinstance(proposals, GMMProposals) and isinstance(trained.proposals, GMMProposals)
+            assert proposals.globals is not None and trained.proposals.globals is not None
+            proposals.oneshot.load_state_dict(trained.proposals.oneshot.state_dict())
+            proposals.globals.load_state_dict(trained.proposals.globals.state_dict())
+            return
+        super().init_from(method, proposals, model, trained)
 
     def sampler(self, proposals: nn.Module, model: nn.Module) -> Sampler:
         assert isinstance(proposals, GMMProposals)
@@ -134,6 +154,9 @@ class GMMProblem(Problem):
                             help="particles L of the RWS rows")
         parser.add_argument("--sweeps", type=positive_int, nargs="+", default=list(d.sweeps), metavar="K",
                             help="sweeps K of the APG rows")
+        parser.add_argument("--nu0", type=positive_float, default=None,
+                            help="the prior's nu0 for the test data and the model (default: the networks', 0.3 as "
+                                 "in the paper; the official code and coix use 0.1)")
         parser.add_argument("--budget", type=positive_int, default=None, metavar="K*L",
                             help=f"with --plots: the fixed budget K * L of Fig. 2 (default {d.budget})")
         parser.add_argument("--budget-sweeps", type=positive_int, nargs="+", default=None, metavar="K",
@@ -163,7 +186,8 @@ class GMMProblem(Problem):
         cfg = EvalConfig(num_datasets=get("datasets", d.num_datasets), seed=get("seed", d.seed),
                          apg_particles=get("particles", d.apg_particles),
                          rws_particles=get("rws_particles", d.rws_particles), sweeps=tuple(get("sweeps", d.sweeps)),
-                         budget=get("budget", d.budget), budget_sweeps=tuple(get("budget_sweeps", d.budget_sweeps)))
+                         budget=get("budget", d.budget), budget_sweeps=tuple(get("budget_sweeps", d.budget_sweeps)),
+                         nu0=options.get("nu0"))
         return evaluate_gmm(nets, cfg, plots=plots, metrics=metrics, progress=progress)
 
     def format(self, out: Dict[str, Any]) -> str:

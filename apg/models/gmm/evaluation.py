@@ -16,6 +16,7 @@ All randomness comes from generators seeded with ``seed``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -24,14 +25,30 @@ import torch
 
 from tmcgraph.plots import pyplot
 
+from ...errors import APGError
 from ...sampler import joint_block, run
-from .algebra import PAPER, gibbs, log_joint, simulate
+from .algebra import GMMConfig, gibbs, log_joint, simulate
 from .model import apg_sampler, inclusive_kl
 from .networks import GMMProposals
 
 __all__ = ["EvalConfig", "METHOD_NAMES", "evaluate_gmm", "format_table"]
 
-METHOD_NAMES = {"rws-mlp": "RWS-MLP", "rws-lstm": "RWS-LSTM", "apg": "APG"}
+METHOD_NAMES = {"rws-mlp": "RWS-MLP", "rws-lstm": "RWS-LSTM", "apg": "APG", "apg-features": "APG-features"}
+
+#: Table 1a of Wu et al. (ICML 2020) as printed: dlogp, ESS/L {t,m,c}, {t,m}, {c}, KL {t,m}, {c}
+#: (the paper does not state its evaluation L; its KL {c} fits a per-point value, see the reproducing docs)
+PAPER_TABLE_1A = [
+    {"method": "MLP-RWS", "sweeps": 1, "delta_log_joint": None, "ess": {"joint": 0.001, "globals": None,
+     "assignments": None}, "kl": {"globals": None, "assignments": None}},
+    {"method": "LSTM-RWS", "sweeps": 1, "delta_log_joint": 202.2, "ess": {"joint": 0.104, "globals": None,
+     "assignments": None}, "kl": {"globals": None, "assignments": None}},
+    {"method": "APG", "sweeps": 5, "delta_log_joint": 198.5, "ess": {"joint": 0.261, "globals": 0.980,
+     "assignments": 0.631}, "kl": {"globals": 0.005, "assignments": 0.005}},
+    {"method": "APG", "sweeps": 10, "delta_log_joint": 211.9, "ess": {"joint": 0.398, "globals": 0.981,
+     "assignments": 0.760}, "kl": {"globals": 0.004, "assignments": 0.004}},
+    {"method": "APG", "sweeps": 15, "delta_log_joint": 215.2, "ess": {"joint": 0.416, "globals": 0.983,
+     "assignments": 0.780}, "kl": {"globals": 0.003, "assignments": 0.004}},
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,7 @@ class EvalConfig:
     budget_runs: int = 10
     budget_datasets: int = 5
     chunk: int = 20000  # datasets x particles per batched call (bounds memory)
+    nu0: Optional[float] = None  # the prior's nu0 for the test data and the model (None: the networks')
 
 
 def _chunks(n: int, size: int):
@@ -68,6 +86,7 @@ def _rws_row(nets: GMMProposals, x: torch.Tensor, L: int, chunk: int,
 
 def _apg_row(nets: GMMProposals, x: torch.Tensor, L: int, K: int, chunk: int,
              generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """The APG columns at K sweeps: last-sweep log joint, ESS/L per block and joint, KL per block."""
     sampler = apg_sampler(nets)
     joint = [joint_block(sampler.blocks, sampler.log_joint)]
     out: Dict[str, List[torch.Tensor]] = {k: [] for k in ("log_joint", "globals", "assignments", "joint",
@@ -107,11 +126,14 @@ def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), 
     """
     from tqdm.auto import tqdm
 
-    x = simulate(cfg.num_datasets, seed=cfg.seed)["x"]
+    model = nets["apg"].cfg if cfg.nu0 is None else dataclasses.replace(nets["apg"].cfg, nu0=cfg.nu0)
+    nets = {m: _with_model(n, model) for m, n in nets.items()}
+    x = simulate(cfg.num_datasets, model, seed=cfg.seed)["x"]
     g = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=2 + len(cfg.sweeps) + 1 + (2 if plots is not None else 0), disable=not progress,
-               desc="evaluate gmm", unit="step")
-    rows = []
+    apg_methods = [m for m in ("apg", "apg-features") if m in nets]
+    bar = tqdm(total=2 + len(apg_methods) * len(cfg.sweeps) + 1 + (2 if plots is not None else 0),
+               disable=not progress, desc="evaluate gmm", unit="step")
+    rows: List[Dict[str, Any]] = []
     with torch.no_grad():
         base = None
         for m in ("rws-mlp", "rws-lstm"):
@@ -123,28 +145,34 @@ def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), 
                          "log_joint": _mean(r["log_joint"]),
                          "delta_log_joint": None if m == "rws-mlp" else _mean(r["log_joint"] - base),
                          "ess": {"joint": _mean(r["joint"]), "globals": None, "assignments": None},
-                         "kl": {"globals": None, "assignments": None}})
+                         "kl": {"globals": None, "assignments": None},
+                         "kl_per_point": {"globals": None, "assignments": None}})
         assert base is not None
-        for K in cfg.sweeps:
-            r = _apg_row(nets["apg"], x, cfg.apg_particles, K, cfg.chunk, g)
-            bar.update(1)
-            rows.append({"method": "APG", "sweeps": K, "particles": cfg.apg_particles,
-                         "log_joint": _mean(r["log_joint"]), "delta_log_joint": _mean(r["log_joint"] - base),
-                         "ess": {"joint": _mean(r["joint"]), "globals": _mean(r["globals"]),
-                                 "assignments": _mean(r["assignments"])},
-                         "kl": {"globals": _mean(r["kl_globals"]), "assignments": _mean(r["kl_assignments"])}})
+        # KL summed over the block's elements (as the official code sums it), and per element: per
+        # cluster-dimension for {t,m}, per point for {c} (the paper's KL {c} is evidently per point)
+        elements = {"globals": model.num_clusters * model.dim, "assignments": x.shape[-2]}
+        for m in apg_methods:
+            for K in cfg.sweeps:
+                r = _apg_row(nets[m], x, cfg.apg_particles, K, cfg.chunk, g)
+                bar.update(1)
+                rows.append({"method": METHOD_NAMES[m], "sweeps": K, "particles": cfg.apg_particles,
+                             "log_joint": _mean(r["log_joint"]), "delta_log_joint": _mean(r["log_joint"] - base),
+                             "ess": {"joint": _mean(r["joint"]), "globals": _mean(r["globals"]),
+                                     "assignments": _mean(r["assignments"])},
+                             "kl": {b: _mean(r[f"kl_{b}"]) for b in elements},
+                             "kl_per_point": {b: _mean(r[f"kl_{b}"] / n) for b, n in elements.items()}})
         # reference points: the exact blocked Gibbs sampler (same L, the largest K) and the simulated truth
         K = max(cfg.sweeps)
-        gib = torch.cat([gibbs(x[s], cfg.apg_particles, K, generator=g)["log_joint"][-1].mean(-1)
+        gib = torch.cat([gibbs(x[s], cfg.apg_particles, K, model, generator=g)["log_joint"][-1].mean(-1)
                          for s in _chunks(x.shape[0], max(1, cfg.chunk // cfg.apg_particles))])
-        truth = simulate(cfg.num_datasets, seed=cfg.seed)
-        true_lj = log_joint(truth["x"], truth["mu"], truth["tau"], truth["c"], PAPER)
+        truth = simulate(cfg.num_datasets, model, seed=cfg.seed)
+        true_lj = log_joint(truth["x"], truth["mu"], truth["tau"], truth["c"], model)
         bar.update(1)
     out: Dict[str, Any] = {"rows": rows, "reference": {
         f"gibbs_log_joint_K{K}": _mean(gib), "true_latents_log_joint": _mean(true_lj),
         "rws_mlp_log_joint": _mean(base)}, "settings": {
         "test_datasets": cfg.num_datasets, "seed": cfg.seed, "apg_particles": cfg.apg_particles,
-        "rws_particles": cfg.rws_particles}}
+        "rws_particles": cfg.rws_particles, "nu0": model.nu0}, "paper": PAPER_TABLE_1A}
     if plots is not None:
         os.makedirs(plots, exist_ok=True)
         fig2, fig2_data = _fig2(nets["apg"], cfg, os.path.join(plots, "fig2.png"))
@@ -159,24 +187,48 @@ def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), 
     return out
 
 
+def _with_model(nets: GMMProposals, model: GMMConfig) -> GMMProposals:
+    """The same networks conditioned on ``model``'s prior (their conjugate updates start from it)."""
+    if nets.cfg == model:
+        return nets
+    if (nets.cfg.num_clusters, nets.cfg.dim) != (model.num_clusters, model.dim):
+        raise APGError(f"networks for {nets.cfg.num_clusters} clusters in {nets.cfg.dim} dims cannot serve "
+                       f"a model with {model.num_clusters} in {model.dim}")
+    copy = GMMProposals(model, nets.encoder, nets.globals is not None, features=nets.features)
+    copy.load_state_dict(nets.state_dict())
+    return copy
+
+
 def format_table(out: Dict[str, Any]) -> str:
-    """Table 1a as text."""
+    """Table 1a as text (ours, then the paper's)."""
     def f(v, width=9, digits=3):
         if v is None:
             return f"{'-':>{width}}"
         return f"{v:>{width}.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:>{width}.1e}"
 
-    head = (f"{'method':<14}{'L':>6}{'dlogp':>10}{'ESS/L':>9}{'':>9}{'':>9}{'KL':>9}{'':>9}\n"
-            f"{'':<14}{'':>6}{'':>10}{'{t,m,c}':>9}{'{t,m}':>9}{'{c}':>9}{'{t,m}':>9}{'{c}':>9}")
+    head = (f"{'method':<22}{'L':>6}{'dlogp':>9}{'ESS/L':>9}{'':>9}{'':>9}{'KL (sum)':>9}{'':>9}"
+            f"{'KL/point':>10}{'':>9}\n"
+            f"{'':<22}{'':>6}{'':>9}{'{t,m,c}':>9}{'{t,m}':>9}{'{c}':>9}{'{t,m}':>9}{'{c}':>9}{'{t,m}':>10}{'{c}':>9}")
     lines = [head]
+
+    def name(r: Dict[str, Any]) -> str:
+        return r["method"] if r["sweeps"] == 1 else f"{r['method']} (K={r['sweeps']})"
+
     for r in out["rows"]:
-        name = r["method"] if r["method"] != "APG" else f"APG (K={r['sweeps']})"
-        lines.append(f"{name:<14}{r['particles']:>6}{f(r['delta_log_joint'], 10, 1)}{f(r['ess']['joint'])}"
+        per = r.get("kl_per_point", {"globals": None, "assignments": None})
+        lines.append(f"{name(r):<22}{r['particles']:>6}{f(r['delta_log_joint'], 9, 1)}{f(r['ess']['joint'])}"
                      f"{f(r['ess']['globals'])}{f(r['ess']['assignments'])}{f(r['kl']['globals'])}"
-                     f"{f(r['kl']['assignments'])}")
+                     f"{f(r['kl']['assignments'])}{f(per['globals'], 10)}{f(per['assignments'])}")
     s = out.get("settings", {})
-    lines.append(f"({s.get('test_datasets')} held-out datasets, seed {s.get('seed')}; dlogp: mean log joint "
-                 "minus RWS-MLP's; ESS/L and KL of the last sweep)")
+    lines.append(f"({s.get('test_datasets')} held-out datasets, seed {s.get('seed')}, nu0 {s.get('nu0')}; dlogp: "
+                 "mean log joint minus RWS-MLP's; ESS/L and KL of the last sweep; KL summed over the block and "
+                 "per element: per cluster-dim for {t,m}, per point for {c})")
+    if out.get("paper"):
+        lines.append("the paper's Table 1a (evaluation L not stated; its KL {c} is per point):")
+        for r in out["paper"]:
+            lines.append(f"{name(r):<22}{'?':>6}{f(r['delta_log_joint'], 9, 1)}{f(r['ess']['joint'])}"
+                         f"{f(r['ess']['globals'])}{f(r['ess']['assignments'])}{f(r['kl']['globals'])}"
+                         f"{f(r['kl']['assignments'])}")
     ref = out.get("reference", {})
     if ref:
         lines.append("reference mean log joints: " + ", ".join(f"{k} {v:.2f}" for k, v in ref.items()))
@@ -213,7 +265,7 @@ def _fig1a(nets, cfg: EvalConfig, path: str) -> str:
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         for row, n in enumerate(sizes):
-            x = simulate(1, seed=cfg.seed + 1000 + n, num_points=n)["x"]
+            x = simulate(1, nets["apg"].cfg, seed=cfg.seed + 1000 + n, num_points=n)["x"]
             _draw(axes[row, 0], x[0], None, None, f"data, N={n}")
             rws = run(apg_sampler(nets["rws-mlp"]), x, cfg.apg_particles, 1, generator=g)
             _draw(axes[row, 1], x[0], {k: v[0] for k, v in rws.state.items()}, int(rws.log_weights[0].argmax()),
@@ -240,7 +292,7 @@ def _fig2(nets, cfg: EvalConfig, path: str) -> Tuple[str, Dict[str, Any]]:
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         for r in range(cfg.budget_runs):
-            x = simulate(cfg.budget_datasets, seed=cfg.seed + 50_000 + r)["x"]
+            x = simulate(cfg.budget_datasets, nets.cfg, seed=cfg.seed + 50_000 + r)["x"]
             for i, K in enumerate(Ks):
                 res = run(sampler, x, cfg.budget // K, K, record_log_joint=True, generator=g)
                 lj[i, r] = res.sweeps[-1].mean_log_joint().mean()

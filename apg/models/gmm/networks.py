@@ -40,23 +40,28 @@ class GMMProposals(nn.Module):
       (``encoder="mlp"``) or an LSTM over the points (``encoder="lstm"``).
     * ``globals``: ``q(mu, tau | x, c)``: neural sufficient statistics of
       ``[x_n, onehot(c_n)]`` (``None`` for the RWS baselines, ``conditional=False``).
-    * ``assignments``: ``q(c | x, mu, tau)``: ``FC32 tanh -> FC1`` on
-      ``[x_n, mu_i, tau_i]`` per (point, cluster), softmax over clusters.
+    * ``assignments``: ``q(c | x, mu, tau)``: ``FC32 tanh -> FC1`` per (point, cluster),
+      softmax over clusters, on ``features="paper"``: ``[x_n, mu_i, tau_i]`` (appendix E), or
+      ``features="conjugate"``: ``[x_n - mu_i, (x_n - mu_i)^2 tau_i, log tau_i]``, in which the exact
+      conditional's logit ``sum_d (log tau_id - tau_id (x_nd - mu_id)^2) / 2`` is linear.
 
     Args:
         cfg: model sizes and prior.
         encoder: ``"mlp"`` or ``"lstm"``.
         conditional: build the block kernel of the globals (APG).
         hidden: hidden units of the assignment MLP (and of the LSTM).
+        features: the assignment network's inputs, ``"paper"`` or ``"conjugate"``.
     """
 
     def __init__(self, cfg: GMMConfig = PAPER, encoder: str = "mlp", conditional: bool = True,
-                 hidden: int = 32) -> None:
+                 hidden: int = 32, features: str = "paper") -> None:
         super().__init__()
         if encoder not in ("mlp", "lstm"):
             raise APGError(f"encoder must be 'mlp' or 'lstm', got {encoder!r}")
+        if features not in ("paper", "conjugate"):
+            raise APGError(f"features must be 'paper' or 'conjugate', got {features!r}")
         k, d = cfg.num_clusters, cfg.dim
-        self.cfg, self.encoder = cfg, encoder
+        self.cfg, self.encoder, self.features = cfg, encoder, features
         self.oneshot = NeuralNormalGamma(d, k, d) if encoder == "mlp" else LSTMNormalGamma(cfg, hidden)
         self.globals = NeuralNormalGamma(d + k, k, d) if conditional else None
         self.assignments = NeuralCategorical(3 * d, hidden)
@@ -78,4 +83,9 @@ class GMMProposals(nn.Module):
         """
         k = mu.shape[-2]
         prior = torch.full((k,), -math.log(k), dtype=x.dtype, device=x.device)
-        return self.assignments.forward_pairs(x.unsqueeze(-3), torch.cat([mu, tau], -1), prior)
+        if self.features == "paper":
+            return self.assignments.forward_pairs(x.unsqueeze(-3), torch.cat([mu, tau], -1), prior)
+        diff = x.unsqueeze(-3).unsqueeze(-2) - mu.unsqueeze(-3)  # (*B, L, N, I, D)
+        tau_ = tau.unsqueeze(-3)
+        features = torch.cat([diff, diff * diff * tau_, tau_.log().expand_as(diff)], -1)
+        return self.assignments(features, prior)
