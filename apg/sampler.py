@@ -239,9 +239,9 @@ def _block_update(sampler: Sampler, x: Any, particles: Particles, block: Block, 
     with torch.no_grad():
         old = {k: state[k] for k in block.variables}
         lq_old = kernel.log_prob(old)
-        proposed = {**state, **{k: new[k] for k in block.variables}}
-        lp_old, lp_new = _blanket_old_and_new(block, x, state, proposed, log_w.dim() - 1)
-        state = proposed
+        lp_old = block.log_blanket(x, state)
+        state = {**state, **{k: new[k] for k in block.variables}}
+        lp_new = block.log_blanket(x, state)
         log_v_local = lp_new + lq_old - lp_old - lq_new.detach()
         if log_v_local.shape != lq_new.shape:
             raise APGError(f"block {block.name!r}: kernel log-density has shape {tuple(lq_new.shape)} but the "
@@ -257,17 +257,6 @@ def _block_update(sampler: Sampler, x: Any, particles: Particles, block: Block, 
                 log_joint = sampler.log_joint(x, state)
         step = Step(block.name, lq_new, log_v_local, block.local_dims, log_joint)
     return Particles(state, log_w + log_v), log_v, step
-
-
-def _blanket_old_and_new(block: Block, x: Any, old: State, new: State,
-                         particle_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The block's blanket at the old and the new state in one call: both particle sets side by side
-    along the particle dim (``2L`` particles), then split.  Same values, half the function calls."""
-    both = {k: torch.cat([old[k], new[k]], particle_dim) if k in block.variables else
-            torch.cat([old[k], old[k]], particle_dim) for k in old}
-    lp = block.log_blanket(x, both)
-    L = old[block.variables[0]].shape[particle_dim]
-    return lp.narrow(particle_dim, 0, L), lp.narrow(particle_dim, L, L)
 
 
 def sweep(sampler: Sampler, x: Any, particles: Particles, *, generator: Optional[torch.Generator] = None,

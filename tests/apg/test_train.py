@@ -3,6 +3,7 @@ uninterrupted one; the CLI runs at tiny sizes (train, then evaluate with figures
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -85,7 +86,7 @@ def test_config_errors():
 def test_method_defaults_are_the_shipped_checkpoints_settings():
     import json
 
-    for method in ("apg", "rws-mlp", "rws-lstm"):
+    for method in ("apg", "apg-features", "rws-mlp", "rws-lstm"):
         with open(os.path.join(SHIPPED, f"gmm-{method}.config.json")) as f:
             shipped = json.load(f)
         cfg = TrainConfig.for_method("gmm", method)
@@ -93,10 +94,10 @@ def test_method_defaults_are_the_shipped_checkpoints_settings():
 
 
 def test_cli_train_and_evaluate_at_tiny_sizes(tmp_path, capsys):
-    for method in ("apg", "rws-mlp", "rws-lstm"):
+    for method in ("apg", "apg-features", "rws-mlp", "rws-lstm"):
         args = ["train", "gmm", "--method", method, "--out", str(tmp_path / "runs" / method), "--iterations", "3",
                 "--batch", "4", "--particles", "3", "--datasets", "40", "--log-every", "1", "--quiet"]
-        if method == "apg":
+        if method.startswith("apg"):
             args += ["--sweeps", "2"]
         assert main(args) == 0
         assert os.path.exists(tmp_path / "runs" / method / "proposals.pt")
@@ -110,12 +111,20 @@ def test_cli_train_and_evaluate_at_tiny_sizes(tmp_path, capsys):
                  "--datasets", "3", "--particles", "4", "--rws-particles", "6", "--sweeps", "2", "3"]) == 0
     assert "APG (K=3)" in capsys.readouterr().out
     methods = [(r["method"], r["sweeps"]) for r in out["rows"]]
-    assert methods == [("RWS-MLP", 1), ("RWS-LSTM", 1), ("APG", 2), ("APG", 3)]
+    assert methods == [("RWS-MLP", 1), ("RWS-LSTM", 1), ("APG", 2), ("APG", 3), ("APG-features", 2),
+                       ("APG-features", 3)]
     assert out["rows"][0]["delta_log_joint"] is None and out["rows"][0]["kl"]["globals"] is None
-    apg = out["rows"][-1]
+    for r in out["rows"][2:]:  # per element: 6 cluster-dims, 60 points (rounded to 5 digits)
+        assert math.isclose(r["kl_per_point"]["assignments"], r["kl"]["assignments"] / 60, rel_tol=1e-3)
+        assert math.isclose(r["kl_per_point"]["globals"], r["kl"]["globals"] / 6, rel_tol=1e-3)
+    assert out["settings"]["nu0"] == 0.3 and out["paper"][-1]["ess"]["assignments"] == 0.780
+    apg = out["rows"][3]
     assert set(apg["ess"]) == {"joint", "globals", "assignments"} and set(apg["kl"]) == {"globals", "assignments"}
     assert all(0 < v <= 1 for v in apg["ess"].values()) and all(v >= 0 for v in apg["kl"].values())
     assert (figs / "fig1a.png").stat().st_size > 0 and (figs / "fig2.png").stat().st_size > 0
+    assert main(["evaluate", "gmm", "--checkpoint", str(tmp_path / "runs"), "--json", "--quiet", "--nu0", "0.1",
+                 "--datasets", "2", "--particles", "4", "--rws-particles", "6", "--sweeps", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["nu0"] == 0.1
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -134,7 +143,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_shipped_checkpoints_load_and_evaluate():
     assert os.path.isdir(SHIPPED)  # apg/checkpoints is part of the package
     out = evaluate("gmm", options={"datasets": 2, "particles": 4, "rws_particles": 8, "sweeps": [2]})
-    assert [r["method"] for r in out["rows"]] == ["RWS-MLP", "RWS-LSTM", "APG"]
+    assert [r["method"] for r in out["rows"]] == ["RWS-MLP", "RWS-LSTM", "APG", "APG-features"]
 
 
 def test_sigint_stops_at_an_iteration_boundary_and_resumes_exactly(tmp_path):

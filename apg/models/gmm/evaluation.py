@@ -324,6 +324,8 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
     import csv
 
     runs = {m: p for m, p in metrics.items() if p is not None}
+    runs = dict(sorted(runs.items(), key=lambda kv: kv[0] == "apg-features"))  # APG before APG-features
+    last_apg_iteration = 0
     if not runs:
         return None
     plt = pyplot()
@@ -336,11 +338,16 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
         def col(name, rows=rows):
             return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
 
-        if m == "apg":
+        if m == "apg-features":  # it starts from the trained APG: drawn after APG's last iteration
+            offset = last_apg_iteration
+            a1.plot([offset + i for i in it], col("ess_assignments"), label="APG-features {c} (from APG's end)")
+            a2.plot([offset + i for i in it], col("kl_assignments"), label="APG-features {c} (from APG's end)")
+        elif m == "apg":
             a1.plot(it, col("ess_globals"), label="APG {tau, mu}")
             a1.plot(it, col("ess_assignments"), label="APG {c}")
             a2.plot(it, col("kl_globals"), label="APG {tau, mu}")
             a2.plot(it, col("kl_assignments"), label="APG {c}")
+            last_apg_iteration = it[-1] if it else 0
         else:
             a1.plot(it, col("ess_init"), label=f"{METHOD_NAMES[m]} one-shot")
     a1.set_ylabel("ESS / L (training batch)")
