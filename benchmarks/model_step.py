@@ -110,14 +110,19 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def run_case(name, build, pyro_build, size, K, repeats, pyro_ok):
+def run_case(name, build, pyro_build, size, K, repeats, pyro_ok, with_compiled=False):
     from pyro.infer import TraceTMC_ELBO
 
     m, data, params, x = build(size)
     est = m.compile(K=K)
+    est_compiled = m.compile(K=K, backend="compiled") if with_compiled else None
 
     def ours():
         loss = -est.log_marginal(data)
+        loss.backward()
+
+    def ours_compiled():
+        loss = -est_compiled.log_marginal(data)
         loss.backward()
 
     def ours_split():
@@ -139,9 +144,12 @@ def run_case(name, build, pyro_build, size, K, repeats, pyro_ok):
     ours_split()
     if pyro_ok:
         theirs()
-    t_ours, t_pyro, t_trace, t_contract = [], [], [], []
+    compile_seconds = timed(ours_compiled) if with_compiled else None  # the first call compiles
+    t_ours, t_pyro, t_trace, t_contract, t_compiled = [], [], [], [], []
     for _ in range(repeats):
         t_ours.append(timed(ours))
+        if with_compiled:
+            t_compiled.append(timed(ours_compiled))
         a, b = ours_split()
         t_trace.append(a)
         t_contract.append(b)
@@ -153,6 +161,11 @@ def run_case(name, build, pyro_build, size, K, repeats, pyro_ok):
     if pyro_ok:
         row["pyro_step"] = med(t_pyro)
         row["pyro_over_ours"] = med(t_pyro) / med(t_ours)
+    if with_compiled:
+        row["compiled_step"] = med(t_compiled)
+        row["compile_seconds"] = compile_seconds
+        if pyro_ok:
+            row["pyro_over_compiled"] = med(t_pyro) / med(t_compiled)
     return row
 
 
@@ -162,6 +175,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--Ks", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time model.compile(backend='compiled') (the contraction compiled)")
     args = parser.parse_args()
     import pyro
 
@@ -174,12 +189,17 @@ def main() -> None:
         torch.set_num_threads(threads)
         for name, build, pyro_build, size in cases:
             for K in args.Ks:
-                row = run_case(name, build, pyro_build, size, K, args.repeats, pyro_ok=True)
+                row = run_case(name, build, pyro_build, size, K, args.repeats, pyro_ok=True,
+                               with_compiled=args.compiled)
                 row["threads"] = threads
                 rows.append(row)
+                compiled = ""
+                if args.compiled:
+                    compiled = (f"  pyro/compiled {row['pyro_over_compiled']:6.2f}x "
+                                f"(compile {row['compile_seconds']:.1f} s)")
                 print(f"threads={threads} {name:>6} size={size:<4} K={K:<4} ours {row['ours_step'] * 1e3:8.2f} ms  "
                       f"pyro {row['pyro_step'] * 1e3:8.2f} ms  pyro/ours {row['pyro_over_ours']:6.2f}x  "
-                      f"trace/contract {row['trace_over_contract']:5.2f}", flush=True)
+                      f"trace/contract {row['trace_over_contract']:5.2f}{compiled}", flush=True)
     if args.json:
         import os
 

@@ -169,17 +169,21 @@ def log_contract_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: s
     return _fast_pair(a, la, b, lb, out, inplace=True)[0]
 
 
-def _fast_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str, *,
-               inplace: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """The fast path with repair: ``(result, exp(a - shift_a), exp(b - shift_b), total, repaired)``.
+def shifted_sum(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str, *, scratch: bool = False
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fast path's sum, with no host sync: ``(EA, EB, T, s_a, s_b)``.
 
-    The exponentials and the shifted sum are returned for :class:`_LogContractPair`'s
-    backward; with ``inplace`` the sum is overwritten by the result."""
+    ``EA = exp(a - max_a)`` and ``EB = exp(b - max_b)`` (maxima over the summed labels),
+    ``T = einsum(EA, EB)`` laid out as ``out``, and the raw maxima ``s_a``, ``s_b`` in ``out``'s
+    layout (``-inf`` where a whole slice is ``-inf``): ``log T + s_a + s_b`` is the result
+    wherever ``T`` kept its precision.  Both sides must have a summed label.  With ``scratch``
+    (no autograd) the exponentials are written into reused buffers.
+    """
     sum_a = [c for c in la if c not in out]
     sum_b = [c for c in lb if c not in out]
     raw_a, shift_a = _max_shift(a, _labelled_dims(a.dim(), la, sum_a))
     raw_b, shift_b = _max_shift(b, _labelled_dims(b.dim(), lb, sum_b))
-    if inplace:  # no autograd: shift and exponentiate into reused scratch memory (no fresh pages)
+    if scratch:  # no autograd: shift and exponentiate into reused scratch memory (no fresh pages)
         ea = torch.sub(a, shift_a, out=_scratch(0, a, shift_a)).exp_()
         eb = torch.sub(b, shift_b, out=_scratch(1, b, shift_b)).exp_()
     else:  # a - shift is a fresh tensor: exponentiate it in place (autograd-safe)
@@ -190,6 +194,16 @@ def _fast_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str, *,
     kb = "".join(c for c in lb if c not in sum_b)
     sa = align(_squeeze_labels(raw_a, la, sum_a), ka, out)
     sb = align(_squeeze_labels(raw_b, lb, sum_b), kb, out)
+    return ea, eb, total, sa, sb
+
+
+def _fast_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str, *,
+               inplace: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The fast path with repair: ``(result, exp(a - shift_a), exp(b - shift_b), total, repaired)``.
+
+    The exponentials and the shifted sum are returned for :class:`_LogContractPair`'s
+    backward; with ``inplace`` the sum is overwritten by the result."""
+    ea, eb, total, sa, sb = shifted_sum(a, la, b, lb, out, scratch=inplace)
     thr = _threshold(total.dtype)
     needs_repair = total.numel() > 0 and bool(total.amin() < thr)
     flagged = total < thr if needs_repair else None

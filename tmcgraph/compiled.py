@@ -28,7 +28,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.distributions import Distribution
 
-from ._kernels import _einsum, _labelled_dims, _squeeze_labels, align
+from ._kernels import align, log_product, log_reduce, shifted_sum
 from .errors import TMCError
 from .stages import EinsumStage, ProductStage, Stage
 
@@ -46,24 +46,6 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def _max(x: torch.Tensor, dims: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(raw max keeping ``-inf``, finite max with 0 there), detached, keepdim."""
-    raw = x.detach().amax(dim=dims, keepdim=True)
-    return raw, torch.nan_to_num(raw, nan=0.0, neginf=0.0, posinf=0.0)
-
-
-def _reduce(x: torch.Tensor, labels: str, keep: str) -> torch.Tensor:
-    """Exact ``log sum exp`` over the labels not in ``keep`` (the shifted sum is >= 1: no flag)."""
-    summed = [c for c in labels if c not in keep]
-    if summed:
-        dims = _labelled_dims(x.dim(), labels, summed)
-        raw, shift = _max(x, dims)
-        total = torch.exp(x - shift).sum(dim=dims, keepdim=True)
-        x = (torch.log(total.clamp_min(0.5)) + raw).squeeze(dims)
-        labels = "".join(c for c in labels if c in keep)
-    return align(x, labels, keep)
-
-
 def _pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fast path of one pairwise step: ``(result, smallest shifted sum of a non-structural-zero entry)``."""
     sum_a = [c for c in la if c not in out]
@@ -71,17 +53,12 @@ def _pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str) -> Tuple
     if not sum_a or not sum_b:
         ka = "".join(c for c in out if c in la)
         kb = "".join(c for c in out if c in lb)
-        value = align(_reduce(a, la, ka), ka, out) + align(_reduce(b, lb, kb), kb, out)
+        value = align(log_reduce(a, la, ka), ka, out) + align(log_reduce(b, lb, kb), kb, out)
         return value, torch.full((), math.inf, dtype=value.dtype, device=value.device)
-    raw_a, shift_a = _max(a, _labelled_dims(a.dim(), la, sum_a))
-    raw_b, shift_b = _max(b, _labelled_dims(b.dim(), lb, sum_b))
-    total = _einsum(la, lb, out, torch.exp(a - shift_a), torch.exp(b - shift_b))
-    ka = "".join(c for c in la if c not in sum_a)
-    kb = "".join(c for c in lb if c not in sum_b)
-    shift = align(_squeeze_labels(raw_a, la, sum_a), ka, out) + align(_squeeze_labels(raw_b, lb, sum_b), kb, out)
-    value = torch.log(total.clamp_min(torch.finfo(total.dtype).tiny)) + shift
+    _, _, total, sa, sb = shifted_sum(a, la, b, lb, out)
+    value = torch.log(total.clamp_min(torch.finfo(total.dtype).tiny)) + sa + sb
     # structural zeros (a whole slice -inf: shift -inf) are exact; every other entry must keep precision
-    flag = torch.where(shift > -math.inf, total.detach(), math.inf).amin()
+    flag = torch.where(sa + sb > -math.inf, total.detach(), math.inf).amin()
     return value, flag
 
 
@@ -96,13 +73,7 @@ def _program(stages: Sequence[Stage], input_labels: Sequence[str], output_labels
         for stage in stages:
             operands = [values[k] for k in stage.inputs]
             if isinstance(stage, ProductStage):
-                labels, keep = stage.input_labels[0], stage.output_labels
-                x = operands[0]
-                summed = [c for c in labels if c not in keep]
-                if summed:
-                    x = x.sum(dim=_labelled_dims(x.dim(), labels, summed))
-                    labels = "".join(c for c in labels if c in keep)
-                values.append(align(x, labels, keep))
+                values.append(log_product(operands[0], stage.input_labels[0], stage.output_labels))
                 continue
             assert isinstance(stage, EinsumStage)
             work = list(zip(operands, stage.input_labels))
@@ -112,7 +83,7 @@ def _program(stages: Sequence[Stage], input_labels: Sequence[str], output_labels
                 for p in reversed(positions):
                     work.pop(p)
                 if len(taken) == 1:
-                    value = _reduce(taken[0][0], taken[0][1], step.result_labels)
+                    value = log_reduce(taken[0][0], taken[0][1], step.result_labels)  # exact, sync-free
                 else:
                     value, step_flag = _pair(taken[0][0], taken[0][1], taken[1][0], taken[1][1],
                                              step.result_labels)
