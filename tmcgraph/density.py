@@ -55,10 +55,24 @@ class JointDensity:
         # the factor graph TMC would compile (one index per latent): its factors' index sets
         self.graph = build_graph(model, index_of, sizes, plates)
         self._layouts: Dict[Tuple[Tuple[int, ...], int], Layout] = {}
+        self._last_data: Optional[Tuple[list, Tuple[int, ...], list]] = None
 
     def _check_version(self) -> None:
         if self.model.version != self._version:
             raise TMCError("the model was edited after its JointDensity was built; build a new one")
+
+    def _checked_batch(self, data: Mapping[str, object]) -> Tuple[int, ...]:
+        """:func:`data_batch_shape` (which checks the data, NaN included: a host sync), skipped when ``data``
+        holds the very tensors of the previous call, unmodified (a sampler evaluates blankets dozens of times
+        on one batch).  The cache keeps the tensors themselves, so an identity cannot be reused."""
+        key = [(v, v._version) if isinstance(v, torch.Tensor) else None for v in data.values()]
+        last = self._last_data
+        if last is not None and len(last[0]) == len(key) and list(data) == last[2] and all(
+                k is not None and c is not None and k[0] is c[0] and k[1] == c[1] for k, c in zip(key, last[0])):
+            return last[1]
+        batch = data_batch_shape(self.model, data)
+        self._last_data = (key, batch, list(data))
+        return batch
 
     def blanket(self, variables: Sequence[str]) -> Tuple[str, ...]:
         """The factors (site names) of the compiled graph whose indices include a latent in ``variables``.
@@ -132,7 +146,7 @@ class JointDensity:
         missing = [n for n in self.latents if n not in values]
         if missing:
             raise TMCError(f"log_prob: no value given for latent(s) {missing}")
-        batch = data_batch_shape(self.model, data)
+        batch = self._checked_batch(data)
         first = values[self.latents[0]]
         nb = len(batch)
         if first.dim() <= nb:

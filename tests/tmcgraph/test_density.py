@@ -86,3 +86,21 @@ def test_errors_name_the_problem():
     m.latent("extra", prior=lambda: Normal(0.0, 1.0))
     with pytest.raises(TMCError, match="edited"):
         dens.log_prob(v, d)
+
+
+def test_data_checks_are_not_skipped_for_changed_data():
+    """The data check is cached for the very same, unmodified tensors only: NaN written in place is caught."""
+    m = Model()
+    m.plate("N", 3)
+    m.latent("mu", prior=lambda: Normal(0.0, 1.0))
+    m.observe("x", lambda mu: Normal(mu, 1.0), plates=["N"])
+    dens = JointDensity(m)
+    x = torch.zeros(3)
+    values = {"mu": torch.zeros(4)}
+    dens.log_prob(values, {"x": x})
+    dens.log_prob(values, {"x": x})  # cached
+    x[1] = float("nan")  # in place: the version counter moves
+    with pytest.raises(TMCError, match="contains NaN"):
+        dens.log_prob(values, {"x": x})
+    with pytest.raises(TMCError, match="contains NaN"):
+        dens.log_prob(values, {"x": torch.tensor([0.0, float("nan"), 0.0])})
