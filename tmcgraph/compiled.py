@@ -30,6 +30,7 @@ from torch.distributions import Distribution
 
 from ._kernels import align, log_product, log_reduce, shifted_sum
 from .errors import TMCError
+from .plan import run_steps
 from .stages import EinsumStage, ProductStage, Stage
 
 __all__ = ["BACKENDS", "CompiledProgram", "check_backend"]
@@ -69,29 +70,24 @@ def _program(stages: Sequence[Stage], input_labels: Sequence[str], output_labels
     def run(tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         batch = torch.broadcast_shapes(*(t.shape[: t.dim() - len(lab)] for t, lab in zip(tensors, input_labels)))
         values = list(tensors)
-        flag = torch.full((), math.inf, dtype=tensors[0].dtype, device=tensors[0].device)
+        flags: List[torch.Tensor] = []
+
+        def contract(operands: Sequence[torch.Tensor], labels: Sequence[str], out: str) -> torch.Tensor:
+            if len(operands) == 1:
+                return log_reduce(operands[0], labels[0], out)  # exact, sync-free
+            value, flag = _pair(operands[0], labels[0], operands[1], labels[1], out)
+            flags.append(flag)
+            return value
+
         for stage in stages:
             operands = [values[k] for k in stage.inputs]
             if isinstance(stage, ProductStage):
                 values.append(log_product(operands[0], stage.input_labels[0], stage.output_labels))
-                continue
-            assert isinstance(stage, EinsumStage)
-            work = list(zip(operands, stage.input_labels))
-            for step in stage.steps:
-                positions = sorted(step.positions)
-                taken = [work[p] for p in positions]
-                for p in reversed(positions):
-                    work.pop(p)
-                if len(taken) == 1:
-                    value = log_reduce(taken[0][0], taken[0][1], step.result_labels)  # exact, sync-free
-                else:
-                    value, step_flag = _pair(taken[0][0], taken[0][1], taken[1][0], taken[1][1],
-                                             step.result_labels)
-                    flag = torch.minimum(flag, step_flag)
-                work.append((value, step.result_labels))
-            (value, labels), = work
-            values.append(align(value, labels, stage.output_labels))
+            else:
+                values.append(run_steps(stage, operands, contract))
         result = values[-1]
+        flag = torch.stack(flags).amin() if flags else torch.full((), math.inf, dtype=result.dtype,
+                                                                    device=result.device)
         result = result.expand(tuple(batch) + tuple(result.shape[result.dim() - len(output_labels):]))
         return (result + constant if constant else result), flag
 

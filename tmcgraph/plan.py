@@ -20,7 +20,7 @@ from ._kernels import align, log_contract, log_product, log_reduce
 from .errors import TMCError
 from .stages import EinsumStage, InputSpec, ProductStage, Stage
 
-__all__ = ["Plan", "StepInfo", "check_operands", "check_result"]
+__all__ = ["Plan", "StepInfo", "check_operands", "check_result", "run_steps"]
 
 _STACK_LABEL = opt_einsum.get_symbol(100_000)
 
@@ -37,14 +37,18 @@ class StepInfo:
     size: int
 
 
-def _run_steps(stage: EinsumStage, operands: Sequence[torch.Tensor]) -> torch.Tensor:
+Contract = Callable[[Sequence[torch.Tensor], Sequence[str], str], torch.Tensor]
+
+
+def run_steps(stage: EinsumStage, operands: Sequence[torch.Tensor], contract: Contract = log_contract) -> torch.Tensor:
+    """Walk an einsum stage's path: ``contract(operands, their labels, result labels)`` per step."""
     work = list(zip(operands, stage.input_labels))
     for step in stage.steps:
         positions = sorted(step.positions)
         taken = [work[p] for p in positions]
         for p in reversed(positions):
             work.pop(p)
-        value = log_contract([t for t, _ in taken], [lab for _, lab in taken], step.result_labels)
+        value = contract([t for t, _ in taken], [lab for _, lab in taken], step.result_labels)
         work.append((value, step.result_labels))
     (value, labels), = work
     return align(value, labels, stage.output_labels)
@@ -65,7 +69,7 @@ def _run_sliced(stage: EinsumStage, operands: Sequence[torch.Tensor]) -> torch.T
                     dim = t.dim() - len(labels) + labels.index(label)
                     t = t.narrow(dim, start, min(chunk, sizes[label] - start))
             pieces.append(t)
-        partial.setdefault(tuple(starts[k] for k in kept), []).append(_run_steps(stage, pieces))
+        partial.setdefault(tuple(starts[k] for k in kept), []).append(run_steps(stage, pieces))
     combined = {
         key: parts[0] if len(parts) == 1 else log_reduce(torch.stack(parts, -1), out + _STACK_LABEL, out)
         for key, parts in partial.items()
@@ -235,7 +239,7 @@ class Plan:
             elif stage.slices:
                 values.append(_run_sliced(stage, operands))
             else:
-                values.append(_run_steps(stage, operands))
+                values.append(run_steps(stage, operands))
         result = values[-1]
         if result.shape[: result.dim() - len(self.output_labels)] != batch:
             result = result.expand(*batch, *result.shape[result.dim() - len(self.output_labels) :])
