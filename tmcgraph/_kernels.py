@@ -38,15 +38,16 @@ _scratch_pool = threading.local()
 
 
 def _scratch(slot: int, x: torch.Tensor, shift: torch.Tensor) -> Optional[torch.Tensor]:
-    """A reusable buffer shaped like ``x - shift`` (slot 0 or 1: the two operands of a step), or ``None``
-    (a fresh tensor) for small operands.
+    """A reusable buffer shaped like ``x - shift`` (slot 0 or 1: the two operands of a step; ``shift`` is
+    ``x``'s max over some dims with keepdim, so the shape is ``x``'s), or ``None`` (a fresh tensor) for
+    small operands.
 
     Fresh allocations of large tensors page-fault on first touch, which costs more than the shift
     itself; the no-grad path writes into one growing buffer per slot and thread instead.  The buffers
     live until :func:`release_scratch`.
     """
-    shape = torch.broadcast_shapes(x.shape, shift.shape)
-    numel = math.prod(shape)
+    shape = x.shape  # shift is x's own max with keepdim: x - shift has x's shape
+    numel = x.numel()
     if numel < _SCRATCH_MIN_ELEMENTS:
         return None
     pool = getattr(_scratch_pool, "buffers", None)
