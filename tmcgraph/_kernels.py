@@ -32,8 +32,10 @@ __all__ = ["align", "log_contract", "log_contract_pair", "log_product", "log_red
 _REPAIR_BLOCK_ELEMENTS = 1 << 22
 
 
-#: operands at least this large are shifted and exponentiated into reused scratch memory
-_SCRATCH_MIN_ELEMENTS = 1 << 16
+#: operands at least this large are shifted and exponentiated into reused scratch memory.  Smaller
+#: blocks come back from the allocator's free lists without page faults (glibc serves blocks below its
+#: mmap threshold, at most 32 MiB, from the heap), so there a fresh tensor is as fast.
+_SCRATCH_MIN_ELEMENTS = 1 << 23
 _scratch_pool = threading.local()
 
 
