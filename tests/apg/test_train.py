@@ -188,3 +188,14 @@ def test_flags_that_need_plots_and_version(capsys, monkeypatch):
         main(["train", "gmm", "--help"])
     help_text = capsys.readouterr().out
     assert "apg: 32000; apg-features: 2000; rws-mlp, rws-lstm: 10000" in help_text  # each method's defaults
+
+
+def test_optional_methods_are_skipped_when_absent(tmp_path):
+    """APG-features is optional: a checkpoint directory without it evaluates the other methods."""
+    import shutil
+
+    for method in ("apg", "rws-mlp", "rws-lstm"):
+        shutil.copy(os.path.join(SHIPPED, f"gmm-{method}.pt"), tmp_path / f"gmm-{method}.pt")
+    out = evaluate("gmm", checkpoint=str(tmp_path), options={"datasets": 2, "particles": 4, "rws_particles": 8,
+                                                              "sweeps": [2]})
+    assert [r["method"] for r in out["rows"]] == ["RWS-MLP", "RWS-LSTM", "APG"]
