@@ -51,18 +51,16 @@ def _add_train(sub: argparse._SubParsersAction, problem: models.Problem) -> None
         p.add_argument(flag, type=kind, default=None, metavar=metavar, help=f"{help_text} (default: {text})")
 
     method_default("--iterations", "iterations", positive_int, "training iterations", "N")
-    p.add_argument("--batch", type=positive_int, default=base.batch_size, metavar="B", help="datasets per batch")
+    method_default("--batch", "batch_size", positive_int, "datasets per batch", "B")
     method_default("--particles", "num_particles", positive_int, "particles L", "L")
     method_default("--sweeps", "num_sweeps", positive_int, "sweeps K (1 for the one-shot RWS methods)", "K")
     method_default("--lr", "lr", positive_float, "initial Adam learning rate", "LR")
     method_default("--lr-final", "lr_final", positive_float, "learning rate at the end (exponential decay)", "LR")
-    p.add_argument("--datasets", type=positive_int, default=base.num_datasets, metavar="N",
-                   help="training datasets")
+    method_default("--datasets", "num_datasets", positive_int, "training datasets", "N")
     p.add_argument("--seed", type=int, default=base.seed, help="seed of the data, the weights and the sampler")
-    p.add_argument("--log-every", type=positive_int, default=base.log_every, metavar="N",
-                   help="log metrics every N iterations")
-    p.add_argument("--checkpoint-every", type=positive_int, default=base.checkpoint_every, metavar="N",
-                   help="write a checkpoint every N iterations")
+    method_default("--log-every", "log_every", positive_int, "log metrics every N iterations", "N")
+    method_default("--checkpoint-every", "checkpoint_every", positive_int, "write a checkpoint every N iterations",
+                   "N")
     method_default("--threads", "threads", non_negative_int, "torch threads (0: torch's default)", "T")
     inits = _defaults_text(problem, "init")
     p.add_argument("--init", default=None, metavar="FILE",
@@ -78,11 +76,11 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
     settings = {"iterations": args.iterations, "num_particles": args.particles, "num_sweeps": args.sweeps,
-                "lr": args.lr, "lr_final": args.lr_final, "threads": args.threads, "init": args.init}
+                "lr": args.lr, "lr_final": args.lr_final, "threads": args.threads, "init": args.init,
+                "batch_size": args.batch, "num_datasets": args.datasets, "log_every": args.log_every,
+                "checkpoint_every": args.checkpoint_every}
     settings = {k: v for k, v in settings.items() if v is not None}
-    cfg = TrainConfig.for_method(args.model, args.method, batch_size=args.batch, num_datasets=args.datasets,
-                                 seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                                 **settings)
+    cfg = TrainConfig.for_method(args.model, args.method, seed=args.seed, **settings)
     try:
         last = train(args.out, cfg, resume=not args.restart, progress=not args.quiet)
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ from .errors import TMCError
 from .graph import _check_name, _check_size, check_plate_list
 
 if TYPE_CHECKING:
+    from .distributed import Shard
     from .estimators import TMC
 
 __all__ = ["Model", "Site", "DistFn"]
@@ -318,6 +319,7 @@ class Model:
         optimize: str = "auto",
         memory_limit: Optional[int] = None,
         backend: str = "eager",
+        shard: Optional["Shard"] = None,
     ) -> "TMC":
         """Build the TMC estimator: the factor graph of sample indices, compiled once.
 
@@ -330,13 +332,16 @@ class Model:
             backend: how the contraction runs: ``"eager"`` (default) or
                 ``"compiled"`` (``torch.compile`` of the whole plan, compiled on
                 first use per shape; see :mod:`tmcgraph.compiled`).
+            shard: evaluate with this plate split across the processes of a
+                ``torch.distributed`` group (:class:`tmcgraph.distributed.Shard`;
+                this model declares the plate with the size of this process's shard).
 
         Returns:
             a :class:`tmcgraph.TMC` estimator.
         """
         from .estimators import TMC
 
-        return TMC(self, K, optimize=optimize, memory_limit=memory_limit, backend=backend)
+        return TMC(self, K, optimize=optimize, memory_limit=memory_limit, backend=backend, shard=shard)
 
     def __repr__(self) -> str:
         lat = [n for n, s in self._sites.items() if s.kind == "latent"]

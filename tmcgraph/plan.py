@@ -227,15 +227,35 @@ class Plan:
         return f"Plan(inputs={len(self.inputs)}, treewidth={self.treewidth}, flops={self.flops:.3g})"
 
     # -- evaluation ---------------------------------------------------------
-    def run(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Evaluate on already validated tensors, in input order (no checks)."""
+    def plate_label(self, plate: str) -> str:
+        """The label of plate ``plate`` in this plan's stages (an error names the plan's plates)."""
+        for label, name in self._names.items():
+            if name == plate:
+                return label
+        raise TMCError(f"plate {plate!r} is not in this plan; its plates and indices: {sorted(self._names.values())}")
+
+    def run(self, tensors: Sequence[torch.Tensor], *,
+            plate_reduce: Optional[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = None) -> torch.Tensor:
+        """Evaluate on already validated tensors, in input order (no checks).
+
+        ``plate_reduce=(plate, fn)`` applies ``fn`` to every value right after
+        ``plate`` has been multiplied out of it (a plate product: a sum of
+        log-values over the plate's elements), expanded to the full batch shape.
+        Sharded evaluation (:mod:`tmcgraph.distributed`) passes an all-reduce here.
+        """
         values: List[torch.Tensor] = list(tensors)
         batch = torch.broadcast_shapes(*(t.shape[: t.dim() - len(s.labels)] for t, s in zip(tensors, self.inputs)))
         stages = self.stages if self._slicer is None else self._slicer(math.prod(batch))
+        reduce_label = self.plate_label(plate_reduce[0]) if plate_reduce is not None else None
         for stage in stages:
             operands = [values[k] for k in stage.inputs]
             if isinstance(stage, ProductStage):
-                values.append(log_product(operands[0], stage.input_labels[0], stage.output_labels))
+                value = log_product(operands[0], stage.input_labels[0], stage.output_labels)
+                if (plate_reduce is not None and reduce_label is not None and reduce_label in stage.input_labels[0]
+                        and reduce_label not in stage.output_labels):
+                    core = value.shape[value.dim() - len(stage.output_labels):]
+                    value = plate_reduce[1](value.expand(tuple(batch) + tuple(core)))
+                values.append(value)
             elif stage.slices:
                 values.append(_run_sliced(stage, operands))
             else:
@@ -245,7 +265,8 @@ class Plan:
             result = result.expand(*batch, *result.shape[result.dim() - len(self.output_labels) :])
         return result + self.constant if self.constant else result
 
-    def log_sum(self, factors: Mapping[str, torch.Tensor], *, backend: str = "eager") -> torch.Tensor:
+    def log_sum(self, factors: Mapping[str, torch.Tensor], *, backend: str = "eager",
+                plate_reduce: Optional[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = None) -> torch.Tensor:
         """``log sum_{index copies} exp(sum of factor copies)``.
 
         Args:
@@ -255,6 +276,8 @@ class Plan:
                 ``torch.compile``'d program (:mod:`tmcgraph.compiled`), compiled on
                 first use per input shapes; same results (it falls back to eager
                 where precision could be lost).
+            plate_reduce: ``(plate, fn)``: apply ``fn`` to every value right after
+                ``plate`` is multiplied out of it (see :meth:`run`; eager only).
 
         Returns:
             tensor ``(*batch,)``: differentiable, ``-inf`` where every term has zero
@@ -279,7 +302,9 @@ class Plan:
         check_backend(backend)
         tensors = [factors[s.name] for s in self.inputs]
         tensors = check_operands(tensors, self.inputs)
-        result = self._run_compiled(tensors) if backend == "compiled" else self.run(tensors)
+        if plate_reduce is not None and backend == "compiled":
+            raise TMCError("plate_reduce (sharded evaluation) runs on the eager backend only")
+        result = self._run_compiled(tensors) if backend == "compiled" else self.run(tensors, plate_reduce=plate_reduce)
         check_result(result, tensors, self.inputs)
         return result
 

@@ -12,9 +12,10 @@ checked call of one site's prior or likelihood, is shared with
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import Callable, ContextManager, Dict, List, Mapping, Optional
 
 import torch
 from torch.distributions import Distribution
@@ -107,7 +108,8 @@ def site_density(layout: Layout, model: Model, name: str, values: Mapping[str, t
 
 
 def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bool = False,
-          detach_samples: bool = False) -> Trace:
+          detach_samples: bool = False,
+          rng: Optional[Callable[[str], ContextManager[object]]] = None) -> Trace:
     """Sample every latent in topological order and compute every log-factor.
 
     Args:
@@ -122,6 +124,9 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             factors are then functions of the sample values alone (proposal
             parameters enter only through ``samples``), which is what the TMC
             DReGs surrogate differentiates.
+        rng: ``rng(name)`` is a context manager entered around the random draws
+            of sampled latent ``name`` (sharded evaluation switches between a
+            stream shared by all processes and a per-process one).
     """
     layout = layout.copy()  # enumerated sizes are filled in on the copy, returned in the Trace
     values: Dict[str, torch.Tensor] = {}
@@ -182,28 +187,30 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         args: List[torch.Tensor] = []
         own_args: List[torch.Tensor] = []
         mix: List[int] = []
-        for p in site.proposal_parents:
-            parent = model.sites[p]
-            if parent.kind == "observed" or layout.index_of[p] == own:
-                args.append(values[p])
+        with rng(name) if rng is not None else contextlib.nullcontext():
+            for p in site.proposal_parents:
+                parent = model.sites[p]
+                if parent.kind == "observed" or layout.index_of[p] == own:
+                    args.append(values[p])
+                    own_args.append(values[p])
+                    continue
+                pidx = layout.index_of[p]
+                choice = torch.randint(layout.index_sizes[pidx], layout.template([own], site.plates),
+                                       device=values[p].device)
+                args.append(_select(values[p], event_dims[p], layout.index_pos[pidx], pos, choice))
                 own_args.append(values[p])
-                continue
-            pidx = layout.index_of[p]
-            choice = torch.randint(layout.index_sizes[pidx], layout.template([own], site.plates),
-                                   device=values[p].device)
-            args.append(_select(values[p], event_dims[p], layout.index_pos[pidx], pos, choice))
-            own_args.append(values[p])
-            mix.append(layout.index_pos[pidx])
-        # a proposal varies along the latent's own index only through its latent parents' selected samples
-        latent_parents = any(model.sites[p].kind == "latent" for p in site.proposal_parents)
-        q = layout.density(f"{owner} proposal", proposal, args, [arg_events[p] for p in site.proposal_parents],
-                           [own] if latent_parents else [], site.plates, sample_index=own)
-        if q.has_rsample:
-            z = q.rsample()
-        else:
-            if dregs or detach_samples:
-                raise TMCError(f"{owner}: DReGs needs a reparameterised proposal; {type(q).__name__} has no rsample")
-            z = q.sample()
+                mix.append(layout.index_pos[pidx])
+            # a proposal varies along the latent's own index only through its latent parents' selected samples
+            latent_parents = any(model.sites[p].kind == "latent" for p in site.proposal_parents)
+            q = layout.density(f"{owner} proposal", proposal, args, [arg_events[p] for p in site.proposal_parents],
+                               [own] if latent_parents else [], site.plates, sample_index=own)
+            if q.has_rsample:
+                z = q.rsample()
+            else:
+                if dregs or detach_samples:
+                    raise TMCError(f"{owner}: DReGs needs a reparameterised proposal; {type(q).__name__} has no "
+                                   "rsample")
+                z = q.sample()
         event_dims[name] = arg_events[name] = len(q.event_shape)
         if samples is not None:
             samples[name] = z

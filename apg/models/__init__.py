@@ -46,3 +46,12 @@ def _gmm() -> Problem:
 
 
 register("gmm", _gmm)
+
+
+def _dgmm() -> Problem:
+    from .dgmm import DGMMProblem
+
+    return DGMMProblem()
+
+
+register("dgmm", _dgmm)

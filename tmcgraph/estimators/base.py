@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Mapping, Optional, Tuple
 
 from ..compiled import check_backend
 from ..errors import TMCError
@@ -76,8 +76,11 @@ class GraphEstimator:
         sizes = {i: 1 if s is None else s for i, s in self._sizes.items()}
         return Layout(self.model, self.index_of, sizes, data_batch_shape(self.model, data), self._slots, self._probed)
 
+    #: ``rng(name)``: a context manager around the random draws of latent ``name`` (sharded TMC)
+    _rng: Optional[Callable[[str], ContextManager[object]]] = None
+
     def _trace(self, data: Mapping[str, object], **kw) -> Tuple[Trace, Plan, float]:
-        tr = trace(self.model, self._layout(data), data, **kw)
+        tr = trace(self.model, self._layout(data), data, rng=self._rng, **kw)
         plan, norm = self._plan_for(tuple(tr.layout.index_sizes.items()))
         return tr, plan, norm
 

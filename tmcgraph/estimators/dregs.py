@@ -6,7 +6,7 @@ appendix F), which is biased for more than one latent.  The derivation is in
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -32,7 +32,8 @@ def check_factorised(model: Model, sampled: Sequence[str]) -> None:
 
 
 def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequence[str], *,
-              backend: str = "eager") -> torch.Tensor:
+              backend: str = "eager", log_sum: Optional[Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = None,
+              marginal_scale: Optional[Callable[[str], float]] = None) -> torch.Tensor:
     """The TMC DReGs surrogate of a trace made with ``detach_samples=True`` (see :meth:`TMC.dregs_surrogate`).
 
     Args:
@@ -42,6 +43,11 @@ def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequenc
         norm: the log-normaliser (``sum log K`` over sampled index copies).
         sampled: the sampled latents.
         backend: the plan's evaluation backend.
+        log_sum: evaluates the plan on the factors (default ``plan.log_sum``). Sharded TMC all-reduces
+            and divides the replicated factors' gradients by the world size: the derivatives
+            ``d log P / d z`` of a replicated latent are then this process's share of the total.
+        marginal_scale: ``marginal_scale(latent)`` multiplies the latent factor's gradient back into
+            its marginal weights ``m`` (sharded TMC: the world size for replicated latents).
 
     Returns:
         ``(*batch,)``: value ``log P_TMC``, gradient (w.r.t. proposal parameters)
@@ -50,7 +56,7 @@ def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequenc
     assert tr.samples is not None
     layout = tr.layout
     with torch.enable_grad():
-        total = plan.log_sum(tr.factors, backend=backend)
+        total = plan.log_sum(tr.factors, backend=backend) if log_sum is None else log_sum(tr.factors)
         grads = torch.autograd.grad(total.sum(), [tr.factors[n] for n in sampled] + [tr.values[n] for n in sampled])
     nb = len(layout.batch)
     path: Optional[torch.Tensor] = None
@@ -58,6 +64,8 @@ def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequenc
         # m_i(k) per plate element: the factor's gradient summed over its parents' indices
         extra = len(factor_indices(model, layout.index_of, name)) - 1
         m = g_factor.sum(dim=tuple(range(g_factor.dim() - extra, g_factor.dim()))) if extra else g_factor
+        if marginal_scale is not None:
+            m = m * marginal_scale(name)
         event = tr.event_dims[name]
         g = layout.site_view(g_value, name, event)  # (*batch, *plates, K, *event)
         m = m.reshape(tuple(m.shape) + (1,) * event)

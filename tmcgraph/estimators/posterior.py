@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Callable, Dict, Optional
 
@@ -39,7 +40,7 @@ class Posterior:
         self._fac = {n: f.detach().expand(batch + tuple(f.shape[f.dim() - core[n]:])) for n, f in tr.factors.items()}
         leaves = {n: f.clone().requires_grad_() for n, f in self._fac.items()}
         with torch.enable_grad():
-            total = plan.log_sum(leaves, backend=est.backend)
+            total = est._log_sum(plan, leaves, share=False)
             if not bool(torch.isfinite(total).all()):
                 raise TMCError("every sample combination has zero weight (log P_TMC = -inf) for some batch element; "
                                "the posterior over samples is undefined")
@@ -99,12 +100,14 @@ class Posterior:
             extra = len(factor_indices(model, self._trace.layout.index_of, n)) - 1
             leaf = fac[n].clone().requires_grad_()
             with torch.enable_grad():
-                total = self._plan.log_sum({**fac, n: leaf}, backend=self._est.backend)
+                total = self._est._log_sum(self._plan, {**fac, n: leaf}, share=False)
                 (g,) = torch.autograd.grad(total.sum(), [leaf])
             w = g.sum(dim=tuple(range(g.dim() - extra, g.dim()))) if extra else g
             k = w.shape[-1]
             flat = w.reshape(-1, k).clamp_min(0)
-            pick = torch.multinomial(flat, 1).reshape(w.shape[:-1])
+            rng = self._est._rng
+            with rng(n) if rng is not None else contextlib.nullcontext():  # sharded: globals on the shared stream
+                pick = torch.multinomial(flat, 1).reshape(w.shape[:-1])
             out["@index:" + n] = pick
             mask = torch.full(w.shape, -math.inf, dtype=fac[n].dtype, device=w.device)
             mask.scatter_(-1, pick.unsqueeze(-1), 0.0)

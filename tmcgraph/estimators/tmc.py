@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+import math
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from ..distributed import Shard
 from ..errors import TMCError
 from ..model import Model
 from ..plan import Plan
@@ -32,8 +34,13 @@ class TMC(GraphEstimator):
     """
 
     def __init__(self, model: Model, K: Union[int, Mapping[str, int]], *, optimize: str = "auto",
-                 memory_limit: Optional[int] = None, backend: str = "eager") -> None:
+                 memory_limit: Optional[int] = None, backend: str = "eager", shard: Optional[Shard] = None) -> None:
         latents = model.latents()
+        self.shard = _check_shard(model, shard, backend)
+        if shard is not None:
+            plate = shard.plate
+            self._rng = lambda name: shard.stream(shared=plate not in model.sites[name].plates)
+        self._shard_norms: Dict[tuple, float] = {}
         sampled = [n for n in latents if not model.sites[n].enumerate]
         if isinstance(K, Mapping):
             unknown = [n for n in K if n not in latents]
@@ -65,7 +72,39 @@ class TMC(GraphEstimator):
             tensor ``(*batch,)``.  Its exp is unbiased for ``p(x)``.
         """
         tr, plan, norm = self._trace(data)
-        return plan.log_sum(tr.factors, backend=self.backend) - norm
+        return self._log_sum(plan, tr.factors, share=True) - norm
+
+    # -- sharding (tmcgraph.distributed) -------------------------------------------------
+    def _trace(self, data: Mapping[str, object], **kw) -> Tuple[Trace, Plan, float]:
+        tr, plan, norm = super()._trace(data, **kw)
+        if self.shard is None:
+            return tr, plan, norm
+        key = (tuple(tr.layout.index_sizes.items()), tuple(tr.layout.batch))
+        if key not in self._shard_norms:
+            # log K of the sampled index copies in the sharded plate, summed over the shards (once per shapes);
+            # the same collective checks that every process evaluates the same batch shape
+            plate = self.shard.plate
+            local = sum(math.log(tr.layout.index_sizes[n]) * math.prod(self.model.plates[p]
+                                                                          for p in self.model.sites[n].plates)
+                        for n in self._sampled if plate in self.model.sites[n].plates)
+            gathered = self.shard.gather_objects((tuple(tr.layout.batch), local))
+            batches = [b for b, _ in gathered]
+            if any(b != batches[0] for b in batches):
+                raise TMCError(f"sharded evaluation: the processes' data batch shapes differ ({batches} by rank); "
+                               "every process must evaluate the same batch of datasets (its shard of each)")
+            self._shard_norms[key] = norm - local + sum(v for _, v in gathered)
+        return tr, plan, self._shard_norms[key]
+
+    def _log_sum(self, plan: Plan, factors: Mapping[str, torch.Tensor], *, share: bool) -> torch.Tensor:
+        """``plan.log_sum``; sharded: all-reduced over the plate, replicated factors' gradients shared
+        (``share=True``: divided by the world size, see :mod:`tmcgraph.distributed`)."""
+        shard = self.shard
+        if shard is None:
+            return plan.log_sum(factors, backend=self.backend)
+        if share:
+            factors = {n: f if shard.plate in self.model.sites[n].plates else shard.replicated_share(f)
+                       for n, f in factors.items()}
+        return plan.log_sum(factors, plate_reduce=(shard.plate, shard.all_reduce))
 
     def dregs_surrogate(self, data: Mapping[str, object], *, form: str = "tmc") -> torch.Tensor:
         """A surrogate whose gradient w.r.t. the proposal parameters is the DReGs estimator.
@@ -107,13 +146,22 @@ class TMC(GraphEstimator):
             tensor ``(*batch,)``.
         """
         if form == "paper":
+            if self.shard is not None:
+                raise TMCError("form='paper' is not available sharded; use form='tmc'")
             tr, plan, _ = self._trace(data, dregs=True)
             return dregs.paper_surrogate(tr, plan)
         if form != "tmc":
             raise TMCError(f"form must be 'tmc' or 'paper', got {form!r}")
         dregs.check_factorised(self.model, self._sampled)
         tr, plan, norm = self._trace(data, detach_samples=True)
-        return dregs.surrogate(self.model, tr, plan, norm, self._sampled, backend=self.backend)
+        shard = self.shard
+        if shard is None:
+            return dregs.surrogate(self.model, tr, plan, norm, self._sampled, backend=self.backend)
+        model = self.model
+        return dregs.surrogate(model, tr, plan, norm, self._sampled,
+                               log_sum=lambda fs: self._log_sum(plan, fs, share=True),
+                               marginal_scale=lambda name: 1.0 if shard.plate in model.sites[name].plates
+                               else float(shard.world))
 
     # kept for the tests that check each form against its formula
     def _paper_dregs_from_trace(self, tr: Trace, plan: Plan) -> torch.Tensor:
@@ -132,3 +180,29 @@ class TMC(GraphEstimator):
 
     def __repr__(self) -> str:
         return f"TMC(K={self.K}, plan={self.plan if self._plans else 'built at first evaluation'})"
+
+
+def _check_shard(model: Model, shard: Optional[Shard], backend: str) -> Optional[Shard]:
+    """Refuse what cannot be sharded along ``shard.plate``, naming the plate, site and argument."""
+    if shard is None:
+        return None
+    if not isinstance(shard, Shard):
+        raise TMCError(f"shard must be a tmcgraph.distributed.Shard, got {type(shard).__name__}")
+    plate = shard.plate
+    if plate not in model.plates:
+        raise TMCError(f"Shard: plate {plate!r} is not declared in the model; plates: {list(model.plates)}")
+    if backend != "eager":
+        raise TMCError("sharded evaluation runs on the eager backend; drop backend='compiled'")
+    for name in model.latents():
+        site = model.sites[name]
+        if plate in site.plates:
+            continue
+        sharded = [p for p in site.proposal_parents if plate in model.sites[p].plates]
+        if sharded:
+            raise TMCError(
+                f"latent {name!r} is outside the sharded plate {plate!r}, but its proposal reads {sharded}, which "
+                f"{'is' if len(sharded) == 1 else 'are'} in {plate!r}: each process holds only its shard, so the "
+                f"processes would draw different samples of {name!r}. Shard another plate, or make {name!r}'s "
+                "proposal independent of the sharded data"
+            )
+    return shard

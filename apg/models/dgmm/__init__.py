@@ -1,0 +1,134 @@
+"""The deep generative mixture of rings of the APG paper (Wu et al., ICML 2020, section 5.2), registered as
+``"dgmm"``.
+
+* :mod:`.data`: settings (the paper's, and the official code's where the
+  paper is silent) and the seeded simulator.
+* :mod:`.networks`: the learned decoder ``g_theta`` and the proposals.
+* :mod:`.model`: the model declared with tmcgraph (Markov blankets from its
+  factor graph), the block kernels and the APG sampler.
+* :mod:`.evaluation`: Table 1b and Fig. 1b.
+
+Methods: ``apg`` (one-shot encoder plus the kernels of ``{mu}`` and
+``{c, alpha}``) and ``rws`` (the one-shot encoder alone, trained by reweighted
+wake-sleep).  Each learns its own decoder (theta, eq. 6) with its proposals
+(phi, eq. 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from tmcgraph.cli import positive_int
+
+from ...errors import APGError
+from ...sampler import Result, Sampler
+from ..base import Method, Problem
+from .data import PAPER, DGMMConfig, simulate
+from .model import DGMMDensity, LocalKernel, MuKernel, apg_sampler, dgmm_model, log_joint, pick
+from .networks import CircleDecoder, Decoder, DGMMProposals, SkipMLP, von_mises_log_prob, von_mises_sample
+
+__all__ = ["CircleDecoder", "DGMMConfig", "DGMMDensity", "DGMMProblem", "DGMMProposals", "Decoder", "LocalKernel",
+           "MuKernel", "PAPER", "SkipMLP", "apg_sampler", "dgmm_model", "log_joint", "pick", "simulate",
+           "von_mises_log_prob", "von_mises_sample"]
+
+#: the CPU profile the shipped checkpoints were trained with (see docs/reproducing.md); the paper's
+#: settings (batch 20, K=10, L=10, lr 1e-4, 200,000 iterations) are ``--batch 20 --sweeps 10 --particles 10
+#: --lr 1e-4 --lr-final 1e-4 --iterations 200000`` on a GPU
+CPU_PROFILE = dict(batch_size=10, lr=1e-3, lr_final=1e-4, threads=1, checkpoint_every=250, log_every=50)
+
+
+class DGMMProblem(Problem):
+    """The DGMM for the generic drivers (see :class:`apg.models.base.Problem`).
+
+    Args:
+        cfg: sizes, prior and noise (default: the paper's).
+    """
+
+    name = "dgmm"
+    description = "deep generative mixture of rings (section 5.2): Table 1b, Fig. 1b"
+    methods = {
+        "apg": Method("apg", "APG: one-shot encoder + learned Gibbs kernels of {mu} and {c, alpha}; learns the "
+                      "decoder", train_defaults=dict(iterations=6000, num_particles=10, num_sweeps=5,
+                                                     **CPU_PROFILE)),
+        "rws": Method("rws", "RWS baseline: the one-shot encoder (neural sufficient statistics); learns the decoder",
+                      one_shot=True, train_defaults=dict(iterations=6000, num_particles=50, num_sweeps=1,
+                                                         **CPU_PROFILE)),
+    }
+    metric_fields = ("ess_mu", "ess_local", "radius")
+
+    def __init__(self, cfg: DGMMConfig = PAPER) -> None:
+        self.cfg = cfg
+
+    def config(self) -> Dict[str, Any]:
+        return asdict(self.cfg)
+
+    def with_config(self, config: Dict[str, Any]) -> "DGMMProblem":
+        return DGMMProblem(DGMMConfig(**config))
+
+    def make_proposals(self, method: str) -> DGMMProposals:
+        return DGMMProposals(self.cfg, conditional=not self.method(method).one_shot)
+
+    def make_model(self) -> Decoder:
+        return Decoder()
+
+    def sampler(self, proposals: nn.Module, model: nn.Module) -> Sampler:
+        assert isinstance(proposals, DGMMProposals) and isinstance(model, Decoder)
+        return apg_sampler(proposals, model)
+
+    def training_data(self, num_datasets: int, seed: int) -> torch.Tensor:
+        return simulate(num_datasets, self.cfg, seed=seed + 7919)["x"]
+
+    def train_metrics(self, proposals: nn.Module, model: nn.Module, x: torch.Tensor,
+                      result: Result) -> Dict[str, float]:
+        assert isinstance(model, Decoder)
+        return {"radius": float(model.radius.detach())}
+
+    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from .evaluation import EvalConfig
+
+        d = EvalConfig()
+        parser.add_argument("--datasets", type=positive_int, default=d.num_datasets, metavar="N",
+                            help="held-out test datasets")
+        parser.add_argument("--seed", type=int, default=d.seed, help="seed of the test datasets and of the sampler")
+        parser.add_argument("--particles", type=positive_int, default=d.apg_particles, metavar="L",
+                            help="particles L of the APG rows")
+        parser.add_argument("--rws-particles", type=positive_int, default=d.rws_particles, metavar="L",
+                            help="particles L of the RWS row")
+        parser.add_argument("--sweeps", type=positive_int, nargs="+", default=list(d.sweeps), metavar="K",
+                            help="sweeps K of the APG rows")
+        parser.add_argument("--points", type=positive_int, default=d.num_points, metavar="N",
+                            help="points per test dataset")
+
+    def evaluate(self, checkpoints: Dict[str, str], options: Mapping[str, Any], *, plots: Optional[str],
+                 metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
+        from ...train import load_proposals
+        from .evaluation import EvalConfig, evaluate_dgmm
+
+        d = EvalConfig()
+        trained = {}
+        for method, path in checkpoints.items():
+            t = load_proposals(path)
+            if t.problem.name != "dgmm":
+                raise APGError(f"{path} holds {t.problem.name} networks, not dgmm ones")
+            assert isinstance(t.proposals, DGMMProposals) and isinstance(t.model, Decoder)
+            trained[method] = (t.proposals, t.model)
+
+        def get(key: str, default: Any) -> Any:
+            value = options.get(key)
+            return default if value is None else value
+
+        cfg = EvalConfig(num_datasets=get("datasets", d.num_datasets), seed=get("seed", d.seed),
+                         apg_particles=get("particles", d.apg_particles),
+                         rws_particles=get("rws_particles", d.rws_particles), sweeps=tuple(get("sweeps", d.sweeps)),
+                         num_points=get("points", d.num_points))
+        return evaluate_dgmm(trained, cfg, plots=plots, metrics=metrics, progress=progress)
+
+    def format(self, out: Dict[str, Any]) -> str:
+        from .evaluation import format_table
+
+        return format_table(out)

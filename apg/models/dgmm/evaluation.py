@@ -1,0 +1,296 @@
+"""Evaluation of trained DGMM samplers: Table 1b and Fig. 1b of the APG paper (Wu et al., ICML 2020).
+
+Table 1b columns, per method, on held-out datasets simulated with ``seed``
+(each method with the decoder it learned):
+
+* ``log_joint``: mean over datasets of ``E_w[log p_theta(x, z)]`` (the
+  self-normalised average over the final particles), summed over the points
+  as in the paper; ``delta_log_joint``: minus the RWS row's.
+* ESS/L (eq. 11) of the last sweep: ``joint`` for ``{mu, c, alpha}`` updated as
+  one block (:func:`apg.sampler.joint_block`, one resampling per sweep; for RWS
+  the one-shot weights), ``globals`` for the ``{mu}`` block and ``locals`` for
+  ``{c, alpha}`` in the blocked sampler.
+
+References printed beside them: the log joint of the simulated latents under
+the true model (a circle of the true radius), and each method's learned
+radius against the true one.  All randomness comes from generators seeded with
+``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from tmcgraph.plots import pyplot
+
+from ...sampler import joint_block, run
+from .data import DGMMConfig, simulate
+from .model import apg_sampler, log_joint
+from .networks import CircleDecoder, Decoder, DGMMProposals
+
+__all__ = ["EvalConfig", "PAPER_TABLE_1B", "evaluate_dgmm", "format_table", "true_log_joint"]
+
+METHOD_NAMES = {"rws": "RWS", "apg": "APG"}
+
+#: Table 1b of Wu et al. (ICML 2020) as printed: dlogp, ESS/L {mu,c,alpha}, {mu}, {c,alpha}
+#: (its MLP-RWS row gives the baseline's log joint difference to ... itself as 2538; evaluation L not stated)
+PAPER_TABLE_1B = [
+    {"method": "RWS", "sweeps": 1, "delta_log_joint": None, "ess": {"joint": 0.001, "globals": None, "locals": None}},
+    {"method": "APG", "sweeps": 5, "delta_log_joint": 6201, "ess": {"joint": 0.002, "globals": 0.013,
+                                                                   "locals": 0.422}},
+    {"method": "APG", "sweeps": 10, "delta_log_joint": 6293, "ess": {"joint": 0.002, "globals": 0.019,
+                                                                    "locals": 0.454}},
+    {"method": "APG", "sweeps": 15, "delta_log_joint": 6310, "ess": {"joint": 0.003, "globals": 0.025,
+                                                                    "locals": 0.488}},
+]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of an evaluation (defaults: 20 test datasets of 200 points, APG L=100, RWS L=1000)."""
+
+    num_datasets: int = 20
+    seed: int = 12345
+    apg_particles: int = 100
+    rws_particles: int = 1000
+    sweeps: Sequence[int] = (5, 10, 15)
+    num_points: int = 200
+    chunk: int = 2000  # datasets x particles per batched call (bounds memory)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def true_log_joint(truth: Dict[str, torch.Tensor], cfg: DGMMConfig) -> torch.Tensor:
+    """``log p(x, z)`` of simulated data at its true latents under the true model: ``(B,)``."""
+    return log_joint(truth["x"], truth["mu"], truth["c"], truth["alpha"], CircleDecoder(cfg.radius), cfg)
+
+
+def _row(nets: DGMMProposals, decoder: Decoder, x: torch.Tensor, L: int, K: int, chunk: int,
+         generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Last-sweep mean log joint and ESS/L (joint and per block) at K sweeps (K = 1: the one-shot proposal)."""
+    sampler = apg_sampler(nets, decoder)
+    joint = [joint_block(sampler.blocks, sampler.log_joint)] if K > 1 else None
+    out: Dict[str, List[torch.Tensor]] = {k: [] for k in ("log_joint", "joint", "globals", "locals")}
+    for s in _chunks(x.shape[0], max(1, chunk // L)):
+        res = run(sampler, x[s], L, K, record_log_joint=True, generator=generator)
+        last = res.sweeps[-1]
+        out["log_joint"].append(last.mean_log_joint())
+        if K == 1:
+            out["joint"].append(last.ess["init"])
+            continue
+        out["globals"].append(last.ess["mu"])
+        out["locals"].append(last.ess["local"])
+        out["joint"].append(run(sampler, x[s], L, K, blocks=joint, generator=generator).sweeps[-1].ess["joint"])
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def _mean(t: Optional[torch.Tensor]) -> Optional[float]:
+    return None if t is None else float(f"{float(t.mean()):.5g}")
+
+
+def evaluate_dgmm(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalConfig = EvalConfig(),
+                  plots: Optional[str] = None, metrics: Optional[Dict[str, Optional[str]]] = None,
+                  progress: bool = False) -> Dict[str, Any]:
+    """Table 1b on held-out datasets (and Fig. 1b when ``plots`` names a directory).
+
+    Args:
+        trained: method (``"rws"``, ``"apg"``) -> (proposals, decoder).
+        cfg: the evaluation settings.
+        plots: directory for ``fig1b.png`` (and ``training.png``).
+        metrics: method -> training metrics.csv, for the training curves.
+        progress: a progress bar on stderr (one step per table row and figure).
+
+    Returns:
+        ``{"rows": [{"method", "sweeps", "particles", "log_joint", "delta_log_joint",
+        "ess": {"joint", "globals", "locals"}, "radius"}, ...], "reference": {...},
+        "settings": {...}, "paper": [...]}``; ``None`` where a column does not apply.
+    """
+    from tqdm.auto import tqdm
+
+    model_cfg = trained["apg"][0].cfg
+    truth = simulate(cfg.num_datasets, model_cfg, seed=cfg.seed, num_points=cfg.num_points)
+    x = truth["x"]
+    g = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(total=1 + len(cfg.sweeps) + (1 if plots is not None else 0), disable=not progress,
+               desc="evaluate dgmm", unit="step")
+    rows: List[Dict[str, Any]] = []
+    with torch.no_grad():
+        nets, dec = trained["rws"]
+        r = _row(nets, dec, x, cfg.rws_particles, 1, cfg.chunk, g)
+        bar.update(1)
+        base = r["log_joint"]
+        rows.append({"method": "RWS", "sweeps": 1, "particles": cfg.rws_particles, "log_joint": _mean(base),
+                     "delta_log_joint": None, "ess": {"joint": _mean(r["joint"]), "globals": None, "locals": None},
+                     "radius": round(float(dec.radius.detach()), 4)})
+        nets, dec = trained["apg"]
+        for K in cfg.sweeps:
+            r = _row(nets, dec, x, cfg.apg_particles, K, cfg.chunk, g)
+            bar.update(1)
+            rows.append({"method": "APG", "sweeps": K, "particles": cfg.apg_particles if K > 1 else cfg.apg_particles,
+                         "log_joint": _mean(r["log_joint"]), "delta_log_joint": _mean(r["log_joint"] - base),
+                         "ess": {"joint": _mean(r["joint"]), "globals": _mean(r.get("globals")),
+                                 "locals": _mean(r.get("locals"))},
+                         "radius": round(float(dec.radius.detach()), 4)})
+        true_lj = true_log_joint(truth, model_cfg)
+    out: Dict[str, Any] = {
+        "rows": rows,
+        "reference": {"true_latents_log_joint": _mean(true_lj), "rws_log_joint": _mean(base),
+                      "true_radius": model_cfg.radius},
+        "settings": {"test_datasets": cfg.num_datasets, "points": cfg.num_points, "seed": cfg.seed,
+                     "apg_particles": cfg.apg_particles, "rws_particles": cfg.rws_particles},
+        "paper": PAPER_TABLE_1B}
+    if plots is not None:
+        os.makedirs(plots, exist_ok=True)
+        out["figures"] = {"fig1b": _fig1b(trained, cfg, os.path.join(plots, "fig1b.png"))}
+        bar.update(1)
+        curves = _training_curves(metrics or {}, os.path.join(plots, "training.png"))
+        if curves is not None:
+            out["figures"]["training"] = curves
+    bar.close()
+    return out
+
+
+def format_table(out: Dict[str, Any]) -> str:
+    """Table 1b as text (ours, then the paper's)."""
+    def f(v, width=9, digits=3):
+        if v is None:
+            return f"{'-':>{width}}"
+        return f"{v:>{width}.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:>{width}.1e}"
+
+    head = (f"{'method':<14}{'L':>6}{'log p':>11}{'dlogp':>9}{'ESS/L':>9}{'':>9}{'':>9}{'radius':>8}\n"
+            f"{'':<14}{'':>6}{'':>11}{'':>9}{'{m,c,a}':>9}{'{m}':>9}{'{c,a}':>9}")
+    lines = [head]
+
+    def name(r: Dict[str, Any]) -> str:
+        return r["method"] if r["sweeps"] == 1 else f"{r['method']} (K={r['sweeps']})"
+
+    for r in out["rows"]:
+        lines.append(f"{name(r):<14}{r['particles']:>6}{f(r['log_joint'], 11, 1)}{f(r['delta_log_joint'], 9, 1)}"
+                     f"{f(r['ess']['joint'])}{f(r['ess']['globals'])}{f(r['ess']['locals'])}{f(r['radius'], 8)}")
+    s = out.get("settings", {})
+    lines.append(f"({s.get('test_datasets')} held-out datasets of {s.get('points')} points, seed {s.get('seed')}; "
+                 "log p: mean E_w[log p(x, z)] summed over the points; dlogp: minus RWS's; ESS/L of the last sweep)")
+    if out.get("paper"):
+        lines.append("the paper's Table 1b (evaluation L not stated):")
+        for r in out["paper"]:
+            lines.append(f"{name(r):<14}{'?':>6}{'':>11}{f(r['delta_log_joint'], 9, 1)}{f(r['ess']['joint'])}"
+                         f"{f(r['ess']['globals'])}{f(r['ess']['locals'])}")
+    ref = out.get("reference", {})
+    if ref:
+        lines.append("reference: " + ", ".join(f"{k} {v:.2f}" for k, v in ref.items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------
+_COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+
+
+def _draw(ax, x, state, decoder: Optional[Decoder], title: str, recon: bool = False) -> None:
+    import numpy as np
+
+    xs = x.numpy()
+    if state is None:
+        ax.scatter(xs[:, 0], xs[:, 1], s=4, c="grey")
+    else:
+        c = state["c"].numpy()
+        colours = np.array(_COLOURS)[c % len(_COLOURS)]
+        mu = state["mu"]
+        if recon:
+            assert decoder is not None
+            pts = (torch.gather(mu, 0, state["c"].unsqueeze(-1).expand(-1, 2)) + decoder(state["alpha"])).numpy()
+            ax.scatter(pts[:, 0], pts[:, 1], s=4, c=colours)
+        else:
+            ax.scatter(xs[:, 0], xs[:, 1], s=4, c=colours)
+        if decoder is not None:
+            grid = torch.linspace(-math.pi, math.pi, 200)
+            ring = decoder(grid).numpy()
+            for i in range(mu.shape[0]):
+                m = mu[i].numpy()
+                ax.plot(m[0] + ring[:, 0], m[1] + ring[:, 1], color=_COLOURS[i % len(_COLOURS)], lw=0.8)
+                ax.plot(m[0], m[1], "x", color="k", ms=4)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_title(title, fontsize=8)
+
+
+def _best(state: Dict[str, torch.Tensor], log_joint_values: torch.Tensor) -> Dict[str, torch.Tensor]:
+    best = int(log_joint_values.argmax())
+    return {k: v[best] for k, v in state.items()}
+
+
+def _fig1b(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalConfig, path: str) -> str:
+    """Fig. 1b: 5 test datasets of 100-600 points; data, RWS, APG after 3 and 6 sweeps (the particle of
+    highest log joint, with its learned rings), and the reconstruction ``mu_c + g_theta(alpha)``."""
+    plt = pyplot()
+    sizes = [100, 200, 300, 400, 600]
+    fig, axes = plt.subplots(len(sizes), 5, figsize=(10, 2 * len(sizes)))
+    g = torch.Generator().manual_seed(cfg.seed)
+    rws_nets, rws_dec = trained["rws"]
+    nets, dec = trained["apg"]
+    with torch.no_grad():
+        for row, n in enumerate(sizes):
+            x = simulate(1, nets.cfg, seed=cfg.seed + 1000 + n, num_points=n)["x"]
+            _draw(axes[row, 0], x[0], None, None, f"data, N={n}")
+            rs = apg_sampler(rws_nets, rws_dec)
+            res = run(rs, x, cfg.apg_particles, 1, generator=g)
+            st = {k: v[0] for k, v in res.state.items()}
+            _draw(axes[row, 1], x[0], _best(st, rs.log_joint(x, res.state)[0]), rws_dec, "RWS")
+            sampler = apg_sampler(nets, dec)
+            res = run(sampler, x, cfg.apg_particles, 7, record_states=True, generator=g)
+            assert res.trajectory is not None
+            for col, k in ((2, 3), (3, 6)):
+                state = res.trajectory[k]
+                best = _best({kk: v[0] for kk, v in state.items()}, sampler.log_joint(x, state)[0])
+                _draw(axes[row, col], x[0], best, dec, f"APG, {k} sweeps")
+            _draw(axes[row, 4], x[0], best, dec, "reconstruction", recon=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[str]:
+    """Training curves (log joint, ESS/L per block, learned radius) from the runs' metrics CSVs."""
+    import csv
+
+    runs = {m: p for m, p in metrics.items() if p is not None}
+    if not runs:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for m, p in runs.items():
+        with open(p) as fh:
+            rows = list(csv.DictReader(fh))
+        it = [int(r["iteration"]) for r in rows]
+
+        def col(name, rows=rows):
+            return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+
+        label = METHOD_NAMES.get(m, m)
+        axes[0].plot(it, col("log_joint"), label=label)
+        if m == "apg":
+            axes[1].plot(it, col("ess_mu"), label="APG {mu}")
+            axes[1].plot(it, col("ess_local"), label="APG {c, alpha}")
+        axes[1].plot(it, col("ess_init"), label=f"{label} one-shot")
+        axes[2].plot(it, col("radius"), label=label)
+    axes[0].set_ylabel("E_w log p(x, z) (training batch)")
+    axes[1].set_ylabel("ESS / L (training batch)")
+    axes[2].set_ylabel("learned radius")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
