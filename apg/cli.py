@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from typing import Dict, List, Optional
 
@@ -20,6 +21,8 @@ EXAMPLES = """examples:
   apg evaluate gmm --json --plots figs                  the same as JSON, with Figs. 1a and 2
   apg train gmm --method apg --out runs/gmm/apg         retrain the shipped APG checkpoint
   apg train gmm --method rws-mlp --out runs/gmm/rws-mlp
+  apg evaluate dgmm                                     Table 1b (rings) from the shipped checkpoints
+  torchrun --nproc-per-node 2 -m apg.cli train gmm --out runs/gmm/dp    data-parallel on 2 processes
 Rerun an interrupted training command (Ctrl-C) to resume it."""
 
 
@@ -62,6 +65,9 @@ def _add_train(sub: argparse._SubParsersAction, problem: models.Problem) -> None
     method_default("--checkpoint-every", "checkpoint_every", positive_int, "write a checkpoint every N iterations",
                    "N")
     method_default("--threads", "threads", non_negative_int, "torch threads (0: torch's default)", "T")
+    p.add_argument("--streams", type=positive_int, default=None, metavar="S",
+                   help="random streams: each batch is split into S slices with a generator each (default 1, or "
+                        "the number of processes under torchrun, which trains data-parallel: a multiple of it)")
     inits = _defaults_text(problem, "init")
     p.add_argument("--init", default=None, metavar="FILE",
                    help="start from trained networks (a proposals file, or shipped:NAME for apg/checkpoints/NAME.pt)"
@@ -79,14 +85,28 @@ def _train(args: argparse.Namespace) -> int:
                 "lr": args.lr, "lr_final": args.lr_final, "threads": args.threads, "init": args.init,
                 "batch_size": args.batch, "num_datasets": args.datasets, "log_every": args.log_every,
                 "checkpoint_every": args.checkpoint_every}
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    settings["streams"] = args.streams if args.streams is not None else world
     settings = {k: v for k, v in settings.items() if v is not None}
     cfg = TrainConfig.for_method(args.model, args.method, seed=args.seed, **settings)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
     try:
         last = train(args.out, cfg, resume=not args.restart, progress=not args.quiet)
     except KeyboardInterrupt:
-        print(f"interrupted; checkpoint written to {args.out}/checkpoint.pt (run the same command to resume)",
-              file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"interrupted; checkpoint written to {args.out}/checkpoint.pt (run the same command to resume)",
+                  file=sys.stderr)
         return 130
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if args.json:
         print(json.dumps(last))
     else:

@@ -34,7 +34,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ __all__ = ["FLAGS", "TrainConfig", "Trained", "load_proposals", "train"]
 FLAGS = {"model": "MODEL", "method": "--method", "iterations": "--iterations", "batch_size": "--batch",
          "num_particles": "--particles", "num_sweeps": "--sweeps", "lr": "--lr", "lr_final": "--lr-final",
          "num_datasets": "--datasets", "seed": "--seed", "log_every": "--log-every",
-         "checkpoint_every": "--checkpoint-every", "threads": "--threads", "init": "--init"}
+         "checkpoint_every": "--checkpoint-every", "threads": "--threads", "init": "--init", "streams": "--streams"}
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,13 @@ class TrainConfig:
     checkpoint_every: int = 500
     threads: int = 1  # 0: leave torch's default
     init: str = ""  # start from these trained networks (a proposals file of the same method)
+    streams: int = 1  # random streams per batch: the batch is split into this many slices, one generator each
 
     def __post_init__(self) -> None:
         problem = models.get(self.model)
         method = problem.method(self.method)
         for name in ("iterations", "batch_size", "num_particles", "num_sweeps", "num_datasets", "log_every",
-                     "checkpoint_every"):
+                     "checkpoint_every", "streams"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise APGError(f"{name} must be a positive int, got {v!r} ({FLAGS[name]})")
@@ -96,6 +97,9 @@ class TrainConfig:
                            "(--sweeps)")
         if not (self.lr > 0 and self.lr_final > 0):
             raise APGError(f"lr and lr_final must be positive, got {self.lr} and {self.lr_final} (--lr, --lr-final)")
+        if self.batch_size % self.streams:
+            raise APGError(f"batch_size {self.batch_size} must be a multiple of streams {self.streams} "
+                           "(--batch, --streams)")
         if self.batch_size > self.num_datasets:
             raise APGError(f"batch_size {self.batch_size} exceeds num_datasets {self.num_datasets} "
                            "(--batch, --datasets)")
@@ -198,6 +202,10 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
             (naming the flags), or an ``init`` file of another method.
     """
     problem = models.get(cfg.model)
+    world, rank = _world()
+    if cfg.streams % world:
+        raise APGError(f"streams {cfg.streams} must be a multiple of the number of processes {world} (--streams)")
+    lead = rank == 0  # writes the files and shows progress
     os.makedirs(out_dir, exist_ok=True)
     cfg_path, ckpt_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "checkpoint.pt")
     csv_path = os.path.join(out_dir, "metrics.csv")
@@ -206,9 +214,13 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
     torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
     proposals = problem.make_proposals(cfg.method)
     model = problem.make_model()
-    # the sampler's randomness continues torch's default stream from here, in a generator of its own
-    generator = torch.Generator()
-    generator.set_state(torch.get_rng_state())
+    # the sampler's randomness: stream 0 continues torch's default stream from here, in a generator of its
+    # own; stream j > 0 (slice j of every batch) is seeded from (seed, j)
+    states = [torch.get_rng_state()] + [torch.Generator().manual_seed(cfg.seed * 1_000_003 + 104_729 * j).get_state()
+                                        for j in range(1, cfg.streams)]
+    per_rank = cfg.streams // world
+    mine = list(range(rank * per_rank, (rank + 1) * per_rank))
+    generators = [torch.Generator() for _ in mine]
     opt_phi, sched_phi = _optimizer(list(proposals.parameters()), cfg)
     theta = list(model.parameters())
     opt_theta, sched_theta = _optimizer(theta, cfg) if theta else (None, None)
@@ -217,6 +229,8 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
     if resume and os.path.exists(ckpt_path):
         with open(cfg_path) as f:
             saved = json.load(f)
+        saved = {**{k: v for k, v in asdict(TrainConfig(model=cfg.model, method=cfg.method)).items()
+                    if k == "streams"}, **saved}  # runs from before `streams` existed had one
         if saved != asdict(cfg):
             raise _settings_clash(out_dir, saved, cfg)
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -227,26 +241,40 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
             model.load_state_dict(ck["model"])
             opt_theta.load_state_dict(ck["opt_theta"])
             sched_theta.load_state_dict(ck["sched_theta"])
-        generator.set_state(ck["generator"])
+        states = ck.get("generators", [ck["generator"]])
         start, elapsed = ck["iteration"], ck["seconds"]
-        _truncate_csv(csv_path, start, fields_)
+        if lead:
+            _truncate_csv(csv_path, start, fields_)
         if start >= cfg.iterations and os.path.exists(os.path.join(out_dir, "proposals.pt")):
-            tqdm.write(f"the run in {out_dir} is already finished ({start} iterations); nothing to do", file=sys.stderr)
+            if lead:
+                tqdm.write(f"the run in {out_dir} is already finished ({start} iterations); nothing to do",
+                           file=sys.stderr)
             return _last_row(csv_path)
-    else:
+    elif lead:
         if cfg.init:
             problem.init_from(cfg.method, proposals, model, load_proposals(cfg.init))
         with open(cfg_path, "w") as f:
             json.dump(asdict(cfg), f, indent=1)
         with open(csv_path, "w", newline="") as f:
             csv.writer(f).writerow(fields_)
+    elif cfg.init:
+        problem.init_from(cfg.method, proposals, model, load_proposals(cfg.init))
+    for g, j in zip(generators, mine):
+        g.set_state(states[j])
     data = problem.training_data(cfg.num_datasets, cfg.seed)
     sampler = problem.sampler(proposals, model)
+    params = list(proposals.parameters()) + theta
 
     def checkpoint(t: int, seconds: float) -> None:
+        mine_states = [g.get_state() for g in generators]
+        all_states = _gather(mine_states, world)  # every stream's state, in stream order
+        if not lead:
+            return
         blob = {"proposals": proposals.state_dict(), "opt_phi": opt_phi.state_dict(),
-                "sched_phi": sched_phi.state_dict(), "generator": generator.get_state(), "iteration": t,
+                "sched_phi": sched_phi.state_dict(), "generator": all_states[0], "iteration": t,
                 "seconds": seconds}
+        if cfg.streams > 1:
+            blob["generators"] = all_states
         if opt_theta is not None and sched_theta is not None:
             blob.update(model=model.state_dict(), opt_theta=opt_theta.state_dict(),
                         sched_theta=sched_theta.state_dict())
@@ -254,7 +282,7 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
 
     # Ctrl-C / SIGTERM only set a flag: the run stops at the next iteration boundary, after writing a
     # checkpoint, so an interrupted run resumes exactly (a second Ctrl-C exits at once, keeping the
-    # last periodic checkpoint).
+    # last periodic checkpoint).  Under torchrun the processes agree on stopping at every boundary.
     stop = {"flag": False}
     handlers: Dict[int, Any] = {}
 
@@ -273,31 +301,45 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
     t = start
     t0 = time.perf_counter()
     at_boundary = True
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=f"train {cfg.model} {cfg.method}",
-               unit="it")
+    size = cfg.batch_size // cfg.streams
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not (progress and lead),
+               desc=f"train {cfg.model} {cfg.method}", unit="it")
     try:
         while t < cfg.iterations:
             at_boundary = False
             x = _batch(data, cfg, t)
-            res = run(sampler, x, cfg.num_particles, cfg.num_sweeps, objective=True, learn_model=bool(theta),
-                      record_log_joint=(t + 1) % cfg.log_every == 0, generator=generator)
-            loss = phi_loss(res.sweeps)
-            loss_theta = theta_loss(res.sweeps) if theta else None
+            log_now = (t + 1) % cfg.log_every == 0
             opt_phi.zero_grad(set_to_none=True)
             if opt_theta is not None:
                 opt_theta.zero_grad(set_to_none=True)
-            (loss if loss_theta is None else loss + loss_theta).backward()
+            pending: List[Tuple[torch.Tensor, Result, torch.Tensor, Optional[torch.Tensor]]] = []
+            for g, j in zip(generators, mine):
+                xj = x if cfg.streams == 1 else x[j * size:(j + 1) * size]
+                res = run(sampler, xj, cfg.num_particles, cfg.num_sweeps, objective=True, learn_model=bool(theta),
+                          record_log_joint=log_now, generator=g)
+                loss = phi_loss(res.sweeps)
+                loss_theta = theta_loss(res.sweeps) if theta else None
+                total = loss if loss_theta is None else loss + loss_theta
+                # the batch's loss is the mean of the slices' (equal sizes): the same gradient as one slice
+                (total if cfg.streams == 1 else total / cfg.streams).backward()
+                if log_now:
+                    pending.append((xj, res, loss, loss_theta))
+            if world > 1:
+                _all_reduce_grads(params)
             opt_phi.step()
             sched_phi.step()
             if opt_theta is not None and sched_theta is not None:
                 opt_theta.step()
                 sched_theta.step()
             t += 1
-            if t % cfg.log_every == 0:
-                last = _metrics(problem, proposals, model, x, res, loss, loss_theta, t,
-                                elapsed + time.perf_counter() - t0, sched_phi.get_last_lr()[0])
-                with open(csv_path, "a", newline="") as f:
-                    csv.writer(f).writerow([last.get(k, "") for k in fields_])
+            if log_now:  # the metrics of the updated networks on this iteration's batch
+                last = _average([_metrics(problem, proposals, model, xj, res, loss, loss_theta, t, 0.0, 0.0)
+                                 for xj, res, loss, loss_theta in pending], world)
+                last.update(iteration=t, seconds=round(elapsed + time.perf_counter() - t0, 2),
+                            lr=sched_phi.get_last_lr()[0])
+                if lead:
+                    with open(csv_path, "a", newline="") as f:
+                        csv.writer(f).writerow([last.get(k, "") for k in fields_])
                 bar.set_postfix(loss=f"{last['loss']:.1f}", ess=f"{last.get('ess_init', float('nan')):.2f}")
             bar.update(1)
             if t % cfg.checkpoint_every == 0 or t == cfg.iterations:
@@ -305,7 +347,7 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
             at_boundary = True
             if on_step is not None:
                 on_step(t)
-            if stop["flag"]:
+            if _any(stop["flag"], world):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if at_boundary:  # a consistent state: iteration t is complete
@@ -316,10 +358,76 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     bar.close()
-    _atomic_save({"model": cfg.model, "method": cfg.method, "config": problem.config(),
-                  "state_dict": proposals.state_dict(), "model_state_dict": model.state_dict(),
-                  "train": asdict(cfg)}, os.path.join(out_dir, "proposals.pt"))
+    if lead:
+        _atomic_save({"model": cfg.model, "method": cfg.method, "config": problem.config(),
+                      "state_dict": proposals.state_dict(), "model_state_dict": model.state_dict(),
+                      "train": asdict(cfg)}, os.path.join(out_dir, "proposals.pt"))
+    _barrier(world)
     return last or _last_row(csv_path)
+
+
+# -- data parallelism (torch.distributed, e.g. under torchrun) ------------------------------------------
+def _world() -> Tuple[int, int]:
+    """(processes, this rank): (1, 0) unless a torch.distributed group is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _gather(items: List[Any], world: int) -> List[Any]:
+    """Every process's ``items``, concatenated in rank order."""
+    if world == 1:
+        return items
+    import torch.distributed as dist
+
+    out: List[Any] = [None] * world
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def _all_reduce_grads(params: List[nn.Parameter]) -> None:
+    """Sum the gradients over the processes (each holds its slices' share, already divided by ``streams``)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def _average(rows: List[Dict[str, float]], world: int) -> Dict[str, float]:
+    """The mean of each metric over this process's slices and over the processes."""
+    keys = sorted({k for r in rows for k in r})
+    values = torch.tensor([[r.get(k, math.nan) for k in keys] for r in rows], dtype=torch.float64).mean(0)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(values)
+        values /= world
+    return {k: float(v) for k, v in zip(keys, values)}
+
+
+def _any(flag: bool, world: int) -> bool:
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _last_row(path: str) -> Dict[str, float]:
