@@ -242,5 +242,26 @@ def test_plate_reduce_hook_sees_each_plate_product_once():
         plan.log_sum(tr.factors, plate_reduce=("Q", hook))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.mark.slow
+def test_torchrun_example_agrees_with_one_process():
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port),
+           os.path.join(root, "examples", "distributed_tmc.py"), "--json", "--points", "101", "--K", "8",
+           "--train", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["shard_sizes"] == [51, 50] and out["processes"] == 2
+    assert out["log_marginal"] == pytest.approx(out["single_process"], rel=1e-12)
+    assert out["max_grad_diff"] < 1e-9 and out["train"]["max_param_diff"] < 1e-9
