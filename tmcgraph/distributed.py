@@ -124,11 +124,10 @@ class Shard:
         """The shared seed (broadcast from rank 0 on first use if not given)."""
         if self._seed is None:
             dist = _dist()
-            t = (torch.randint(0, 2 ** 62, (1,), dtype=torch.int64) if self.rank == 0
-                 else torch.zeros(1, dtype=torch.int64))
-            dist.broadcast(t, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
-                           group=self.group)
-            self._seed = int(t)
+            box = [int(torch.randint(0, 2 ** 62, (), dtype=torch.int64)) if self.rank == 0 else None]
+            src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+            dist.broadcast_object_list(box, src=src, group=self.group)  # any backend (gloo, NCCL)
+            self._seed = int(box[0])  # type: ignore[arg-type]
         return self._seed
 
     # -- randomness ----------------------------------------------------------------
@@ -173,12 +172,6 @@ class Shard:
     def replicated_share(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` unchanged, its gradient divided by the world size (a replicated term's share)."""
         return _ScaleGrad.apply(x, 1.0 / self.world)
-
-    def sum_float(self, value: float) -> float:
-        """Sum of a Python float over the processes (float64)."""
-        t = torch.tensor([value], dtype=torch.float64)
-        _dist().all_reduce(t, group=self.group)
-        return float(t)
 
     def gather_objects(self, obj: object) -> list:
         """Every process's ``obj``, by rank."""
