@@ -128,7 +128,7 @@ def test_exact_kernel_test_has_power():
 # -- training ------------------------------------------------------------------------------------
 def _tiny(method, **kw):
     settings = dict(iterations=30, batch_size=4, num_particles=4, num_datasets=16, log_every=10,
-                    checkpoint_every=10, lr=1e-2, lr_final=1e-2, threads=0)
+                    checkpoint_every=10, lr=1e-2, lr_final=1e-2, threads=1)
     if method == "apg":
         settings["num_sweeps"] = 2
     settings.update(kw)
