@@ -13,12 +13,11 @@ from apg.cli import main
 from apg.models import get
 from apg.models.dgmm import (
     PAPER,
-    CircleDecoder,
     Decoder,
     DGMMConfig,
     DGMMDensity,
     DGMMProposals,
-    apg_sampler,
+    exact_sampler,
     log_joint,
     simulate,
     von_mises_log_prob,
@@ -94,15 +93,17 @@ def test_von_mises_sampler_is_seeded_and_matches_its_density():
 
 # -- exact kernels give ESS 1 --------------------------------------------------------------------
 def _exact_setup(perturb_radius: float = 1.0):
-    """A circle decoder makes the zero-residual kernels of fresh proposals the exact Gibbs conditionals."""
+    """A circle decoder makes the zero-residual kernels of proposals the exact Gibbs conditionals."""
     cfg = DGMMConfig(num_clusters=3, num_points=30)
     torch.manual_seed(0)
     nets = DGMMProposals(cfg).double()
+    with torch.no_grad():  # trained-looking residuals, removed by exact_sampler
+        for p in nets.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     data = simulate(3, cfg, seed=5)
-    model_decoder = CircleDecoder(cfg.radius)
-    sampler = apg_sampler(nets, model_decoder)
+    sampler = exact_sampler(nets, cfg.radius)
     if perturb_radius != 1.0:  # deliberately wrong kernels: they assume another radius than the model's
-        wrong = apg_sampler(nets, CircleDecoder(cfg.radius * perturb_radius))
+        wrong = exact_sampler(nets, cfg.radius * perturb_radius)
         blocks = [Block(b.name, b.variables, w.kernel, b.log_blanket, b.local_dims)
                   for b, w in zip(sampler.blocks, wrong.blocks)]
         sampler = Sampler(sampler.init, blocks, sampler.log_joint)

@@ -29,11 +29,12 @@ from ...errors import APGError
 from ...sampler import Result, Sampler
 from ..base import Method, Problem
 from .data import PAPER, DGMMConfig, simulate
-from .model import DGMMDensity, LocalKernel, MuKernel, apg_sampler, dgmm_model, log_joint, pick
+from .model import DGMMDensity, LocalKernel, MuKernel, apg_sampler, dgmm_model, exact_sampler, log_joint, pick
 from .networks import CircleDecoder, Decoder, DGMMProposals, SkipMLP, von_mises_log_prob, von_mises_sample
 
 __all__ = ["CircleDecoder", "DGMMConfig", "DGMMDensity", "DGMMProblem", "DGMMProposals", "Decoder", "LocalKernel",
-           "MuKernel", "PAPER", "SkipMLP", "apg_sampler", "dgmm_model", "log_joint", "pick", "simulate",
+           "MuKernel", "PAPER", "SkipMLP", "apg_sampler", "dgmm_model", "exact_sampler", "log_joint", "pick",
+           "simulate",
            "von_mises_log_prob", "von_mises_sample"]
 
 #: the CPU profile the shipped checkpoints were trained with (see docs/reproducing.md); the paper's

@@ -15,6 +15,7 @@ data ``x (*B, N, 2)``.  Blocks: ``{mu}`` (one weight per particle) and
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Dict, Optional, Tuple
 
@@ -26,9 +27,10 @@ from tmcgraph import JointDensity, Model
 from ...sampler import Block, Sampler
 from ..gmm.model import CategoricalKernel
 from .data import DGMMConfig
-from .networks import AnyDecoder, DGMMProposals, von_mises_log_prob, von_mises_sample
+from .networks import AnyDecoder, CircleDecoder, DGMMProposals, von_mises_log_prob, von_mises_sample
 
-__all__ = ["DGMMDensity", "LocalKernel", "MuKernel", "apg_sampler", "dgmm_model", "log_joint", "pick"]
+__all__ = ["DGMMDensity", "LocalKernel", "MuKernel", "apg_sampler", "dgmm_model", "exact_sampler", "log_joint",
+           "pick"]
 
 
 def pick(param: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -181,3 +183,18 @@ def apg_sampler(nets: DGMMProposals, decoder: AnyDecoder) -> Sampler:
               local_dims=1),
     ]
     return Sampler(init, blocks if nets.mu_stats is not None else [], dens.log_joint)
+
+
+def exact_sampler(nets: DGMMProposals, radius: float) -> Sampler:
+    """The blocked Gibbs sampler of the true rings (a circle of ``radius``): ``nets``'s one-shot proposal,
+    then the exact conditionals of ``{mu}`` and ``{c, alpha}`` (every incremental weight is 1).
+
+    The block kernels are those of ``nets`` with their learned residuals removed (see
+    :class:`~apg.models.dgmm.networks.DGMMProposals`), with :class:`CircleDecoder` as the model.
+    """
+    exact = copy.deepcopy(nets)
+    with torch.no_grad():
+        for module in (exact.mu_stats, exact.score, exact.angle):
+            if module is not None:
+                module.zero_residual_()
+    return apg_sampler(exact, CircleDecoder(radius))

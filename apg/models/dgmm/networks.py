@@ -106,10 +106,15 @@ class SkipMLP(nn.Module):
         self.hidden = nn.Linear(in_features, hidden)
         self.out = nn.Linear(hidden, out_features)
         self.skip = nn.Linear(in_features, out_features, bias=False)
+        self.act = Tanh()
+        self.zero_residual_()
+
+    def zero_residual_(self) -> "SkipMLP":
+        """Make the module the zero function again (its initial state), in place."""
         for layer in (self.out, self.skip):
             nn.init.zeros_(layer.weight)
         nn.init.zeros_(self.out.bias)
-        self.act = Tanh()
+        return self
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.out(self.act(self.hidden(f))) + self.skip(f)
