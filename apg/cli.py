@@ -65,6 +65,8 @@ def _add_train(sub: argparse._SubParsersAction, problem: models.Problem) -> None
     method_default("--checkpoint-every", "checkpoint_every", positive_int, "write a checkpoint every N iterations",
                    "N")
     method_default("--threads", "threads", non_negative_int, "torch threads (0: torch's default)", "T")
+    p.add_argument("--device", default=None, metavar="DEV",
+                   help="where to train: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--streams", type=positive_int, default=None, metavar="S",
                    help="random streams: each batch is split into S slices with a generator each (default 1, or "
                         "the number of processes under torchrun, which trains data-parallel: a multiple of it)")
@@ -84,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
     settings = {"iterations": args.iterations, "num_particles": args.particles, "num_sweeps": args.sweeps,
                 "lr": args.lr, "lr_final": args.lr_final, "threads": args.threads, "init": args.init,
                 "batch_size": args.batch, "num_datasets": args.datasets, "log_every": args.log_every,
-                "checkpoint_every": args.checkpoint_every}
+                "checkpoint_every": args.checkpoint_every, "device": args.device}
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     settings["streams"] = args.streams if args.streams is not None else world
     settings = {k: v for k, v in settings.items() if v is not None}

@@ -52,7 +52,8 @@ __all__ = ["FLAGS", "TrainConfig", "Trained", "load_proposals", "train"]
 FLAGS = {"model": "MODEL", "method": "--method", "iterations": "--iterations", "batch_size": "--batch",
          "num_particles": "--particles", "num_sweeps": "--sweeps", "lr": "--lr", "lr_final": "--lr-final",
          "num_datasets": "--datasets", "seed": "--seed", "log_every": "--log-every",
-         "checkpoint_every": "--checkpoint-every", "threads": "--threads", "init": "--init", "streams": "--streams"}
+         "checkpoint_every": "--checkpoint-every", "threads": "--threads", "init": "--init", "streams": "--streams",
+         "device": "--device"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class TrainConfig:
     threads: int = 1  # 0: leave torch's default
     init: str = ""  # start from these trained networks (a proposals file of the same method)
     streams: int = 1  # random streams per batch: the batch is split into this many slices, one generator each
+    device: str = "cpu"  # where the networks, the data and the sampler run ("cuda", "cuda:1", ...)
 
     def __post_init__(self) -> None:
         problem = models.get(self.model)
@@ -97,6 +99,13 @@ class TrainConfig:
                            "(--sweeps)")
         if not (self.lr > 0 and self.lr_final > 0):
             raise APGError(f"lr and lr_final must be positive, got {self.lr} and {self.lr_final} (--lr, --lr-final)")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise APGError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r} "
+                           "(--device)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise APGError(f"device {self.device!r}: this torch has no CUDA device available (--device)")
         if self.batch_size % self.streams:
             raise APGError(f"batch_size {self.batch_size} must be a multiple of streams {self.streams} "
                            "(--batch, --streams)")
@@ -212,15 +221,22 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
-    proposals = problem.make_proposals(cfg.method)
+    device = torch.device(cfg.device)
+    proposals = problem.make_proposals(cfg.method)  # initialised on the CPU: the same weights on every device
     model = problem.make_model()
     # the sampler's randomness: stream 0 continues torch's default stream from here, in a generator of its
-    # own; stream j > 0 (slice j of every batch) is seeded from (seed, j)
-    states = [torch.get_rng_state()] + [torch.Generator().manual_seed(cfg.seed * 1_000_003 + 104_729 * j).get_state()
-                                        for j in range(1, cfg.streams)]
+    # own; stream j > 0 (slice j of every batch) is seeded from (seed, j).  On another device every stream
+    # is seeded from (seed, j) (a CPU generator's state does not fit it).
+    seeds = [cfg.seed * 1_000_003 + 104_729 * j for j in range(cfg.streams)]
+    if device.type == "cpu":
+        states = [torch.get_rng_state()] + [torch.Generator().manual_seed(sd).get_state() for sd in seeds[1:]]
+    else:
+        states = [torch.Generator(device=device).manual_seed(sd).get_state() for sd in seeds]
+    proposals.to(device)
+    model.to(device)
     per_rank = cfg.streams // world
     mine = list(range(rank * per_rank, (rank + 1) * per_rank))
-    generators = [torch.Generator() for _ in mine]
+    generators = [torch.Generator(device=device) for _ in mine]
     opt_phi, sched_phi = _optimizer(list(proposals.parameters()), cfg)
     theta = list(model.parameters())
     opt_theta, sched_theta = _optimizer(theta, cfg) if theta else (None, None)
@@ -230,7 +246,7 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         with open(cfg_path) as f:
             saved = json.load(f)
         saved = {**{k: v for k, v in asdict(TrainConfig(model=cfg.model, method=cfg.method)).items()
-                    if k == "streams"}, **saved}  # runs from before `streams` existed had one
+                    if k in ("streams", "device")}, **saved}  # runs from before these settings: their defaults
         if saved != asdict(cfg):
             raise _settings_clash(out_dir, saved, cfg)
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -261,7 +277,7 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         problem.init_from(cfg.method, proposals, model, load_proposals(cfg.init))
     for g, j in zip(generators, mine):
         g.set_state(states[j])
-    data = problem.training_data(cfg.num_datasets, cfg.seed)
+    data = problem.training_data(cfg.num_datasets, cfg.seed).to(device)
     sampler = problem.sampler(proposals, model)
     params = list(proposals.parameters()) + theta
 
@@ -359,8 +375,9 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
             signal.signal(signum, handler)
     bar.close()
     if lead:
+        cpu = lambda sd: {k: v.cpu() for k, v in sd.items()}  # noqa: E731  (proposals files load on any machine)
         _atomic_save({"model": cfg.model, "method": cfg.method, "config": problem.config(),
-                      "state_dict": proposals.state_dict(), "model_state_dict": model.state_dict(),
+                      "state_dict": cpu(proposals.state_dict()), "model_state_dict": cpu(model.state_dict()),
                       "train": asdict(cfg)}, os.path.join(out_dir, "proposals.pt"))
     _barrier(world)
     return last or _last_row(csv_path)

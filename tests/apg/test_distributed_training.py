@@ -76,3 +76,28 @@ def test_two_processes_follow_the_single_process_trajectory_and_resume(tmp_path)
 def test_streams_must_divide_the_batch():
     with pytest.raises(APGError, match=r"batch_size 4 must be a multiple of streams 3 \(--batch, --streams\)"):
         TrainConfig(**{**TINY, "streams": 3})
+
+
+@pytest.mark.slow
+def test_apg_train_under_torchrun_matches_one_process(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "torchrun")
+    flags = ["--iterations", "6", "--batch", "4", "--particles", "4", "--sweeps", "3", "--datasets", "16",
+             "--log-every", "3", "--checkpoint-every", "4", "--seed", "5", "--threads", "1", "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "apg.cli", "train", "gmm", "--out", out] + flags
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = str(tmp_path / "single")
+    train(single, TrainConfig(iterations=6, batch_size=4, num_particles=4, num_sweeps=3, num_datasets=16,
+                              log_every=3, checkpoint_every=4, seed=5, threads=1, streams=2), progress=False)
+    a, b = _load(single), _load(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)

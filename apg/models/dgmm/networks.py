@@ -129,7 +129,8 @@ def von_mises_sample(loc: torch.Tensor, concentration: torch.Tensor,
     torch's global stream untouched.
     """
     with torch.no_grad():
-        seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device="cpu"))
+        seed = int(torch.randint(0, 2 ** 62, (), generator=generator,
+                                 device=generator.device if generator is not None else "cpu"))
         devices = [loc.device] if loc.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
