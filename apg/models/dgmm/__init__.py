@@ -28,6 +28,7 @@ from tmcgraph.cli import positive_int
 from ...errors import APGError
 from ...sampler import Result, Sampler
 from ..base import Method, Problem
+from ..common import add_sampler_arguments, option
 from .data import PAPER, DGMMConfig, simulate
 from .model import DGMMDensity, LocalKernel, MuKernel, apg_sampler, dgmm_model, exact_sampler, log_joint, pick
 from .networks import CircleDecoder, Decoder, DGMMProposals, SkipMLP, von_mises_log_prob, von_mises_sample
@@ -93,15 +94,8 @@ class DGMMProblem(Problem):
         from .evaluation import EvalConfig
 
         d = EvalConfig()
-        parser.add_argument("--datasets", type=positive_int, default=d.num_datasets, metavar="N",
-                            help="held-out test datasets")
-        parser.add_argument("--seed", type=int, default=d.seed, help="seed of the test datasets and of the sampler")
-        parser.add_argument("--particles", type=positive_int, default=d.apg_particles, metavar="L",
-                            help="particles L of the APG rows")
-        parser.add_argument("--rws-particles", type=positive_int, default=d.rws_particles, metavar="L",
-                            help="particles L of the RWS row")
-        parser.add_argument("--sweeps", type=positive_int, nargs="+", default=list(d.sweeps), metavar="K",
-                            help="sweeps K of the APG rows")
+        add_sampler_arguments(parser, datasets=d.num_datasets, seed=d.seed, particles=d.apg_particles,
+                              rws_particles=d.rws_particles, sweeps=d.sweeps, rws_rows="row")
         parser.add_argument("--points", type=positive_int, default=d.num_points, metavar="N",
                             help="points per test dataset")
 
@@ -120,8 +114,7 @@ class DGMMProblem(Problem):
             trained[method] = (t.proposals, t.model)
 
         def get(key: str, default: Any) -> Any:
-            value = options.get(key)
-            return default if value is None else value
+            return option(options, key, default)
 
         cfg = EvalConfig(num_datasets=get("datasets", d.num_datasets), seed=get("seed", d.seed),
                          apg_particles=get("particles", d.apg_particles),

@@ -34,6 +34,7 @@ import torch
 from tmcgraph.plots import pyplot
 
 from ...sampler import joint_block, run
+from ..common import cell, chunks
 from .data import DGMMConfig, simulate
 from .model import apg_sampler, exact_sampler, log_joint
 from .networks import CircleDecoder, Decoder, DGMMProposals
@@ -72,11 +73,6 @@ class EvalConfig:
     chunk: int = 2000  # datasets x particles per batched call (bounds memory)
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
 def true_log_joint(truth: Dict[str, torch.Tensor], cfg: DGMMConfig) -> torch.Tensor:
     """``log p(x, z)`` of simulated data at its true latents under the true model: ``(B,)``."""
     return log_joint(truth["x"], truth["mu"], truth["c"], truth["alpha"], CircleDecoder(cfg.radius), cfg)
@@ -100,7 +96,7 @@ def _row(nets: DGMMProposals, decoder: Decoder, x: torch.Tensor, true_mu: torch.
     sampler = apg_sampler(nets, decoder)
     joint = [joint_block(sampler.blocks, sampler.log_joint)] if K > 1 else None
     out: Dict[str, List[torch.Tensor]] = {k: [] for k in ("log_joint", "joint", "globals", "locals", "found")}
-    for s in _chunks(x.shape[0], max(1, chunk // L)):
+    for s in chunks(x.shape[0], max(1, chunk // L)):
         res = run(sampler, x[s], L, K, record_log_joint=True, generator=generator)
         last = res.sweeps[-1]
         out["log_joint"].append(last.mean_log_joint())
@@ -166,7 +162,7 @@ def evaluate_dgmm(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalCo
         K = max(cfg.sweeps)
         gibbs_lj, gibbs_found = [], []
         exact = exact_sampler(nets, model_cfg.radius)
-        for s in _chunks(x.shape[0], max(1, cfg.chunk // cfg.apg_particles)):
+        for s in chunks(x.shape[0], max(1, cfg.chunk // cfg.apg_particles)):
             res = run(exact, x[s], cfg.apg_particles, K, record_log_joint=True, generator=g)
             gibbs_lj.append(res.sweeps[-1].mean_log_joint())
             gibbs_found.append(centres_found(res.state["mu"], res.log_weights, truth["mu"][s]).double())
@@ -193,10 +189,7 @@ def evaluate_dgmm(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalCo
 
 def format_table(out: Dict[str, Any]) -> str:
     """Table 1b as text (ours, then the paper's)."""
-    def f(v, width=9, digits=3):
-        if v is None:
-            return f"{'-':>{width}}"
-        return f"{v:>{width}.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:>{width}.1e}"
+    f = cell
 
     head = (f"{'method':<14}{'L':>6}{'log p':>11}{'dlogp':>9}{'ESS/L':>9}{'':>9}{'':>9}{'radius':>8}{'found':>7}\n"
             f"{'':<14}{'':>6}{'':>11}{'':>9}{'{m,c,a}':>9}{'{m}':>9}{'{c,a}':>9}")

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ...train import Trained
 from ...sampler import Result, Sampler
 from ..base import Method, Problem
+from ..common import add_sampler_arguments, option
 from .algebra import (
     PAPER,
     GMMConfig,
@@ -145,15 +146,8 @@ class GMMProblem(Problem):
 
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         d = EvalConfig()
-        parser.add_argument("--datasets", type=positive_int, default=d.num_datasets, metavar="N",
-                            help="held-out test datasets")
-        parser.add_argument("--seed", type=int, default=d.seed, help="seed of the test datasets and of the sampler")
-        parser.add_argument("--particles", type=positive_int, default=d.apg_particles, metavar="L",
-                            help="particles L of the APG rows")
-        parser.add_argument("--rws-particles", type=positive_int, default=d.rws_particles, metavar="L",
-                            help="particles L of the RWS rows")
-        parser.add_argument("--sweeps", type=positive_int, nargs="+", default=list(d.sweeps), metavar="K",
-                            help="sweeps K of the APG rows")
+        add_sampler_arguments(parser, datasets=d.num_datasets, seed=d.seed, particles=d.apg_particles,
+                              rws_particles=d.rws_particles, sweeps=d.sweeps)
         parser.add_argument("--nu0", type=positive_float, default=None,
                             help="the prior's nu0 for the test data and the model (default: the networks', 0.3 as "
                                  "in the paper; the official code and coix use 0.1)")
@@ -180,8 +174,7 @@ class GMMProblem(Problem):
             nets[method] = loaded
 
         def get(key: str, default: Any) -> Any:
-            value = options.get(key)
-            return default if value is None else value
+            return option(options, key, default)
 
         cfg = EvalConfig(num_datasets=get("datasets", d.num_datasets), seed=get("seed", d.seed),
                          apg_particles=get("particles", d.apg_particles),

@@ -27,6 +27,7 @@ from tmcgraph.plots import pyplot
 
 from ...errors import APGError
 from ...sampler import joint_block, run
+from ..common import cell, chunks
 from .algebra import GMMConfig, gibbs, log_joint, simulate
 from .model import apg_sampler, inclusive_kl
 from .networks import GMMProposals
@@ -68,16 +69,11 @@ class EvalConfig:
     nu0: Optional[float] = None  # the prior's nu0 for the test data and the model (None: the networks')
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
 def _rws_row(nets: GMMProposals, x: torch.Tensor, L: int, chunk: int,
              generator: torch.Generator) -> Dict[str, torch.Tensor]:
     sampler = apg_sampler(nets)
     lj, ess = [], []
-    for s in _chunks(x.shape[0], max(1, chunk // L)):
+    for s in chunks(x.shape[0], max(1, chunk // L)):
         res = run(sampler, x[s], L, 1, record_log_joint=True, generator=generator)
         lj.append(res.sweeps[-1].mean_log_joint())
         ess.append(res.sweeps[0].ess["init"])
@@ -91,7 +87,7 @@ def _apg_row(nets: GMMProposals, x: torch.Tensor, L: int, K: int, chunk: int,
     joint = [joint_block(sampler.blocks, sampler.log_joint)]
     out: Dict[str, List[torch.Tensor]] = {k: [] for k in ("log_joint", "globals", "assignments", "joint",
                                                            "kl_globals", "kl_assignments")}
-    for s in _chunks(x.shape[0], max(1, chunk // L)):
+    for s in chunks(x.shape[0], max(1, chunk // L)):
         res = run(sampler, x[s], L, K, record_log_joint=True, generator=generator)
         last = res.sweeps[-1]
         out["log_joint"].append(last.mean_log_joint())
@@ -164,7 +160,7 @@ def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), 
         # reference points: the exact blocked Gibbs sampler (same L, the largest K) and the simulated truth
         K = max(cfg.sweeps)
         gib = torch.cat([gibbs(x[s], cfg.apg_particles, K, model, generator=g)["log_joint"][-1].mean(-1)
-                         for s in _chunks(x.shape[0], max(1, cfg.chunk // cfg.apg_particles))])
+                         for s in chunks(x.shape[0], max(1, cfg.chunk // cfg.apg_particles))])
         truth = simulate(cfg.num_datasets, model, seed=cfg.seed)
         true_lj = log_joint(truth["x"], truth["mu"], truth["tau"], truth["c"], model)
         bar.update(1)
@@ -201,10 +197,7 @@ def _with_model(nets: GMMProposals, model: GMMConfig) -> GMMProposals:
 
 def format_table(out: Dict[str, Any]) -> str:
     """Table 1a as text (ours, then the paper's)."""
-    def f(v, width=9, digits=3):
-        if v is None:
-            return f"{'-':>{width}}"
-        return f"{v:>{width}.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:>{width}.1e}"
+    f = cell
 
     head = (f"{'method':<22}{'L':>6}{'dlogp':>9}{'ESS/L':>9}{'':>9}{'':>9}{'KL (sum)':>9}{'':>9}"
             f"{'KL/point':>10}{'':>9}\n"

@@ -1,0 +1,43 @@
+"""Helpers the models' evaluations share: batching, option lookup, the common flags, table cells."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Iterator, Mapping, Optional
+
+from tmcgraph.cli import positive_int
+
+__all__ = ["add_sampler_arguments", "cell", "chunks", "option"]
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices of ``range(n)`` of at most ``size`` (bounds the memory of batched evaluations)."""
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def option(options: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``options[key]`` unless it is missing or ``None``."""
+    value = options.get(key)
+    return default if value is None else value
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser, *, datasets: int, seed: int, particles: int,
+                          rws_particles: int, sweeps: Any, rws_rows: str = "rows") -> None:
+    """The flags every model's ``apg evaluate`` takes: ``--datasets``, ``--seed``, ``--particles``,
+    ``--rws-particles`` and ``--sweeps``, with these defaults."""
+    parser.add_argument("--datasets", type=positive_int, default=datasets, metavar="N", help="held-out test datasets")
+    parser.add_argument("--seed", type=int, default=seed, help="seed of the test datasets and of the sampler")
+    parser.add_argument("--particles", type=positive_int, default=particles, metavar="L",
+                        help="particles L of the APG rows")
+    parser.add_argument("--rws-particles", type=positive_int, default=rws_particles, metavar="L",
+                        help=f"particles L of the RWS {rws_rows}")
+    parser.add_argument("--sweeps", type=positive_int, nargs="+", default=list(sweeps), metavar="K",
+                        help="sweeps K of the APG rows")
+
+
+def cell(v: Optional[float], width: int = 9, digits: int = 3) -> str:
+    """A right-aligned table cell: ``-`` for ``None``, scientific notation below ``10 ** -digits``."""
+    if v is None:
+        return f"{'-':>{width}}"
+    return f"{v:>{width}.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:>{width}.1e}"
