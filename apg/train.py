@@ -275,6 +275,7 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
             csv.writer(f).writerow(fields_)
     elif cfg.init:
         problem.init_from(cfg.method, proposals, model, load_proposals(cfg.init))
+    _barrier(world)  # every process has read the run's files before rank 0 writes new ones
     for g, j in zip(generators, mine):
         g.set_state(states[j])
     data = problem.training_data(cfg.num_datasets, cfg.seed).to(device)
@@ -284,8 +285,11 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
     def checkpoint(t: int, seconds: float) -> None:
         mine_states = [g.get_state() for g in generators]
         all_states = _gather(mine_states, world)  # every stream's state, in stream order
-        if not lead:
-            return
+        if lead:
+            _write_checkpoint(t, seconds, all_states)
+        _barrier(world)  # the file is on disk before any process goes on (a resume reads it)
+
+    def _write_checkpoint(t: int, seconds: float, all_states: List[Any]) -> None:
         blob = {"proposals": proposals.state_dict(), "opt_phi": opt_phi.state_dict(),
                 "sched_phi": sched_phi.state_dict(), "generator": all_states[0], "iteration": t,
                 "seconds": seconds}

@@ -88,6 +88,7 @@ def _worker(rank, world, init_file, n_local, K, repeats, out_path):
         if rank == 0:
             torch.save({"step": statistics.median(steps), "comm": statistics.median(comms),
                         "bytes": volume[0]}, out_path)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -141,6 +141,7 @@ def main(argv=None) -> int:
                     t = out["train"]
                     print(f"  after {t['steps']} Adam steps (a, log_s, w): sharded {t['sharded']}, one process "
                           f"{t['single_process']}; largest difference {t['max_param_diff']:.2e}")
+        dist.barrier()  # no process tears the group down while another still works (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
     return 0

@@ -31,6 +31,7 @@ def _worker(rank, world, init_file, out_dir, interrupt_at):
             except KeyboardInterrupt:
                 pass
         train(out_dir, cfg, progress=False)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
