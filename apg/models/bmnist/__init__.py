@@ -1,0 +1,15 @@
+"""Bouncing MNIST (Wu et al., ICML 2020, section 5.5): the data side, offline.
+
+* :mod:`.digits`: digit images from MNIST's IDX files (``--mnist-dir``) or scikit-learn's
+  bundled 8x8 digits (no download).
+* :mod:`.simulate`: the spatial transformer (:func:`place`, :func:`crop`), the
+  bouncing physics and the seeded video simulator, with the paper's and a CPU profile.
+
+The model, its sampler and ``apg train/evaluate bmnist`` are not built yet.
+"""
+
+from .digits import MNIST_FILES, load_digits, mnist, read_idx, sklearn_digits
+from .simulate import CPU, PAPER, PROFILES, BMNISTConfig, crop, place, render, simulate, trajectories
+
+__all__ = ["BMNISTConfig", "CPU", "MNIST_FILES", "PAPER", "PROFILES", "crop", "load_digits", "mnist", "place",
+           "read_idx", "render", "simulate", "sklearn_digits", "trajectories"]

@@ -1,0 +1,154 @@
+"""Bouncing digits (Wu et al., ICML 2020, section 5.5): the spatial transformer, the physics and the simulator.
+
+Coordinates: a digit's position ``where = (x, y)`` lies in ``[-1, 1]^2``; ``x`` is
+horizontal (columns, -1 = left), ``y`` vertical (rows, -1 = top).  A digit of
+``h x h`` pixels at ``where`` covers the canvas pixels from offset
+``o = (H - h) (1 + where) / 2`` on, so ``-1`` and ``1`` put it flush with the
+borders.  :func:`place` and :func:`crop` use this one convention on both axes
+(the official code flips the x axis in one direction and the y axis in the
+other); a crop of a placed digit returns the digit exactly when the offset is a
+whole number of pixels, and within interpolation error otherwise.
+
+Physics (the official simulator's): each digit starts uniformly in
+``[-1, 1]^2`` and moves with unit speed in a uniformly random direction,
+``delta_t = 0.3`` per frame, reflecting off the borders.  Frames are the sum of
+the placed digits, clamped to ``[0, 1]``, rendered on the fly from a seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch.nn.functional import affine_grid, grid_sample
+
+from ...errors import APGError
+
+__all__ = ["BMNISTConfig", "CPU", "PAPER", "PROFILES", "crop", "place", "render", "simulate", "trajectories"]
+
+
+@dataclass(frozen=True)
+class BMNISTConfig:
+    """A simulation profile.
+
+    Attributes:
+        canvas: frame size H (pixels, square).
+        digit: digit size h (pixels, square).
+        num_digits: D digits per video.
+        num_frames: T frames per video.
+        delta_t: displacement per frame (unit speed).
+    """
+
+    canvas: int = 96
+    digit: int = 28
+    num_digits: int = 3
+    num_frames: int = 10
+    delta_t: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not (0 < self.digit <= self.canvas):
+            raise APGError(f"the digit size must be in (0, canvas={self.canvas}], got {self.digit}")
+        if self.num_digits < 1 or self.num_frames < 1:
+            raise APGError(f"num_digits and num_frames must be >= 1, got {self.num_digits} and {self.num_frames}")
+        if not (0 < self.delta_t < 2):
+            raise APGError(f"delta_t must be in (0, 2) (one reflection per frame at most), got {self.delta_t}")
+
+
+#: the paper's profile: 96x96 canvas, 28x28 MNIST digits, D=3, T=10
+PAPER = BMNISTConfig()
+#: a CPU profile: 32x32 canvas, 8x8 digits (scikit-learn's, no resizing), D=3, T=10
+CPU = BMNISTConfig(canvas=32, digit=8)
+PROFILES = {"paper": PAPER, "cpu": CPU}
+
+
+def _theta(where: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
+    """Affine matrices ``(..., 2, 3)``: ``[[scale, 0, shift * x], [0, scale, shift * y]]``."""
+    lead = where.shape[:-1]
+    theta = torch.zeros(lead + (2, 3), dtype=where.dtype, device=where.device)
+    theta[..., 0, 0] = scale
+    theta[..., 1, 1] = scale
+    theta[..., :, 2] = shift * where
+    return theta
+
+
+def place(digits: torch.Tensor, where: torch.Tensor, canvas: int) -> torch.Tensor:
+    """Digits ``(..., h, h)`` placed at ``where (..., 2)`` on empty canvases: ``(..., H, H)`` (bilinear).
+
+    Differentiable in ``digits`` and ``where``; leading dims broadcast.
+    """
+    h = digits.shape[-1]
+    lead = torch.broadcast_shapes(digits.shape[:-2], where.shape[:-1])
+    d = digits.expand(lead + digits.shape[-2:]).reshape(-1, 1, h, h)
+    w = where.expand(lead + (2,)).reshape(-1, 2)
+    # canvas pixel u (normalised) samples the digit at (H/h) u - where (H - h)/h
+    theta = _theta(w, canvas / h, -(canvas - h) / h)
+    grid = affine_grid(theta, [d.shape[0], 1, canvas, canvas], align_corners=False)
+    out = grid_sample(d, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(lead + (canvas, canvas))
+
+
+def crop(frames: torch.Tensor, where: torch.Tensor, size: int) -> torch.Tensor:
+    """Windows of ``size x size`` cut from frames ``(..., H, H)`` at ``where (..., 2)``: ``(..., size, size)``.
+
+    The inverse of :func:`place` (same convention); leading dims broadcast.
+    """
+    H = frames.shape[-1]
+    lead = torch.broadcast_shapes(frames.shape[:-2], where.shape[:-1])
+    f = frames.expand(lead + frames.shape[-2:]).reshape(-1, 1, H, H)
+    w = where.expand(lead + (2,)).reshape(-1, 2)
+    # digit pixel v (normalised) samples the canvas at (h/H) v + where (H - h)/H
+    theta = _theta(w, size / H, (H - size) / H)
+    grid = affine_grid(theta, [f.shape[0], 1, size, size], align_corners=False)
+    out = grid_sample(f, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(lead + (size, size))
+
+
+def trajectories(num: int, num_frames: int, delta_t: float = 0.3,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Positions ``(num, T, 2)`` of bouncing points: uniform start in ``[-1, 1]^2``, unit speed in a uniform
+    direction, ``delta_t`` per frame, reflected at the borders (float64)."""
+    x = torch.rand(num, 2, generator=generator, dtype=torch.float64) * 2 - 1
+    angle = torch.rand(num, generator=generator, dtype=torch.float64) * 2 * math.pi
+    v = torch.stack([angle.cos(), angle.sin()], -1)
+    out = [x]
+    for _ in range(num_frames - 1):
+        x = x + v * delta_t
+        low, high = x < -1, x > 1
+        x = torch.where(low, -2 - x, torch.where(high, 2 - x, x))  # -1 + |-1 - x| and 1 - |x - 1|
+        v = torch.where(low | high, -v, v)
+        out.append(x)
+    return torch.stack(out, 1)
+
+
+def render(digits: torch.Tensor, where: torch.Tensor, canvas: int) -> torch.Tensor:
+    """Frames from digits ``(..., D, h, h)`` and positions ``(..., D, T, 2)``: the placed digits summed over
+    D and clamped to ``[0, 1]``, ``(..., T, H, H)``."""
+    placed = place(digits.unsqueeze(-3), where, canvas)  # (..., D, T, H, H)
+    return placed.sum(-4).clamp(0.0, 1.0)
+
+
+def simulate(num_videos: int, cfg: BMNISTConfig, digits: torch.Tensor, *, seed: int = 0,
+             num_digits: Optional[int] = None, num_frames: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Videos of bouncing digits (float32, a function of ``seed`` and ``digits``).
+
+    Args:
+        num_videos: B.
+        cfg: the profile (canvas and digit sizes, default D and T, delta_t).
+        digits: the digit images to draw from, ``(n, h, h)`` with ``h = cfg.digit``.
+        seed: the seed.
+        num_digits, num_frames: D and T (default: the profile's).
+
+    Returns:
+        ``{"frames": (B, T, H, H), "where": (B, D, T, 2), "index": (B, D) (the digits' images)}``.
+    """
+    D = cfg.num_digits if num_digits is None else num_digits
+    T = cfg.num_frames if num_frames is None else num_frames
+    if digits.dim() != 3 or digits.shape[-1] != cfg.digit or digits.shape[-2] != cfg.digit:
+        raise APGError(f"digits must be (n, {cfg.digit}, {cfg.digit}) for this profile, got {tuple(digits.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(digits.shape[0], (num_videos, D), generator=g)
+    where = trajectories(num_videos * D, T, cfg.delta_t, g).reshape(num_videos, D, T, 2).float()
+    frames = render(digits[index], where, cfg.canvas)
+    return {"frames": frames, "where": where, "index": index}
