@@ -120,3 +120,30 @@ def test_cpu_profile_with_sklearn_digits():
     d = load_digits(CPU.digit)
     assert d.shape == (1797, 8, 8) and float(d.max()) == 1.0
     assert simulate(2, CPU, d, seed=0)["frames"].shape == (2, 10, 32, 32)
+
+
+# -- the declared model --------------------------------------------------------------------------
+def test_declared_model_equals_the_hand_written_density_and_has_local_blankets():
+    from apg.models.bmnist.model import BMNISTDensity, DigitDecoder, log_joint
+
+    torch.manual_seed(0)
+    cfg = BMNISTConfig(canvas=16, digit=6, num_digits=2, num_frames=4)
+    dec = DigitDecoder(6, hidden=(16, 24)).double()
+    data = simulate(2, cfg, _digits(5, 6), seed=3)
+    frames = data["frames"].double()
+    L = 3
+    state = {"what": torch.randn(2, L, 2, 10, dtype=torch.float64),
+             "where": (data["where"].double().unsqueeze(1) + 0.1 * torch.randn(2, L, 2, 4, 2, dtype=torch.float64))}
+    dens = BMNISTDensity(cfg, dec)
+    ref = log_joint(frames.unsqueeze(1), state["what"], state["where"], dec, cfg.canvas)
+    torch.testing.assert_close(dens.log_joint(frames, state), ref)
+    # the blanket of a position is its frame and its neighbours' steps: a change elsewhere leaves it alone
+    jd = dens.density(4, 2, frames)
+    assert set(jd.blanket(["where_2"])) == {"where_2", "where_3", "x_2"}
+    assert set(jd.blanket(["what"])) == {"what", "x_1", "x_2", "x_3", "x_4"}
+    moved = {**state, "where": state["where"].clone()}
+    moved["where"][..., 3, :] += 0.5  # where_4: outside where_2's blanket
+    torch.testing.assert_close(dens.blanket(frames, moved, "where_2"), dens.blanket(frames, state, "where_2"))
+    # gradients reach the decoder (eq. 6)
+    dens.log_joint(frames, state).sum().backward()
+    assert all(p.grad is not None for p in dec.parameters())

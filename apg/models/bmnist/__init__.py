@@ -4,8 +4,10 @@
   bundled 8x8 digits (no download).
 * :mod:`.simulate`: the spatial transformer (:func:`place`, :func:`crop`), the
   bouncing physics and the seeded video simulator, with the paper's and a CPU profile.
+* :mod:`.model`: the generative model as a tmcgraph ``Model`` (learned digit decoder,
+  Markov positions, Bernoulli frames) and its Markov blankets.
 
-The model, its sampler and ``apg train/evaluate bmnist`` are not built yet.
+The proposals, the sampler and ``apg train/evaluate bmnist`` are not built yet.
 """
 
 from .digits import MNIST_FILES, load_digits, mnist, read_idx, sklearn_digits
