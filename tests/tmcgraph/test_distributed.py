@@ -48,6 +48,27 @@ def _mixed_model(n, params):
     return m
 
 
+def _nested_model(n, m_size, params):
+    """mu (sampled) -> c_n (enumerated, plate N) -> x_{n,m} (plates N, M): nested plates."""
+    a, log_s, w = params
+    m = Model()
+    m.plate("N", n)
+    m.plate("M", m_size)
+    m.latent("mu", prior=lambda: Normal(torch.tensor(0.0, dtype=torch.float64), 2.0),
+             proposal=lambda: Normal(a, log_s.exp()))
+    m.latent("c", prior=lambda: Bernoulli(logits=w), enumerate=True, plates=["N"])
+    m.observe("x", lambda mu, c: Normal(mu + 2.0 * c - 1.0, 0.7), plates=["N", "M"])  # c: (..., N, 1)
+    return m
+
+
+NESTED = (3, 5)  # N, M of the nested model: shard N (outer) as (2, 1), or M (inner) as (3, 2)
+
+
+def _nested_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, *NESTED, generator=g, dtype=torch.float64)
+
+
 def _params():
     return [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.4, -0.2, 0.3)]
 
@@ -97,6 +118,19 @@ def _worker(rank, world, init_file, out_path):
         all_reduce_grads(params)
         out["mixed"]["dregs_value"] = sur.detach()
         out["mixed"]["dregs_grads"] = [None if p.grad is None else p.grad.clone() for p in params]
+
+        # nested plates: shard the outer plate N, then the inner plate M
+        xn = _nested_data()
+        for plate, dim, split in (("N", -2, (2, 1)), ("M", -1, (3, 2))):
+            start = sum(split[:rank])
+            part = xn.narrow(dim, start, split[rank])
+            sizes = (part.shape[-2], part.shape[-1])
+            params = _params()
+            est = _nested_model(*sizes, params).compile(K=4, shard=Shard(plate, seed=SEED))
+            lm = est.log_marginal({"x": part})
+            lm.sum().backward()
+            all_reduce_grads(params)
+            out[f"nested_{plate}"] = {"value": lm.detach(), "grads": [p.grad.clone() for p in params]}
 
         # 3. seeds: without a seed, rank 0's is broadcast; the shared stream agrees, torch's state is untouched
         s = Shard("N")
@@ -195,6 +229,25 @@ def test_sharded_parameter_gradients_posterior_and_dregs_equal_single_process(re
                 assert g is None
             else:
                 torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plate", ["N", "M"])
+def test_sharded_nested_plates_equal_single_process(results, plate):
+    params = _params()
+    est = _nested_model(*NESTED, params).compile(K=4)
+    state = torch.get_rng_state()
+    torch.set_rng_state(torch.Generator().manual_seed(SEED).get_state())
+    try:
+        lm = est.log_marginal({"x": _nested_data()})
+    finally:
+        torch.set_rng_state(state)
+    lm.sum().backward()
+    for r in results:
+        got = r[f"nested_{plate}"]
+        torch.testing.assert_close(got["value"], lm.detach(), rtol=0, atol=1e-12)
+        for g, p in zip(got["grads"], params):
+            torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.slow
