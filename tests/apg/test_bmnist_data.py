@@ -115,6 +115,22 @@ def test_simulator_is_seeded_and_renders_the_digits():
         simulate(1, cfg, torch.zeros(3, 28, 28))
 
 
+def test_videos_render_on_demand_as_the_simulator():
+    from apg.models.bmnist import Videos
+
+    d = _digits(6, 8)
+    cfg = BMNISTConfig(canvas=32, digit=8, num_digits=2, num_frames=5)
+    full = simulate(7, cfg, d, seed=2)
+    videos = Videos(1000, cfg, d, seed=2)
+    assert len(videos) == 1000
+    idx = torch.tensor([3, 0, 6])
+    assert torch.equal(videos[idx], full["frames"][idx])  # video i depends on (seed, i) alone
+    assert torch.equal(simulate(3, cfg, d, seed=2)["frames"], full["frames"][:3])
+    assert videos.to("cpu")[idx].device.type == "cpu"
+    with pytest.raises(APGError, match=r"video index out of range \[0, 1000\)"):
+        videos[torch.tensor([1000])]
+
+
 def test_cpu_profile_with_sklearn_digits():
     pytest.importorskip("sklearn")
     d = load_digits(CPU.digit)

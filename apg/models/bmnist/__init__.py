@@ -11,7 +11,7 @@ The proposals, the sampler and ``apg train/evaluate bmnist`` are not built yet.
 """
 
 from .digits import MNIST_FILES, load_digits, mnist, read_idx, sklearn_digits
-from .simulate import CPU, PAPER, PROFILES, BMNISTConfig, crop, place, render, simulate, trajectories
+from .simulate import CPU, PAPER, PROFILES, BMNISTConfig, Videos, crop, place, render, simulate, trajectories
 
-__all__ = ["BMNISTConfig", "CPU", "MNIST_FILES", "PAPER", "PROFILES", "crop", "load_digits", "mnist", "place",
+__all__ = ["BMNISTConfig", "CPU", "MNIST_FILES", "PAPER", "PROFILES", "Videos", "crop", "load_digits", "mnist", "place",
            "read_idx", "render", "simulate", "sklearn_digits", "trajectories"]

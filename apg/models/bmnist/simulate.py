@@ -26,7 +26,8 @@ from torch.nn.functional import affine_grid, grid_sample
 
 from ...errors import APGError
 
-__all__ = ["BMNISTConfig", "CPU", "PAPER", "PROFILES", "crop", "place", "render", "simulate", "trajectories"]
+__all__ = ["BMNISTConfig", "CPU", "PAPER", "PROFILES", "Videos", "crop", "place", "render", "simulate",
+           "trajectories"]
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,22 @@ def render(digits: torch.Tensor, where: torch.Tensor, canvas: int) -> torch.Tens
     return placed.sum(-4).clamp(0.0, 1.0)
 
 
+def _check_digits(cfg: BMNISTConfig, digits: torch.Tensor) -> None:
+    if digits.dim() != 3 or digits.shape[-1] != cfg.digit or digits.shape[-2] != cfg.digit:
+        raise APGError(f"digits must be (n, {cfg.digit}, {cfg.digit}) for this profile, got {tuple(digits.shape)}")
+
+
+def _draw(num_images: int, seed: int, video: int, D: int, T: int, delta_t: float):
+    """Video ``video``'s digit choices ``(D,)`` and positions ``(D, T, 2)``, from its own generator."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + video)
+    index = torch.randint(num_images, (D,), generator=g)
+    return index, trajectories(D, T, delta_t, g).float()
+
+
 def simulate(num_videos: int, cfg: BMNISTConfig, digits: torch.Tensor, *, seed: int = 0,
              num_digits: Optional[int] = None, num_frames: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Videos of bouncing digits (float32, a function of ``seed`` and ``digits``).
+    """Videos of bouncing digits (float32).  Video ``i`` is a function of ``(seed, i)`` and ``digits`` alone,
+    so the first videos of a larger set are the same (see :class:`Videos`).
 
     Args:
         num_videos: B.
@@ -145,10 +159,45 @@ def simulate(num_videos: int, cfg: BMNISTConfig, digits: torch.Tensor, *, seed: 
     """
     D = cfg.num_digits if num_digits is None else num_digits
     T = cfg.num_frames if num_frames is None else num_frames
-    if digits.dim() != 3 or digits.shape[-1] != cfg.digit or digits.shape[-2] != cfg.digit:
-        raise APGError(f"digits must be (n, {cfg.digit}, {cfg.digit}) for this profile, got {tuple(digits.shape)}")
-    g = torch.Generator().manual_seed(seed)
-    index = torch.randint(digits.shape[0], (num_videos, D), generator=g)
-    where = trajectories(num_videos * D, T, cfg.delta_t, g).reshape(num_videos, D, T, 2).float()
-    frames = render(digits[index], where, cfg.canvas)
-    return {"frames": frames, "where": where, "index": index}
+    _check_digits(cfg, digits)
+    drawn = [_draw(digits.shape[0], seed, i, D, T, cfg.delta_t) for i in range(num_videos)]
+    index = torch.stack([i for i, _ in drawn])
+    where = torch.stack([w for _, w in drawn])
+    return {"frames": render(digits[index], where, cfg.canvas), "where": where, "index": index}
+
+
+class Videos:
+    """A training set of ``num_videos`` videos rendered on demand (never stored): ``videos[idx]`` with an
+    int64 tensor ``idx (k,)`` gives frames ``(k, T, H, H)``, the same as ``simulate(...)["frames"][idx]``.
+
+    Works as ``apg.train``'s data: indexing by a batch of indices, ``len``, and ``.to(device)``.
+    """
+
+    def __init__(self, num_videos: int, cfg: BMNISTConfig, digits: torch.Tensor, *, seed: int = 0,
+                 num_digits: Optional[int] = None, num_frames: Optional[int] = None,
+                 device: Optional[torch.device] = None) -> None:
+        _check_digits(cfg, digits)
+        self.num_videos, self.cfg, self.digits, self.seed = num_videos, cfg, digits, seed
+        self.D = cfg.num_digits if num_digits is None else num_digits
+        self.T = cfg.num_frames if num_frames is None else num_frames
+        self.device = device
+
+    def __len__(self) -> int:
+        return self.num_videos
+
+    def to(self, device) -> "Videos":
+        """The same videos, rendered on ``device``."""
+        return Videos(self.num_videos, self.cfg, self.digits, seed=self.seed, num_digits=self.D,
+                      num_frames=self.T, device=torch.device(device))
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_videos):
+            raise APGError(f"video index out of range [0, {self.num_videos}): {idx.tolist()}")
+        drawn = [_draw(self.digits.shape[0], self.seed, int(i), self.D, self.T, self.cfg.delta_t) for i in idx]
+        index = torch.stack([i for i, _ in drawn])
+        where = torch.stack([w for _, w in drawn])
+        digits, where = self.digits[index], where
+        if self.device is not None:
+            digits, where = digits.to(self.device), where.to(self.device)
+        return render(digits, where, self.cfg.canvas)
