@@ -6,8 +6,10 @@
   bouncing physics and the seeded video simulator, with the paper's and a CPU profile.
 * :mod:`.model`: the generative model as a tmcgraph ``Model`` (learned digit decoder,
   Markov positions, Bernoulli frames) and its Markov blankets.
+* :mod:`.networks`: the proposals (positions by template correlation, digit by digit;
+  digits from spatial-transformer crops); :mod:`.sampler`: the APG sampler, T + 1 blocks.
 
-The proposals, the sampler and ``apg train/evaluate bmnist`` are not built yet.
+Not built yet: the registered problem (``apg train/evaluate bmnist``), trained checkpoints, Figs. 3-4.
 """
 
 from .digits import MNIST_FILES, load_digits, mnist, read_idx, sklearn_digits
