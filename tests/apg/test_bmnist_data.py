@@ -163,3 +163,16 @@ def test_declared_model_equals_the_hand_written_density_and_has_local_blankets()
     # gradients reach the decoder (eq. 6)
     dens.log_joint(frames, state).sum().backward()
     assert all(p.grad is not None for p in dec.parameters())
+
+
+def test_direct_grid_equals_affine_grid():
+    from torch.nn.functional import affine_grid
+
+    from apg.models.bmnist.simulate import _grid
+
+    w = torch.rand(5, 2, dtype=torch.float64) * 2 - 1
+    theta = torch.zeros(5, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = theta[:, 1, 1] = 32 / 8
+    theta[:, :, 2] = -(32 - 8) / 8 * w
+    expected = affine_grid(theta, [5, 1, 32, 32], align_corners=False)
+    torch.testing.assert_close(_grid(w, 32 / 8, -(32 - 8) / 8, 32), expected)

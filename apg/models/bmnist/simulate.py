@@ -4,7 +4,8 @@ Coordinates: a digit's position ``where = (x, y)`` lies in ``[-1, 1]^2``; ``x`` 
 horizontal (columns, -1 = left), ``y`` vertical (rows, -1 = top).  A digit of
 ``h x h`` pixels at ``where`` covers the canvas pixels from offset
 ``o = (H - h) (1 + where) / 2`` on, so ``-1`` and ``1`` put it flush with the
-borders.  :func:`place` and :func:`crop` use this one convention on both axes
+borders.  :func:`place` and :func:`crop` (``grid_sample`` on the grid ``affine_grid``
+would build, computed directly) use this one convention on both axes
 (the official code flips the x axis in one direction and the y axis in the
 other); a crop of a placed digit returns the digit exactly when the offset is a
 whole number of pixels, and within interpolation error otherwise.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
-from torch.nn.functional import affine_grid, grid_sample
+from torch.nn.functional import grid_sample
 
 from ...errors import APGError
 
@@ -64,14 +65,15 @@ CPU = BMNISTConfig(canvas=32, digit=8)
 PROFILES = {"paper": PAPER, "cpu": CPU}
 
 
-def _theta(where: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
-    """Affine matrices ``(..., 2, 3)``: ``[[scale, 0, shift * x], [0, scale, shift * y]]``."""
-    lead = where.shape[:-1]
-    theta = torch.zeros(lead + (2, 3), dtype=where.dtype, device=where.device)
-    theta[..., 0, 0] = scale
-    theta[..., 1, 1] = scale
-    theta[..., :, 2] = shift * where
-    return theta
+def _grid(where: torch.Tensor, scale: float, shift: float, size: int) -> torch.Tensor:
+    """The sampling grid ``(N, size, size, 2)`` of ``affine_grid`` (``align_corners=False``) for the matrices
+    ``[[scale, 0, shift * x], [0, scale, shift * y]]``, ``where (N, 2)``, built directly (a translation and a
+    fixed scale need no matrix product; several times cheaper than ``affine_grid``)."""
+    c = (2 * torch.arange(size, dtype=where.dtype, device=where.device) + 1) / size - 1  # pixel centres
+    gx = scale * c.view(1, 1, size) + shift * where[:, 0].view(-1, 1, 1)
+    gy = scale * c.view(1, size, 1) + shift * where[:, 1].view(-1, 1, 1)
+    n = where.shape[0]
+    return torch.stack([gx.expand(n, size, size), gy.expand(n, size, size)], -1)
 
 
 def place(digits: torch.Tensor, where: torch.Tensor, canvas: int) -> torch.Tensor:
@@ -84,8 +86,7 @@ def place(digits: torch.Tensor, where: torch.Tensor, canvas: int) -> torch.Tenso
     d = digits.expand(lead + digits.shape[-2:]).reshape(-1, 1, h, h)
     w = where.expand(lead + (2,)).reshape(-1, 2)
     # canvas pixel u (normalised) samples the digit at (H/h) u - where (H - h)/h
-    theta = _theta(w, canvas / h, -(canvas - h) / h)
-    grid = affine_grid(theta, [d.shape[0], 1, canvas, canvas], align_corners=False)
+    grid = _grid(w, canvas / h, -(canvas - h) / h, canvas)
     out = grid_sample(d, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.reshape(lead + (canvas, canvas))
 
@@ -100,8 +101,7 @@ def crop(frames: torch.Tensor, where: torch.Tensor, size: int) -> torch.Tensor:
     f = frames.expand(lead + frames.shape[-2:]).reshape(-1, 1, H, H)
     w = where.expand(lead + (2,)).reshape(-1, 2)
     # digit pixel v (normalised) samples the canvas at (h/H) v + where (H - h)/H
-    theta = _theta(w, size / H, (H - size) / H)
-    grid = affine_grid(theta, [f.shape[0], 1, size, size], align_corners=False)
+    grid = _grid(w, size / H, (H - size) / H, size)
     out = grid_sample(f, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.reshape(lead + (size, size))
 
