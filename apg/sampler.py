@@ -40,7 +40,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
@@ -190,8 +190,13 @@ def _check_count(name: str, value: object, flag: str) -> int:
     return value
 
 
+def _check_learn_model(learn_model: Union[bool, str]) -> None:
+    if not isinstance(learn_model, bool) and learn_model not in ("step", "sweep"):
+        raise APGError(f"learn_model must be True, False, 'step' or 'sweep', got {learn_model!r}")
+
+
 def init(sampler: Sampler, x: Any, num_particles: int, *, generator: Optional[torch.Generator] = None,
-         objective: bool = False, learn_model: bool = False,
+         objective: bool = False, learn_model: Union[bool, str] = False,
          record_log_joint: bool = False) -> Tuple[Particles, SweepInfo]:
     """Draw ``num_particles`` particles per batch element from the one-shot proposal and weigh them.
 
@@ -208,6 +213,7 @@ def init(sampler: Sampler, x: Any, num_particles: int, *, generator: Optional[to
         ``(particles, info)``: log-weights ``log p(x, z) - log q(z | x)``; ``info.ess["init"]``.
     """
     _check_count("num_particles", num_particles, "--particles")
+    _check_learn_model(learn_model)
     with torch.set_grad_enabled(objective):
         values, log_q = sampler.init(x, num_particles, generator)
         log_p = sampler.log_joint(x, values)
@@ -261,7 +267,7 @@ def _block_update(sampler: Sampler, x: Any, particles: Particles, block: Block, 
 
 def sweep(sampler: Sampler, x: Any, particles: Particles, *, generator: Optional[torch.Generator] = None,
           blocks: Optional[Sequence[Block]] = None, scheme: str = "systematic", objective: bool = False,
-          learn_model: bool = False, record_log_joint: bool = False) -> Tuple[Particles, SweepInfo]:
+          learn_model: Union[bool, str] = False, record_log_joint: bool = False) -> Tuple[Particles, SweepInfo]:
     """One Gibbs sweep: every block in turn resampled, proposed and reweighed (eq. 9).
 
     Args:
@@ -272,22 +278,26 @@ def sweep(sampler: Sampler, x: Any, particles: Particles, *, generator: Optional
         blocks: these blocks instead of ``sampler.blocks`` (e.g. a :func:`joint_block`).
         scheme: resampling scheme (``apg.resampling.SCHEMES``).
         objective: as in :func:`init`.
-        learn_model: as in :func:`init`.
+        learn_model: as in :func:`init`; ``"sweep"`` records the eq. 6 term after the sweep's last block
+            only (one log joint per sweep instead of one per block: for a model whose log joint costs
+            O(T), e.g. T frames, a sweep of T blocks then costs O(T), not O(T^2), in eq. 6).
         record_log_joint: as in :func:`init`.
 
     Returns:
         ``(particles, info)``.
     """
+    _check_learn_model(learn_model)
     blocks = list(sampler.blocks if blocks is None else blocks)
     if not blocks:
         raise APGError("a sweep needs at least one block (num_sweeps > 1 with a one-shot sampler)")
     ess: Dict[str, torch.Tensor] = {}
     log_vs: Dict[str, torch.Tensor] = {}
     steps: List[Step] = []
-    for block in blocks:
+    for k, block in enumerate(blocks):
+        learn_here = bool(learn_model) and (learn_model != "sweep" or k == len(blocks) - 1)
         with torch.set_grad_enabled(objective):
             particles, log_v, step = _block_update(sampler, x, particles, block, scheme=scheme, generator=generator,
-                                                   objective=objective, learn_model=learn_model)
+                                                   objective=objective, learn_model=learn_here)
         ess[block.name] = ess_fraction(particles.log_weights)
         log_vs[block.name] = log_v
         if step is not None:
@@ -302,7 +312,7 @@ def sweep(sampler: Sampler, x: Any, particles: Particles, *, generator: Optional
 
 def run(sampler: Sampler, x: Any, num_particles: int, num_sweeps: int, *,
         generator: Optional[torch.Generator] = None, scheme: str = "systematic", objective: bool = False,
-        learn_model: bool = False, record_log_joint: bool = False, record_states: bool = False,
+        learn_model: Union[bool, str] = False, record_log_joint: bool = False, record_states: bool = False,
         blocks: Optional[Sequence[Block]] = None) -> Result:
     """Run the APG sampler (Algorithm 3): a one-shot proposal, then ``num_sweeps - 1`` sweeps.
 
@@ -314,7 +324,8 @@ def run(sampler: Sampler, x: Any, num_particles: int, num_sweeps: int, *,
         generator: the source of randomness (torch's default if ``None``).
         scheme: resampling scheme.
         objective: record the terms of the surrogate losses (see :mod:`apg.objectives`).
-        learn_model: add the eq. 6 terms (needs a differentiable ``log_joint``).
+        learn_model: add the eq. 6 terms (needs a differentiable ``log_joint``): ``True`` (or ``"step"``)
+            after every step, ``"sweep"`` after the one-shot step and each sweep's last block.
         record_log_joint: store ``log p(x, z)`` and the log-weights after every sweep.
         record_states: keep the state after every sweep (``Result.trajectory``).
         blocks: use these blocks instead of ``sampler.blocks``.

@@ -53,6 +53,9 @@ class Problem(ABC):
         methods: method name -> :class:`Method`, the first being the default.
         metric_fields: extra per-iteration training metrics (columns of metrics.csv).
         optional_methods: methods evaluated only when a checkpoint of theirs is found.
+        theta_terms: where eq. 6 (the model's gradient) is recorded during training: ``"step"`` after
+            every block update, ``"sweep"`` after each sweep's last block only (for models whose log
+            joint is costly, see :func:`apg.sampler.sweep`).
     """
 
     name: str = ""
@@ -60,6 +63,7 @@ class Problem(ABC):
     methods: Mapping[str, Method] = {}
     metric_fields: Tuple[str, ...] = ()
     optional_methods: Tuple[str, ...] = ()
+    theta_terms: str = "step"
 
     def method(self, name: str) -> Method:
         """The :class:`Method` called ``name``; an error lists the valid ones."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from apg.cli import main
+from apg.errors import APGError
 from apg.models import get
 from apg.models.dgmm import (
     PAPER,
@@ -17,6 +18,7 @@ from apg.models.dgmm import (
     DGMMConfig,
     DGMMDensity,
     DGMMProposals,
+    apg_sampler,
     exact_sampler,
     log_joint,
     simulate,
@@ -24,6 +26,7 @@ from apg.models.dgmm import (
     von_mises_sample,
 )
 from apg.models.dgmm.evaluation import EvalConfig, evaluate_dgmm
+from apg.objectives import theta_loss
 from apg.sampler import Block, Sampler, run
 from apg.train import TrainConfig, load_proposals, train
 
@@ -189,3 +192,20 @@ def test_cli_evaluates_the_shipped_checkpoints(capsys):
     assert [r["method"] for r in out["rows"]] == ["RWS", "APG"]
     # the shipped decoders learned rings of about the true radius
     assert all(abs(r["radius"] - PAPER.radius) < 0.3 for r in out["rows"])
+
+
+def test_eq6_once_per_sweep():
+    """learn_model="sweep" records the model's term after the one-shot step and each sweep's last block."""
+    torch.manual_seed(0)
+    cfg = DGMMConfig(num_clusters=3, num_points=12)
+    nets, dec = DGMMProposals(cfg), Decoder()
+    x = simulate(2, cfg, seed=0)["x"]
+    every = run(apg_sampler(nets, dec), x, 4, 3, objective=True, learn_model=True, generator=torch.Generator())
+    once = run(apg_sampler(nets, dec), x, 4, 3, objective=True, learn_model="sweep", generator=torch.Generator())
+    count = lambda r: [[s.log_joint is not None for s in info.steps] for info in r.sweeps]  # noqa: E731
+    assert count(every) == [[True], [True, True], [True, True]]
+    assert count(once) == [[True], [False, True], [False, True]]
+    theta_loss(once.sweeps).backward()
+    assert dec.log_radius.grad is not None
+    with pytest.raises(APGError, match="learn_model must be True, False, 'step' or 'sweep'"):
+        run(apg_sampler(nets, dec), x, 4, 2, objective=True, learn_model="blocks")
