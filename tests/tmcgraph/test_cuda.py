@@ -9,7 +9,8 @@ from torch.distributions import Normal
 import tmcgraph
 from tmcgraph.testing import brute_force_log_sum, random_factor_graph, random_factors
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device: checks the evaluator and estimators on a GPU")
 
 
 def test_plan_on_cuda_equals_cpu_and_brute_force():
