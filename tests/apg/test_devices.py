@@ -26,7 +26,7 @@ def test_explicit_cpu_device_is_the_default_run(tmp_path):
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: checks the --device cuda training path on a machine with a GPU")
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: checks --device cuda training on a GPU")
 @pytest.mark.parametrize("model,method,sweeps", [("gmm", "apg", 2), ("dgmm", "apg", 2), ("dgmm", "rws", 1)])
 def test_training_on_cuda(tmp_path, model, method, sweeps):
     cfg = TrainConfig.for_method(model, method, device="cuda", num_sweeps=sweeps, **TINY)
