@@ -335,8 +335,8 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
             pending: List[Tuple[torch.Tensor, Result, torch.Tensor, Optional[torch.Tensor]]] = []
             for g, j in zip(generators, mine):
                 xj = x if cfg.streams == 1 else x[j * size:(j + 1) * size]
-                learn = (problem.theta_terms if problem.theta_terms != "step" else True) if theta else False
-                res = run(sampler, xj, cfg.num_particles, cfg.num_sweeps, objective=True, learn_model=learn,
+                res = run(sampler, xj, cfg.num_particles, cfg.num_sweeps, objective=True,
+                          learn_model=problem.theta_terms if theta else False,
                           record_log_joint=log_now, generator=g)
                 loss = phi_loss(res.sweeps)
                 loss_theta = theta_loss(res.sweeps) if theta else None
