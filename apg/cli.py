@@ -77,6 +77,7 @@ def _add_train(sub: argparse._SubParsersAction, problem: models.Problem) -> None
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the last metrics as JSON only")
+    problem.add_train_arguments(p)
     p.set_defaults(fn=_train, model=problem.name)
 
 
@@ -96,7 +97,8 @@ def _train(args: argparse.Namespace) -> int:
 
         dist.init_process_group("gloo")
     try:
-        last = train(args.out, cfg, resume=not args.restart, progress=not args.quiet)
+        last = train(args.out, cfg, resume=not args.restart, progress=not args.quiet,
+                     problem=models.get(args.model).from_arguments(args))
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"interrupted; checkpoint written to {args.out}/checkpoint.pt (run the same command to resume)",

@@ -11,6 +11,7 @@ from ``lr`` to ``lr_final``.
 A run lives in one directory::
 
     DIR/config.json      the run's settings (a resumed run must match them)
+    DIR/problem.json     the model's own settings (Problem.config: e.g. a data source; must match too)
     DIR/checkpoint.pt    networks, optimizers, schedules, generator state, iteration
     DIR/metrics.csv      one row per logged iteration
     DIR/proposals.pt     the trained networks alone (written at the end; what evaluation loads)
@@ -149,6 +150,10 @@ def load_proposals(path: str) -> Trained:
         with open(os.path.join(os.path.dirname(path), "config.json")) as f:
             saved = json.load(f)
         problem = models.get(saved.get("model", "gmm"))
+        problem_path = os.path.join(os.path.dirname(path), "problem.json")
+        if os.path.exists(problem_path):
+            with open(problem_path) as f:
+                problem = problem.with_config(json.load(f))
         method, proposal_state, model_state = saved["method"], blob["proposals"], blob.get("model")
     proposals = problem.make_proposals(method)
     proposals.load_state_dict(proposal_state)
@@ -195,7 +200,7 @@ def _settings_clash(out_dir: str, saved: Dict[str, Any], cfg: TrainConfig) -> AP
 
 
 def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
-          on_step: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
+          on_step: Optional[Callable[[int], None]] = None, problem: Optional[Problem] = None) -> Dict[str, float]:
     """Train (or resume training) one method of one model; returns the last logged metrics.
 
     Args:
@@ -205,18 +210,25 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         progress: show a tqdm bar (on stderr).
         on_step: called with the iteration number after every step (tests use
             it to interrupt a run).
+        problem: the model with its settings (default: ``cfg.model``'s defaults); its
+            :meth:`~apg.models.base.Problem.config` is written to ``DIR/problem.json`` and a
+            resumed run must have the same.
 
     Raises:
         APGError: settings that differ from those of the run in ``out_dir``
             (naming the flags), or an ``init`` file of another method.
     """
-    problem = models.get(cfg.model)
+    if problem is None:
+        problem = models.get(cfg.model)
+    elif problem.name != cfg.model:
+        raise APGError(f"the problem is {problem.name!r} but the settings are for {cfg.model!r}")
     world, rank = _world()
     if cfg.streams % world:
         raise APGError(f"streams {cfg.streams} must be a multiple of the number of processes {world} (--streams)")
     lead = rank == 0  # writes the files and shows progress
     os.makedirs(out_dir, exist_ok=True)
     cfg_path, ckpt_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "checkpoint.pt")
+    problem_path = os.path.join(out_dir, "problem.json")
     csv_path = os.path.join(out_dir, "metrics.csv")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -249,6 +261,14 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
                     if k in ("streams", "device")}, **saved}  # runs from before these settings: their defaults
         if saved != asdict(cfg):
             raise _settings_clash(out_dir, saved, cfg)
+        saved_problem = problem.config()  # runs from before problem.json: the default settings
+        if os.path.exists(problem_path):
+            with open(problem_path) as f:
+                saved_problem = json.load(f)
+        if saved_problem != json.loads(json.dumps(problem.config())):
+            raise APGError(f"{out_dir} holds a run of {cfg.model} with the model settings {saved_problem}, not "
+                           f"{problem.config()}; resume it with its own model options, use another --out, or "
+                           "pass --restart to start over")
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         proposals.load_state_dict(ck["proposals"])
         opt_phi.load_state_dict(ck["opt_phi"])
@@ -271,6 +291,8 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
             problem.init_from(cfg.method, proposals, model, load_proposals(cfg.init))
         with open(cfg_path, "w") as f:
             json.dump(asdict(cfg), f, indent=1)
+        with open(problem_path, "w") as f:
+            json.dump(problem.config(), f, indent=1)
         with open(csv_path, "w", newline="") as f:
             csv.writer(f).writerow(fields_)
     elif cfg.init:

@@ -55,3 +55,12 @@ def _dgmm() -> Problem:
 
 
 register("dgmm", _dgmm)
+
+
+def _bmnist() -> Problem:
+    from .bmnist.problem import BMNISTProblem
+
+    return BMNISTProblem()
+
+
+register("bmnist", _bmnist)

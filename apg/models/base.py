@@ -79,6 +79,13 @@ class Problem(ABC):
         """The same problem with the settings of :meth:`config` (as stored with a checkpoint)."""
         return self
 
+    def add_train_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add the model's own ``apg train NAME`` options (settings of :meth:`config`, e.g. a data source)."""
+
+    def from_arguments(self, args: argparse.Namespace) -> "Problem":
+        """The problem with the settings of the options added by :meth:`add_train_arguments`."""
+        return self
+
     @abstractmethod
     def make_proposals(self, method: str) -> nn.Module:
         """Fresh proposal networks (phi) of ``method``, initialised from torch's default generator."""

@@ -165,14 +165,34 @@ def test_declared_model_equals_the_hand_written_density_and_has_local_blankets()
     assert all(p.grad is not None for p in dec.parameters())
 
 
-def test_direct_grid_equals_affine_grid():
-    from torch.nn.functional import affine_grid
+def test_place_and_crop_equal_grid_sample_on_affine_grid():
+    """The separable interpolation is grid_sample's bilinear interpolation (zeros padding,
+    align_corners=False) on affine_grid's grid, values and gradients; a transform with the wrong sign of the
+    shift does not match."""
+    from torch.nn.functional import affine_grid, grid_sample
 
-    from apg.models.bmnist.simulate import _grid
+    from apg.models.bmnist.simulate import _transform
 
-    w = torch.rand(5, 2, dtype=torch.float64) * 2 - 1
-    theta = torch.zeros(5, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = theta[:, 1, 1] = 32 / 8
-    theta[:, :, 2] = -(32 - 8) / 8 * w
-    expected = affine_grid(theta, [5, 1, 32, 32], align_corners=False)
-    torch.testing.assert_close(_grid(w, 32 / 8, -(32 - 8) / 8, 32), expected)
+    def reference(images, where, out, scale, shift):
+        n = where.shape[0]
+        theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+        theta[:, 0, 0] = theta[:, 1, 1] = scale
+        theta[:, :, 2] = shift * where
+        grid = affine_grid(theta, [n, 1, out, out], align_corners=False)
+        return grid_sample(images.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False).squeeze(1)
+
+    g = torch.Generator().manual_seed(0)
+    where = (torch.rand(6, 2, dtype=torch.float64, generator=g) * 2.4 - 1.2).requires_grad_()  # some off canvas
+    digits = torch.rand(6, 8, 8, dtype=torch.float64, generator=g).requires_grad_()
+    frames = torch.rand(6, 32, 32, dtype=torch.float64, generator=g).requires_grad_()
+    for images, out, scale, shift in ((digits, 32, 32 / 8, -(32 - 8) / 8), (frames, 8, 8 / 32, (32 - 8) / 32)):
+        ours, ref = _transform(images, where, out, scale, shift), reference(images, where, out, scale, shift)
+        torch.testing.assert_close(ours, ref)
+        weight = torch.rand(ref.shape, dtype=torch.float64, generator=g)
+        ga = torch.autograd.grad((ours * weight).sum(), (images, where))
+        gb = torch.autograd.grad((ref * weight).sum(), (images, where))
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b)
+        wrong = _transform(images, where, out, scale, -shift)
+        assert (wrong - ref).abs().max() > 0.1

@@ -10,8 +10,9 @@
 * ``q(what | x, where)``: each frame cropped at each digit's position
   (spatial transformer), an MLP per crop (FC ReLU, FC ReLU) to a Normal's mean
   and log-scale, averaged over the frames (the neural sufficient statistic).
-* The one-shot proposal runs the position kernel with a learned template in
-  place of the decoded digits, frame by frame, then the ``what`` kernel.
+* The one-shot proposal runs the position kernel with a fixed template (the mean
+  training digit, as in the official code) in place of the decoded digits,
+  frame by frame, then the ``what`` kernel.
 
 Shapes: frames ``(*B, T, H, H)``; state ``what (*B, L, D, 10)``, ``where (*B, L, D, T, 2)``.
 """
@@ -32,9 +33,13 @@ __all__ = ["BMNISTProposals", "correlate"]
 
 def correlate(frames: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
     """Cross-correlation of each frame ``(..., H, H)`` with its digit ``(..., h, h)`` at every whole-pixel
-    offset: ``(..., P, P)`` with ``P = H - h + 1`` (offset ``(row, col)``)."""
-    lead = torch.broadcast_shapes(frames.shape[:-2], digits.shape[:-2])
+    offset: ``(..., P, P)`` with ``P = H - h + 1`` (offset ``(row, col)``).  One digit ``(h, h)`` for all
+    frames is one convolution kernel (not one group per frame)."""
     H, h = frames.shape[-1], digits.shape[-1]
+    if digits.dim() == 2:
+        out = nn.functional.conv2d(frames.reshape(-1, 1, H, H), digits.reshape(1, 1, h, h))
+        return out.reshape(frames.shape[:-2] + out.shape[-2:])
+    lead = torch.broadcast_shapes(frames.shape[:-2], digits.shape[:-2])
     f = frames.expand(lead + frames.shape[-2:]).reshape(1, -1, H, H)
     k = digits.expand(lead + digits.shape[-2:]).reshape(-1, 1, h, h)
     out = nn.functional.conv2d(f, k, groups=k.shape[0])  # (1, N, P, P)
@@ -66,7 +71,16 @@ class BMNISTProposals(nn.Module):
         self.what_net = nn.Sequential(nn.Linear(h * h, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]),
                                       nn.ReLU(), nn.Linear(hidden[1], 2 * WHAT_DIM))
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, h), indexing="ij")
-        self.template = nn.Parameter(torch.exp(-(xx ** 2 + yy ** 2) / 0.5))  # the one-shot's digit stand-in
+        # the one-shot's digit stand-in (the official code's: the mean training digit, see set_template)
+        self.template: torch.Tensor
+        self.register_buffer("template", torch.exp(-(xx ** 2 + yy ** 2) / 0.5))
+
+    def set_template(self, digits: torch.Tensor) -> None:
+        """Make the one-shot proposal's template the mean of ``digits (n, h, h)`` (a fixed buffer)."""
+        if digits.shape[-2:] != self.template.shape:
+            raise ValueError(f"template digits must be (n, {self.cfg.digit}, {self.cfg.digit}), got "
+                             f"{tuple(digits.shape)}")
+        self.template.copy_(digits.mean(0).to(self.template))
 
     # -- positions -----------------------------------------------------------------------------
     def where_params(self, residual: torch.Tensor, digit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +90,7 @@ class BMNISTProposals(nn.Module):
         norm = digit.flatten(-2).pow(2).sum(-1).clamp_min(1e-6)  # scale-free map: correlation / |digit|^2
         logits = self.sharpness * corr / norm.unsqueeze(-1).unsqueeze(-1) * self.positions
         m = torch.softmax(logits.flatten(-2), -1)  # (..., P*P)
+        m = m.masked_fill(m < 1e-20, 0.0)  # no subnormal floats into the MLP (they slow CPU matmuls ~6x)
         probs = m.reshape(corr.shape)
         soft = torch.stack([(probs.sum(-2) * self.grid).sum(-1), (probs.sum(-1) * self.grid).sum(-1)], -1)
         out = self.where_net(m)
@@ -96,8 +111,8 @@ class BMNISTProposals(nn.Module):
 class WhereKernel:
     """``q(where_t | x_t, what)`` for frame ``t``, digits found one at a time; densities ``(*B, L)``.
 
-    ``frame (*B, 1, H, H)``: frame ``t``; ``digits (*B, L, D, h, h)``: the decoded digit images (or the
-    one-shot's template).  ``sample`` returns
+    ``frame (*B, 1, H, H)``: frame ``t``; ``digits (*B, L, D, h, h)``: the decoded digit images (or
+    ``(D, h, h)``: the one-shot's template for every particle).  ``sample`` returns
     the whole ``where (*B, L, D, T, 2)`` with frame ``t`` replaced (``base`` supplies the other frames).
     """
 
@@ -108,7 +123,13 @@ class WhereKernel:
     def _walk(self, values: Optional[torch.Tensor], generator: Optional[torch.Generator]):
         """Digit by digit: (positions (*B, L, D, 2), log q (*B, L)); draws when ``values`` is None."""
         canvas = self.nets.cfg.canvas
-        residual = self.frame.expand(self.digits.shape[:-3] + self.frame.shape[-2:])  # frame: (*B, 1, H, H)
+        if values is not None:
+            lead = values.shape[:-2]
+        elif self.base is not None:
+            lead = self.base.shape[:-3]
+        else:
+            raise ValueError("WhereKernel.sample needs the other frames' positions (base)")
+        residual = self.frame.expand(lead + self.frame.shape[-2:])  # frame: (*B, 1, H, H)
         chosen, lq = [], torch.zeros((), dtype=self.frame.dtype, device=self.frame.device)
         for d in range(self.digits.shape[-3]):
             digit = self.digits[..., d, :, :]
@@ -125,16 +146,22 @@ class WhereKernel:
         return torch.stack(chosen, -2), lq
 
     def sample(self, generator: Optional[torch.Generator] = None):
-        with torch.no_grad():
-            w, _ = self._walk(None, generator)
+        """Draw frame ``t``'s positions; the walk's density of the draw is kept (with autograd when it is
+        enabled) and returned by :meth:`log_prob` of the same values, so drawing and scoring cost one walk."""
         if self.base is None:
             raise ValueError("WhereKernel.sample needs the other frames' positions (base)")
+        w, lq = self._walk(None, generator)
         where = self.base.clone()
-        where[..., self.t, :] = w
+        where[..., self.t, :] = w.detach()
+        self._drawn = (where, lq)
         return {"where": where}
 
     def log_prob(self, values) -> torch.Tensor:
-        return self._walk(values["where"][..., self.t, :], None)[1]
+        where = values["where"]
+        drawn = getattr(self, "_drawn", None)
+        if drawn is not None and _same(where, drawn[0]) and (drawn[1].requires_grad or not torch.is_grad_enabled()):
+            return drawn[1]
+        return self._walk(where[..., self.t, :], None)[1]
 
 
 class WhatKernel:
@@ -150,6 +177,12 @@ class WhatKernel:
     def log_prob(self, values) -> torch.Tensor:
         z = (values["what"] - self.loc) / self.scale
         return (-0.5 * z * z - self.scale.log() - 0.5 * math.log(2 * math.pi)).sum((-2, -1))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` is ``b`` or a view of the same memory with the same layout and version (e.g. ``b.detach()``)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a._version == b._version)
 
 
 def decoded(decoder: DigitDecoder, what: torch.Tensor) -> torch.Tensor:

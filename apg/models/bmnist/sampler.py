@@ -30,7 +30,7 @@ def apg_sampler(nets: BMNISTProposals, decoder: DigitDecoder, num_digits: int,
 
     def init(frames: torch.Tensor, L: int, generator: Optional[torch.Generator] = None):
         batch = frames.shape[:-3]
-        template = nets.template.to(frames.dtype).expand(batch + (L, D) + nets.template.shape)
+        template = nets.template.to(frames.dtype).expand((D,) + nets.template.shape)
         where = torch.zeros(batch + (L, D, T, 2), dtype=frames.dtype, device=frames.device)
         lq = torch.zeros(batch + (L,), dtype=frames.dtype, device=frames.device)
         for t in range(T):
