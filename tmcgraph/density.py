@@ -154,10 +154,12 @@ class JointDensity:
                            f"(*batch={batch}, L, ...)")
         num_particles = first.shape[nb]
         layout = self._layout(batch, num_particles)
-        vals = {n: layout.data_value(n, data[n]) for n in self.observations}
-        vals.update({n: self._latent_value(layout, n, values[n], num_particles) for n in self.latents})
-        events = {n: self.model.sites[n].event_dim for n in self.observations}
-        events.update({n: vals[n].dim() - len(batch) - layout.ndim for n in self.latents})
+        # only the values the summed factors read (their sites and parents) are laid out and checked
+        needed = set(sites).union(*(self.model.sites[n].parents for n in sites))
+        vals = {n: layout.data_value(n, data[n]) for n in self.observations if n in needed}
+        vals.update({n: self._latent_value(layout, n, values[n], num_particles) for n in self.latents if n in needed})
+        events = {n: self.model.sites[n].event_dim for n in self.observations if n in needed}
+        events.update({n: vals[n].dim() - len(batch) - layout.ndim for n in self.latents if n in needed})
         total = None
         for name in sites:
             site = self.model.sites[name]

@@ -81,6 +81,7 @@ class Problem(ABC):
 
     def add_train_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add the model's own ``apg train NAME`` options (settings of :meth:`config`, e.g. a data source)."""
+        return None  # none by default
 
     def from_arguments(self, args: argparse.Namespace) -> "Problem":
         """The problem with the settings of the options added by :meth:`add_train_arguments`."""

@@ -75,7 +75,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 def test_config_errors():
     with pytest.raises(APGError, match=r"no method 'vae'; valid: \['apg', 'apg-features', 'rws-lstm', 'rws-mlp'\]"):
         TrainConfig(method="vae")
-    with pytest.raises(APGError, match=r"unknown model 'hmm'; valid: \['dgmm', 'gmm'\]"):
+    with pytest.raises(APGError, match=r"unknown model 'hmm'; valid: \['bmnist', 'dgmm', 'gmm'\]"):
         TrainConfig(model="hmm")
     with pytest.raises(APGError, match="num_sweeps must be 1"):
         TrainConfig(method="rws-mlp", num_sweeps=10)

@@ -90,11 +90,13 @@ def mse_rows(problem: Any, nets: BMNISTProposals, decoder: DigitDecoder, frames:
     with torch.no_grad():
         res = run(sampler, frames, particles, K, record_log_joint=True, record_states=True, generator=generator)
     blank = float((frames ** 2).mean())
+    assert res.trajectory is not None  # recorded
     rows = []
     for k in sorted(set(sweeps)):
         if k > K:
             continue
         state, log_w = res.trajectory[k - 1], res.sweeps[k - 1].log_weights
+        assert log_w is not None  # recorded
         recon = posterior_reconstruction(decoder, res._replace(state=state, log_weights=log_w), frames.shape[-1])
         rows.append({"sweeps": k, "mse": float(((recon - frames) ** 2).mean()), "mse_blank": blank})
     return rows, res
@@ -125,6 +127,7 @@ def evaluate_bmnist(checkpoints: Dict[str, str], options: Mapping[str, Any], *, 
         t = load_proposals(path)
         if not isinstance(t.problem, BMNISTProblem):
             raise APGError(f"{path} holds {t.problem.name} networks, not bmnist ones")
+        assert isinstance(t.proposals, BMNISTProposals) and isinstance(t.model, DigitDecoder)
         trained[method] = t
     if "apg" not in trained:
         raise APGError("no apg checkpoint to evaluate")
@@ -152,7 +155,9 @@ def evaluate_bmnist(checkpoints: Dict[str, str], options: Mapping[str, Any], *, 
                 frames = simulate(cfg.num_videos, problem.cfg, test_digits, seed=cfg.seed + 1000 * D + T,
                                   num_digits=D, num_frames=T)["frames"]
                 g = torch.Generator().manual_seed(cfg.seed)
-                found, res = mse_rows(problem, t.proposals, t.model, frames, D, cfg.particles, cfg.sweeps, g,
+                nets, decoder = t.proposals, t.model
+                assert isinstance(nets, BMNISTProposals) and isinstance(decoder, DigitDecoder)
+                found, res = mse_rows(problem, nets, decoder, frames, D, cfg.particles, cfg.sweeps, g,
                                       one_shot=one_shot)
                 rows.extend({"method": method, "T": T, "D": D, **r} for r in found)
                 if method == "apg" and T == min(cfg.frames):
@@ -169,6 +174,7 @@ def evaluate_bmnist(checkpoints: Dict[str, str], options: Mapping[str, Any], *, 
         os.makedirs(plots, exist_ok=True)
         figures = {"fig4": _fig4(rows, os.path.join(plots, "fig4.png"))}
         apg = trained["apg"]
+        assert isinstance(apg.model, DigitDecoder)
         for D, (frames, res) in examples.items():
             figures[f"fig3-D{D}"] = _fig3(apg.model, frames, res, os.path.join(plots, f"fig3-D{D}.png"))
         curves = _training_curves(metrics, os.path.join(plots, "training.png"))

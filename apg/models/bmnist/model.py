@@ -132,6 +132,15 @@ class BMNISTDensity:
     def __init__(self, cfg: BMNISTConfig, decoder: DigitDecoder) -> None:
         self.cfg, self.decoder = cfg, decoder
         self._cache: Dict[tuple, JointDensity] = {}
+        self._data: Optional[Tuple[torch.Tensor, int, Dict[str, torch.Tensor]]] = None
+        self._blankets: Dict[Tuple[JointDensity, str], Tuple[str, ...]] = {}
+
+    def _frames(self, frames: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """:func:`frames_to_data`, the same dict for the same unmodified frames (so the density's data check
+        runs once per batch, not once per blanket)."""
+        if self._data is None or self._data[0] is not frames or self._data[1] != frames._version:
+            self._data = (frames, frames._version, frames_to_data(frames))
+        return self._data[2]
 
     def density(self, num_frames: int, num_digits: int, like: torch.Tensor) -> JointDensity:
         key = (num_frames, num_digits, like.dtype, like.device)
@@ -151,9 +160,12 @@ class BMNISTDensity:
     def log_joint(self, frames: torch.Tensor, state: Dict[str, torch.Tensor]) -> torch.Tensor:
         """``frames (*B, T, H, H)``, state as :meth:`_state` -> ``(*B, L)``."""
         d = self.density(frames.shape[-3], state["what"].shape[-2], frames)
-        return d.log_prob(self._state(state), frames_to_data(frames))
+        return d.log_prob(self._state(state), self._frames(frames))
 
     def blanket(self, frames: torch.Tensor, state: Dict[str, torch.Tensor], variable: str) -> torch.Tensor:
         """The factors touching ``variable`` (``"what"`` or ``"where_t"``): ``(*B, L)``."""
         d = self.density(frames.shape[-3], state["what"].shape[-2], frames)
-        return d.log_prob(self._state(state), frames_to_data(frames), sites=d.blanket([variable]))
+        key = (d, variable)
+        if key not in self._blankets:
+            self._blankets[key] = d.blanket([variable])
+        return d.log_prob(self._state(state), self._frames(frames), sites=self._blankets[key])

@@ -20,7 +20,6 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ...errors import APGError
 from ...sampler import Result, Sampler
 from ..base import Method, Problem
 from .digits import load_digits

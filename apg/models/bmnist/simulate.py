@@ -64,19 +64,22 @@ CPU = BMNISTConfig(canvas=32, digit=8)
 PROFILES = {"paper": PAPER, "cpu": CPU}
 
 
-def _weights(coord: torch.Tensor, out_size: int, in_size: int, scale: float, shift: float) -> torch.Tensor:
-    """Bilinear interpolation weights ``(N, out_size, in_size)`` along one axis for ``coord (N,)``.
+def _weights(coords: torch.Tensor, out_size: int, in_size: int, scale: float, shift: float) -> torch.Tensor:
+    """Bilinear interpolation weights ``(..., out_size, in_size)`` along one axis for ``coords (...)``.
 
     Output pixel ``u`` (normalised centre ``c_u = (2u + 1) / out_size - 1``) samples the input at the
     normalised coordinate ``g = scale c_u + shift coord``, i.e. at pixel ``i* = ((g + 1) in_size - 1) / 2``
     (``grid_sample``'s ``align_corners=False``); input pixel ``i`` gets the weight ``max(0, 1 - |i* - i|)``,
     and pixels outside the input contribute zero (``padding_mode="zeros"``).
     """
-    c = (2 * torch.arange(out_size, dtype=coord.dtype, device=coord.device) + 1) / out_size - 1
-    g = scale * c.view(1, -1) + shift * coord.view(-1, 1)  # (N, out)
-    src = ((g + 1) * in_size - 1) / 2
-    i = torch.arange(in_size, dtype=coord.dtype, device=coord.device)
-    return (1 - (src.unsqueeze(-1) - i).abs()).clamp_min(0)
+    # i* - i = a_u + b coord - i with a_u = ((scale c_u + 1) in - 1) / 2 and b = shift in / 2
+    c = (2 * torch.arange(out_size, dtype=coords.dtype, device=coords.device) + 1) / out_size - 1
+    i = torch.arange(in_size, dtype=coords.dtype, device=coords.device)
+    offset = ((scale * c + 1) * in_size - 1) / 2  # (out,)
+    base = offset.view(-1, 1) - i.view(1, -1)  # (out, in)
+    d = torch.addcmul(base, coords.unsqueeze(-1).unsqueeze(-1), torch.tensor(shift * in_size / 2, dtype=coords.dtype,
+                                                                             device=coords.device))
+    return (1 - d.abs()).clamp_min_(0)
 
 
 def _transform(images: torch.Tensor, where: torch.Tensor, out_size: int, scale: float,
@@ -90,11 +93,8 @@ def _transform(images: torch.Tensor, where: torch.Tensor, out_size: int, scale: 
     products instead of a gathered grid).
     """
     n = images.shape[-1]
-    lead = torch.broadcast_shapes(images.shape[:-2], where.shape[:-1])
-    w = where.expand(lead + (2,)).reshape(-1, 2)
-    wx = _weights(w[:, 0], out_size, n, scale, shift).reshape(lead + (out_size, n))
-    wy = _weights(w[:, 1], out_size, n, scale, shift).reshape(lead + (out_size, n))
-    return wy @ images @ wx.transpose(-1, -2)
+    w = _weights(where, out_size, n, scale, shift)  # (..., 2, out, n): x then y
+    return w[..., 1, :, :] @ images @ w[..., 0, :, :].transpose(-1, -2)
 
 
 def place(digits: torch.Tensor, where: torch.Tensor, canvas: int) -> torch.Tensor:
