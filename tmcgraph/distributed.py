@@ -43,7 +43,7 @@ on every process and those of this shard's local latents;
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -100,7 +100,7 @@ class Shard:
             draws one from torch's global generator and broadcasts it, on first use).
     """
 
-    def __init__(self, plate: str, *, group=None, seed: Optional[int] = None) -> None:
+    def __init__(self, plate: str, *, group: Optional[Any] = None, seed: Optional[int] = None) -> None:
         if not isinstance(plate, str):
             raise TMCError(f"Shard: plate must be a plate name, got {plate!r}")
         self.plate = plate

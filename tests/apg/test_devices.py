@@ -27,7 +27,8 @@ def test_explicit_cpu_device_is_the_default_run(tmp_path):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: checks --device cuda training on a GPU")
-@pytest.mark.parametrize("model,method,sweeps", [("gmm", "apg", 2), ("dgmm", "apg", 2), ("dgmm", "rws", 1)])
+@pytest.mark.parametrize("model,method,sweeps", [("gmm", "apg", 2), ("dgmm", "apg", 2), ("dgmm", "rws", 1),
+                                               ("bmnist", "apg", 2), ("bmnist", "rws", 1)])
 def test_training_on_cuda(tmp_path, model, method, sweeps):
     cfg = TrainConfig.for_method(model, method, device="cuda", num_sweeps=sweeps, **TINY)
     last = train(str(tmp_path / "run"), cfg, progress=False)

@@ -53,7 +53,7 @@ class EvalConfig:
 
     frames: Sequence[int] = (10, 50)
     digits: Optional[Sequence[int]] = None
-    num_videos: int = 10
+    num_videos: int = 20
     seed: int = 12345
     particles: int = 10
     sweeps: Sequence[int] = (1, 2, 3, 5, 8, 12)

@@ -163,7 +163,8 @@ def simulate(num_videos: int, cfg: BMNISTConfig, digits: torch.Tensor, *, seed: 
         cfg: the profile (canvas and digit sizes, default D and T, delta_t).
         digits: the digit images to draw from, ``(n, h, h)`` with ``h = cfg.digit``.
         seed: the seed.
-        num_digits, num_frames: D and T (default: the profile's).
+        num_digits: D (default: the profile's).
+        num_frames: T (default: the profile's).
 
     Returns:
         ``{"frames": (B, T, H, H), "where": (B, D, T, 2), "index": (B, D) (the digits' images)}``.
