@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Iterator, Mapping, Optional
+import csv
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple
 
 from tmcgraph.cli import positive_int
 
-__all__ = ["add_sampler_arguments", "cell", "chunks", "option"]
+__all__ = ["add_sampler_arguments", "cell", "chunks", "metrics_columns", "option", "save_figure"]
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -41,3 +42,25 @@ def cell(v: Optional[float], width: int = 9, digits: int = 3) -> str:
     if v is None:
         return f"{'-':>{width}}"
     return f"{v:>{width}.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:>{width}.1e}"
+
+
+def metrics_columns(path: str) -> Tuple[List[int], Callable[[str], List[float]]]:
+    """A training run's ``metrics.csv``: its iterations and ``col(name)``, the column as floats (``nan``
+    where a row has no value, e.g. a metric logged by some methods only)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def col(name: str) -> List[float]:
+        return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+
+    return [int(r["iteration"]) for r in rows], col
+
+
+def save_figure(fig: Any, path: str) -> str:
+    """Lay out, write (110 dpi) and close a matplotlib figure; returns ``path``."""
+    from tmcgraph.plots import pyplot
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path

@@ -18,7 +18,6 @@ its values are only shown as a plot (no table), so no paper numbers are printed 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -30,7 +29,7 @@ from tmcgraph.plots import pyplot
 
 from ...errors import APGError
 from ...sampler import run
-from ..common import option
+from ..common import metrics_columns, option, save_figure
 from .model import DigitDecoder
 from .networks import BMNISTProposals
 from .simulate import simulate
@@ -221,10 +220,7 @@ def _fig4(rows: List[Dict[str, Any]], path: str) -> str:
         ax.set_ylabel("MSE per pixel (dotted: blank)")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _fig3(decoder: DigitDecoder, frames: torch.Tensor, res: Any, path: str, video: int = 0,
@@ -259,10 +255,7 @@ def _fig3(decoder: DigitDecoder, frames: torch.Tensor, res: Any, path: str, vide
         axes[0][t].set_title(f"t={t + 1}", fontsize=7)
     axes[0][0].set_ylabel("data", fontsize=8)
     axes[1][0].set_ylabel("recon.", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[str]:
@@ -273,18 +266,13 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for m, p in runs.items():
-        with open(p) as fh:
-            rows = list(csv.DictReader(fh))
-        it = [int(r["iteration"]) for r in rows]
-        axes[0].plot(it, [float(r["mse"]) for r in rows], label=m.upper())
-        axes[1].plot(it, [float(r["log_joint"]) for r in rows], label=m.upper())
+        it, col = metrics_columns(p)
+        axes[0].plot(it, col("mse"), label=m.upper())
+        axes[1].plot(it, col("log_joint"), label=m.upper())
     axes[0].set_ylabel("MSE per pixel (training batch)")
     axes[0].set_yscale("log")
     axes[1].set_ylabel("E_w log p(x, z) (training batch)")
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -34,7 +34,7 @@ import torch
 from tmcgraph.plots import pyplot
 
 from ...sampler import joint_block, run
-from ..common import cell, chunks
+from ..common import cell, chunks, metrics_columns, save_figure
 from .data import DGMMConfig, simulate
 from .model import apg_sampler, exact_sampler, log_joint
 from .networks import CircleDecoder, Decoder, DGMMProposals
@@ -282,15 +282,11 @@ def _fig1b(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalConfig, p
                 best = _best({kk: v[0] for kk, v in state.items()}, sampler.log_joint(x, state)[0])
                 _draw(axes[row, col], x[0], best, dec, f"APG, {k} sweeps")
             _draw(axes[row, 4], x[0], best, dec, "reconstruction", recon=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[str]:
     """Training curves (log joint, ESS/L per block, learned radius) from the runs' metrics CSVs."""
-    import csv
 
     runs = {m: p for m, p in metrics.items() if p is not None}
     if not runs:
@@ -298,12 +294,7 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for m, p in runs.items():
-        with open(p) as fh:
-            rows = list(csv.DictReader(fh))
-        it = [int(r["iteration"]) for r in rows]
-
-        def col(name, rows=rows):
-            return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+        it, col = metrics_columns(p)
 
         label = METHOD_NAMES.get(m, m)
         axes[0].plot(it, col("log_joint"), label=label)
@@ -318,7 +309,4 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

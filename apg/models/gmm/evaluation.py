@@ -27,7 +27,7 @@ from tmcgraph.plots import pyplot
 
 from ...errors import APGError
 from ...sampler import joint_block, run
-from ..common import cell, chunks
+from ..common import cell, chunks, metrics_columns, save_figure
 from .algebra import GMMConfig, gibbs, log_joint, simulate
 from .model import apg_sampler, inclusive_kl
 from .networks import GMMProposals
@@ -269,10 +269,7 @@ def _fig1a(nets, cfg: EvalConfig, path: str) -> str:
                 st = {kk: v[0] for kk, v in res.trajectory[k].items()}
                 lj = log_joint(x[0], st["mu"], st["tau"], st["c"], nets["apg"].cfg)
                 _draw(axes[row, col], x[0], st, int(lj.argmax()), f"APG, {k} sweeps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _fig2(nets, cfg: EvalConfig, path: str) -> Tuple[str, Dict[str, Any]]:
@@ -302,9 +299,7 @@ def _fig2(nets, cfg: EvalConfig, path: str) -> Tuple[str, Dict[str, Any]]:
         ax.set_ylabel(label)
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"APG on the GMM, fixed budget K * L = {cfg.budget}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     data: Dict[str, Any] = {"sweeps": Ks, "log_joint_mean": [round(float(v), 2) for v in lj.mean(1)],
             "log_joint_sd": [round(float(v), 2) for v in lj.std(1)]}
     for b, t in ess.items():
@@ -314,7 +309,6 @@ def _fig2(nets, cfg: EvalConfig, path: str) -> Tuple[str, Dict[str, Any]]:
 
 def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[str]:
     """Training curves (ESS/L and inclusive KL per block against iteration) from the runs' metrics CSVs."""
-    import csv
 
     runs = {m: p for m, p in metrics.items() if p is not None}
     runs = dict(sorted(runs.items(), key=lambda kv: kv[0] == "apg-features"))  # APG before APG-features
@@ -324,12 +318,7 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for m, p in runs.items():
-        with open(p) as f:
-            rows = list(csv.DictReader(f))
-        it = [int(r["iteration"]) for r in rows]
-
-        def col(name, rows=rows):
-            return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+        it, col = metrics_columns(p)
 
         if m == "apg-features":  # it starts from the trained APG: drawn after APG's last iteration
             offset = last_apg_iteration
@@ -349,7 +338,4 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
     for ax in (a1, a2):
         ax.set_xlabel("iteration")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
