@@ -287,7 +287,6 @@ def _fig1b(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalConfig, p
 
 def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[str]:
     """Training curves (log joint, ESS/L per block, learned radius) from the runs' metrics CSVs."""
-
     runs = {m: p for m, p in metrics.items() if p is not None}
     if not runs:
         return None
@@ -295,7 +294,6 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for m, p in runs.items():
         it, col = metrics_columns(p)
-
         label = METHOD_NAMES.get(m, m)
         axes[0].plot(it, col("log_joint"), label=label)
         if m == "apg":

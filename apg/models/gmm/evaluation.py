@@ -309,7 +309,6 @@ def _fig2(nets, cfg: EvalConfig, path: str) -> Tuple[str, Dict[str, Any]]:
 
 def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[str]:
     """Training curves (ESS/L and inclusive KL per block against iteration) from the runs' metrics CSVs."""
-
     runs = {m: p for m, p in metrics.items() if p is not None}
     runs = dict(sorted(runs.items(), key=lambda kv: kv[0] == "apg-features"))  # APG before APG-features
     last_apg_iteration = 0
@@ -319,7 +318,6 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for m, p in runs.items():
         it, col = metrics_columns(p)
-
         if m == "apg-features":  # it starts from the trained APG: drawn after APG's last iteration
             offset = last_apg_iteration
             a1.plot([offset + i for i in it], col("ess_assignments"), label="APG-features {c} (from APG's end)")
