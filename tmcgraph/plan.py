@@ -17,12 +17,14 @@ import torch
 from opt_einsum import paths as oe_paths
 
 from ._kernels import align, log_contract, log_product, log_reduce
+from ._program import StepProgram, lowerable
 from .errors import TMCError
 from .stages import EinsumStage, InputSpec, ProductStage, Stage
 
 __all__ = ["Plan", "StepInfo", "check_operands", "check_result", "run_steps"]
 
 _STACK_LABEL = opt_einsum.get_symbol(100_000)
+_MAX_PROGRAMS = 64  # step programs kept per plan (one per distinct input shapes)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ class Plan:
         self.memory_limit = memory_limit
         self._slicer = slicer  # batch elements -> stages sliced for memory_limit (the compiler's planner)
         self._compiled: Optional[Callable[[Sequence[torch.Tensor]], Optional[torch.Tensor]]] = None
+        self._lowerable = lowerable(stages)
+        self._programs: Dict[Tuple[Tuple[int, ...], ...], StepProgram] = {}  # per input shapes
         self._input_index = {spec.name: k for k, spec in enumerate(inputs)}
         self.steps, self.path = self._trace()
         self.flops = sum(step.flops for step in self.steps)
@@ -243,6 +247,15 @@ class Plan:
         log-values over the plate's elements), expanded to the full batch shape.
         Sharded evaluation (:mod:`tmcgraph.distributed`) passes an all-reduce here.
         """
+        if plate_reduce is None and self._slicer is None and self._lowerable:
+            key = tuple(tuple(t.shape) for t in tensors)
+            program = self._programs.get(key)
+            if program is None:
+                if len(self._programs) >= _MAX_PROGRAMS:
+                    self._programs.clear()
+                program = self._programs[key] = StepProgram(self.stages, self.inputs, self.output_labels, key)
+            value = program(tensors)
+            return value + self.constant if self.constant else value
         values: List[torch.Tensor] = list(tensors)
         batch = torch.broadcast_shapes(*(t.shape[: t.dim() - len(s.labels)] for t, s in zip(tensors, self.inputs)))
         stages = self.stages if self._slicer is None else self._slicer(math.prod(batch))

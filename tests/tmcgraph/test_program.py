@@ -1,0 +1,168 @@
+"""The eager evaluator's step programs (tmcgraph._program) against brute force and the per-step kernels."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import tmcgraph
+from tmcgraph import _program
+from tmcgraph.testing import STRUCTURES, brute_force_log_sum, random_factor_graph, random_factors
+
+
+def _per_step(plan):
+    """The same plan evaluated by the per-step kernels of tmcgraph._kernels (no step program)."""
+    other = copy.copy(plan)
+    other._lowerable = False
+    return other
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES) + ["plated"])
+@pytest.mark.parametrize("seed", range(6))
+def test_gradients_match_brute_force(structure, seed):
+    plates = structure == "plated"
+    g = random_factor_graph(seed, structure="random" if plates else structure, plates=plates)
+    batch = [(), (2,), (3, 1)][seed % 3]
+    f = random_factors(g, seed=seed, batch_shape=batch, scale=2.0, requires_grad=True)
+    plan = g.compile()
+    out = plan.log_sum(f)
+    assert type(out.grad_fn).__name__ != "_LogContractPairBackward"
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    got = torch.autograd.grad(out, list(f.values()), weights)
+    want_out = brute_force_log_sum(g, f)
+    want = torch.autograd.grad(want_out, list(f.values()), weights)
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10)
+    for name, x, y in zip(f, got, want):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_batch_dims_broadcast_and_gradients_of_broadcast_factors():
+    """A factor with a size-1 batch dim gets its gradient summed over that dim (as autograd would)."""
+    g = tmcgraph.FactorGraph().plate("N", 3).index("t", 4).index("z", 2, plates=["N"])
+    g.factor("prior", ["t"]).factor("lik", ["t", "z"], plates=["N"])
+    gen = torch.Generator().manual_seed(0)
+    prior = torch.randn(5, 1, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    lik = torch.randn(6, 3, 4, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = g.compile().log_sum({"prior": prior, "lik": lik})
+    assert out.shape == (5, 6)
+    out.sum().backward()
+    got = prior.grad.clone(), lik.grad.clone()
+    prior.grad = lik.grad = None
+    want = torch.stack([torch.stack([brute_force_log_sum(g, {"prior": prior[i, 0], "lik": lik[j]})
+                                     for j in range(6)]) for i in range(5)])
+    torch.testing.assert_close(out, want)
+    want.sum().backward()
+    torch.testing.assert_close(got[0], prior.grad)
+    torch.testing.assert_close(got[1], lik.grad)
+
+
+def test_float32_gradients_within_rounding_of_the_per_step_kernels():
+    for seed in range(8):
+        g = random_factor_graph(seed, structure="random", plates=seed % 2 == 0)
+        f = random_factors(g, seed=seed, batch_shape=(2,), scale=3.0, requires_grad=True)
+        f = {k: v.detach().float().requires_grad_() for k, v in f.items()}
+        plan = g.compile()
+        got = torch.autograd.grad(plan.log_sum(f).sum(), list(f.values()))
+        want = torch.autograd.grad(_per_step(plan).log_sum(f).sum(), list(f.values()))
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-6)
+
+
+_EQ = "ij,jk,kl->ikl"
+
+
+def _far_apart():
+    """Per-operand maxima at different contracted positions, far apart: the fast path's shifted sum
+    underflows to 0 in float32 (appendix E of the TMC paper)."""
+    gap = 200.0
+    a = torch.tensor([[0.0, -gap], [0.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[-gap, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    c = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = (a[:, :, None] + b[None]).logsumexp(1)[:, :, None] + c[None]
+    return [x.float() for x in (a, b, c)], [a, b, c], want
+
+
+def _program_of(ops):
+    plan = tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])
+    return next(iter(plan._programs.values()))
+
+
+def test_underflow_trips_once_and_the_result_is_exact():
+    ops, _, want = _far_apart()
+    tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])._programs.clear()
+    got = tmcgraph.log_einsum(_EQ, *ops)
+    program = _program_of(ops)
+    assert program._exact_left == _program._EXACT_STICKY  # the check tripped
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    # the next evaluations start exactly at the affected step, and stay exact
+    for _ in range(3):
+        torch.testing.assert_close(tmcgraph.log_einsum(_EQ, *ops).double(), want, rtol=1e-6, atol=0)
+    assert program._exact_left == _program._EXACT_STICKY - 3
+
+
+def test_the_underflow_check_has_power(monkeypatch):
+    """With the check disabled the same evaluation is wrong: the test above would fail."""
+    ops, _, want = _far_apart()
+    tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])._programs.clear()
+    monkeypatch.setattr(_program.math, "sqrt", lambda x: -math.inf)  # nothing ever trips
+    got = tmcgraph.log_einsum(_EQ, *ops)
+    assert not torch.allclose(got.double(), want, rtol=1e-3, atol=0)
+
+
+def test_underflow_under_autograd_gives_the_exact_gradient():
+    ops, ops64, _ = _far_apart()
+    tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])._programs.clear()
+    ops = [o.requires_grad_() for o in ops]
+    ops64 = [o.requires_grad_() for o in ops64]
+    weights = torch.randn(2, 2, 3, dtype=torch.float64)
+    got = torch.autograd.grad(tmcgraph.log_einsum(_EQ, *ops), ops, weights.float())
+    want = torch.autograd.grad(torch.einsum(_EQ, *[o.exp() for o in ops64]).log(), ops64, weights)
+    for x, y in zip(got, want):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-6)
+
+
+def test_structural_zeros_are_exact_with_zero_gradient():
+    for seed in range(6):
+        g = random_factor_graph(seed, structure="random", plates=seed % 2 == 0)
+        f = random_factors(g, seed=seed, neg_inf_prob=0.5, requires_grad=True)
+        plan = g.compile()
+        for _ in range(2):  # tripped, then sticky
+            got = plan.log_sum(f)
+            want = brute_force_log_sum(g, f)
+            assert torch.equal(torch.isinf(got), torch.isinf(want))
+            torch.testing.assert_close(got, want)
+            grads = torch.autograd.grad(got, list(f.values()))
+            for t, gr in zip(f.values(), grads):
+                assert torch.isfinite(gr).all() and (gr[torch.isinf(t.detach())] == 0).all()
+
+
+def test_backward_twice_with_retain_graph_and_second_derivatives():
+    g = random_factor_graph(3, structure="random", plates=True)
+    f = random_factors(g, seed=3, batch_shape=(2,), requires_grad=True)
+    out = g.compile().log_sum(f).sum()
+    first = torch.autograd.grad(out, list(f.values()), retain_graph=True)
+    second = torch.autograd.grad(out, list(f.values()))
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    small = tmcgraph.FactorGraph().index("a", 3).index("b", 4).index("c", 2)
+    small.factor("ab", ["a", "b"]).factor("bc", ["b", "c"]).factor("c", ["c"])
+    plan = small.compile()
+    names = list(small.factors)
+    inputs = [torch.randn(small.factor_shape(n), dtype=torch.float64, requires_grad=True) for n in names]
+    assert torch.autograd.gradgradcheck(lambda *xs: plan.log_sum(dict(zip(names, xs))), inputs)
+
+
+def test_the_whole_plan_function_is_used_under_autograd():
+    g = random_factor_graph(1, structure="chain", num_indices=5)
+    f = random_factors(g, seed=1, requires_grad=True)
+    out = g.compile().log_sum(f)
+    names = set()
+    stack = [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack += [n for n, _ in fn.next_functions]
+    assert "_PlanFunctionBackward" in names and "_LogContractPairBackward" not in names
