@@ -4,6 +4,8 @@ Models (float32), the same proposals in both systems:
 
 * chain T: z_1 ~ N(0,1), z_t ~ N(0.9 z_{t-1}, 0.19), x_t ~ N(z_t, 1); factorised
   proposals z_t ~ N(loc_t, exp(log_scale_t)) with learnable parameters.
+* family T: the same chain declared as one vectorised family (``Model.markov`` and
+  ``Model.observe_each``): its functions are called once for all steps.
 * plated: mu ~ N(0,1), z_n ~ N(mu, 1), x_n ~ N(z_n, 0.5^2), n < N; proposals
   mu ~ N(a, exp(b)), z_n ~ N(c_n, exp(d_n)).
 
@@ -44,6 +46,20 @@ def chain(T):
         m.observe(f"x{t}", lambda z: Normal(z, 1.0), parents=[f"z{t}"])
     x = torch.randn(T)
     data = {f"x{t}": x[t] for t in range(T)}
+    return m, data, (loc, log_scale), x
+
+
+def chain_family(T):
+    """The chain of :func:`chain` declared as one vectorised family (``Model.markov``)."""
+    loc = torch.zeros(T, requires_grad=True)
+    log_scale = torch.zeros(T, requires_grad=True)
+    sd = math.sqrt(1 - 0.81)
+    m = tmcgraph.Model()
+    m.markov("z", T, init=lambda: Normal(0.0, 1.0), transition=lambda prev: Normal(0.9 * prev, sd),
+             proposal=lambda t: Normal(loc[t], log_scale[t].exp()))
+    m.observe_each("x", "z", lambda z: Normal(z, 1.0))
+    x = torch.randn(T)
+    data = {f"x_{t}": x[t] for t in range(T)}
     return m, data, (loc, log_scale), x
 
 
@@ -183,6 +199,7 @@ def main() -> None:
     pyro.enable_validation(False)
     torch.manual_seed(0)
     cases = [("chain", chain, pyro_chain, 10), ("chain", chain, pyro_chain, 50),
+             ("family", chain_family, pyro_chain, 10), ("family", chain_family, pyro_chain, 50),
              ("plated", plated, pyro_plated, 100)]
     rows = []
     for threads in args.threads:

@@ -36,6 +36,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import networkx as nx
+import torch
 from torch.distributions import Distribution
 
 from .errors import TMCError
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from .distributed import Shard
     from .estimators import TMC
 
-__all__ = ["Model", "Site", "DistFn"]
+__all__ = ["DistFn", "Family", "Model", "Site"]
 
 DistFn = Callable[..., Distribution]
 
@@ -75,6 +76,55 @@ class Site:
     proposal_parents: Tuple[str, ...] = ()
     enumerate: bool = False
     event_dim: int = 0
+
+
+@dataclass(frozen=True)
+class Family:
+    """A vectorised family of sites (:meth:`Model.markov`, :meth:`Model.observe_each`).
+
+    Attributes:
+        name: the family's name; its members are ``f"{name}_{t}"``.
+        kind: ``"markov"`` (latents ``z_t | z_{t-1}``) or ``"observed"`` (``x_t | z_t``).
+        members: the member sites, in step order.
+        fn: the transition (markov) or the likelihood (observed), called once for all steps.
+        init: the first member's prior (markov).
+        proposal: the factorised proposal of every member (markov).
+        of: the markov family an observed family observes.
+        takes_t: per function (``fn``, ``init``, ``proposal``): whether it takes the step ``t``.
+    """
+
+    name: str
+    kind: str
+    members: Tuple[str, ...]
+    fn: DistFn
+    init: Optional[DistFn] = None
+    proposal: Optional[DistFn] = None
+    of: Optional[str] = None
+    takes_t: Tuple[bool, bool, bool] = (False, False, False)
+
+
+def _family_fn(owner: str, fn: object, n_parents: int) -> bool:
+    """Check a family function's signature: ``n_parents`` positional parents and an optional ``t``
+    (the step).  Returns whether it takes ``t``."""
+    if not callable(fn):
+        raise TMCError(f"{owner}: expected a function returning a torch Distribution, got {type(fn).__name__}")
+    params = list(inspect.signature(fn).parameters.values())
+    takes_t = any(p.name == "t" for p in params)
+    required = [p.name for p in params if p.default is p.empty and p.name != "t"
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if len(required) != n_parents:
+        what = "no argument" if n_parents == 0 else f"{n_parents} argument (the previous step's value)"
+        raise TMCError(f"{owner}: expected a function of {what} and optionally the step t, got arguments "
+                       f"{required}")
+    return takes_t
+
+
+def _member_fn(fn: DistFn, takes_t: bool, t: int) -> DistFn:
+    """A family function as one member's site function: the step is passed as a 0-d ``t``."""
+    if not takes_t:
+        return fn
+    step = torch.tensor(t)
+    return lambda *args: fn(*args, t=step)
 
 
 def _arg_names(owner: str, fn: object, explicit: Optional[Sequence[str]]) -> Tuple[str, ...]:
@@ -122,6 +172,7 @@ class Model:
     def __init__(self) -> None:
         self._plates: Dict[str, int] = {}
         self._sites: Dict[str, Site] = {}
+        self._families: Dict[str, Family] = {}
         self._plates_view = MappingProxyType(self._plates)
         self._sites_view = MappingProxyType(self._sites)
         self._order: Optional[Tuple[List[str], List[str], List[str]]] = None  # resolved structure, cached
@@ -217,6 +268,92 @@ class Model:
         self._order = None
         self._version += 1
         return self
+
+    def markov(self, name: str, length: int, *, init: DistFn, transition: DistFn, proposal: DistFn) -> "Model":
+        """Declare a Markov chain of latents ``name_0 .. name_{length-1}`` as one vectorised family.
+
+        ``name_0 ~ init()``, ``name_t ~ transition(name_{t-1})``, each member proposed from
+        ``proposal()`` independently.  The members are ordinary latent sites (one sample index
+        each: children name them, every estimator accepts them), but :class:`tmcgraph.TMC`
+        evaluates the family in a few batched calls: ``proposal`` once for all steps,
+        ``transition`` once for all ``length - 1`` transitions, whose log-factors are built as
+        one tensor.  Site by site the same model costs ``length`` calls of each function.
+
+        Vectorised, a function sees the step as the rightmost batch dim (after the data batch
+        and the sample index dims; families are not in plates), so a function written for one
+        member broadcasts over all of them.  Per-step parameters are read through the optional
+        argument ``t``: a 1-D ``LongTensor`` of the steps evaluated (``torch.arange(length)`` for
+        the proposal, ``torch.arange(1, length)`` for the transition) when vectorised, a 0-d
+        one for a single member, so ``loc[t]`` is right in both.  Example (Pyro's
+        ``vectorized_markov`` does the same job)::
+
+            m.markov("z", 50, init=lambda: Normal(0.0, 1.0),
+                     transition=lambda prev: Normal(0.9 * prev, 0.4),
+                     proposal=lambda t: Normal(loc[t], scale[t]))
+            m.observe_each("x", "z", lambda z: Normal(z, 1.0))   # x_t ~ N(z_t, 1)
+
+        Args:
+            name: the family's name (members are ``f"{name}_{t}"``).
+            length: the number of members, at least 1.
+            init: ``f() -> Distribution`` of the first member.
+            transition: ``f(prev[, t]) -> Distribution`` of member ``t`` given member ``t - 1``.
+            proposal: ``f([t]) -> Distribution``, batch shape ``()`` or ``(len(t),)``: a factorised
+                proposal for the members.
+        """
+        owner = f"markov family {name!r}"
+        _check_name("markov family", name)
+        length = _check_size(f"{owner} length", length)
+        if name in self._families or name in self._sites or name in self._plates:
+            raise TMCError(f"{owner}: the name is already declared")
+        members = tuple(f"{name}_{t}" for t in range(length))
+        for m in members:
+            self._check_new(m)
+        takes = (_family_fn(f"{owner} transition", transition, 1), _family_fn(f"{owner} init", init, 0),
+                 _family_fn(f"{owner} proposal", proposal, 0))
+        if takes[1]:
+            raise TMCError(f"{owner} init: the first member's prior takes no argument (not even t)")
+        for t, m in enumerate(members):
+            prior = init if t == 0 else _member_fn(transition, takes[0], t)
+            self.latent(m, prior=prior, proposal=_member_fn(proposal, takes[2], t),
+                        parents=[] if t == 0 else [members[t - 1]], proposal_parents=[])
+        self._families[name] = Family(name, "markov", members, transition, init, proposal, None, takes)
+        return self
+
+    def observe_each(self, name: str, of: str, likelihood: DistFn, *, event_dim: int = 0) -> "Model":
+        """Declare observations ``name_t ~ likelihood(of_t)`` for every member of markov family ``of``.
+
+        The members ``name_0 ..`` are ordinary observed sites (their values are given one by one
+        in the data mapping, ``data[f"{name}_{t}"]``); vectorised evaluation calls ``likelihood``
+        once for all steps, with the step as the rightmost batch dim and the optional ``t`` as
+        in :meth:`markov`.
+
+        Args:
+            name: the family's name (members are ``f"{name}_{t}"``).
+            of: a family declared by :meth:`markov`.
+            likelihood: ``f(z[, t]) -> Distribution``.
+            event_dim: event dims of one observation.
+        """
+        owner = f"observed family {name!r}"
+        _check_name("observed family", name)
+        if name in self._families or name in self._sites or name in self._plates:
+            raise TMCError(f"{owner}: the name is already declared")
+        fam = self._families.get(of)
+        if fam is None or fam.kind != "markov":
+            known = [f for f, v in self._families.items() if v.kind == "markov"]
+            raise TMCError(f"{owner}: {of!r} is not a markov family; declared markov families: {known}")
+        members = tuple(f"{name}_{t}" for t in range(len(fam.members)))
+        for m in members:
+            self._check_new(m)
+        takes = _family_fn(f"{owner} likelihood", likelihood, 1)
+        for t, (m, z) in enumerate(zip(members, fam.members)):
+            self.observe(m, _member_fn(likelihood, takes, t), parents=[z], event_dim=event_dim)
+        self._families[name] = Family(name, "observed", members, likelihood, None, None, of, (takes, False, False))
+        return self
+
+    @property
+    def families(self) -> Mapping[str, Family]:
+        """Family name -> :class:`Family`, in declaration order (a read-only view)."""
+        return MappingProxyType(self._families)
 
     def _check_new(self, name: str) -> None:
         if not isinstance(name, str) or not name.isidentifier():

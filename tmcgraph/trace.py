@@ -15,14 +15,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Dict, List, Mapping, Optional
+from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch.distributions import Distribution
 
 from .errors import TMCError
 from .layout import Layout, call_site_fn, check_proposal, factor_indices
-from .model import Model
+from .model import Family, Model
 
 __all__ = ["Trace", "site_density", "trace"]
 
@@ -107,6 +107,100 @@ def site_density(layout: Layout, model: Model, name: str, values: Mapping[str, t
                           parent_idx, site.plates, sample_index=sample_index)
 
 
+def _vectorised_families(model: Model, layout: Layout) -> Dict[str, Family]:
+    """Member -> family, for the families this layout evaluates vectorised: every member on its
+    own index of one size (the TMC layout; a shared particle index evaluates site by site)."""
+    out: Dict[str, Family] = {}
+    for fam in model.families.values():
+        latent = fam if fam.kind == "markov" else model.families[fam.of or ""]
+        indices = [layout.index_of[m] for m in latent.members]
+        if len(set(indices)) != len(indices) or len({layout.index_sizes[i] for i in indices}) != 1:
+            continue
+        out.update({m: fam for m in fam.members})
+    return {m: fam for m, fam in out.items() if fam.kind == "markov" or model.families[fam.of or ""].members[0] in out}
+
+
+def _call_family(owner: str, fn: Callable, args: List[torch.Tensor], takes_t: bool, t: torch.Tensor
+                 ) -> Distribution:
+    d = call_site_fn(owner, fn, args) if not takes_t else call_site_fn(owner, lambda *a: fn(*a, t=t), args)
+    if not isinstance(d, Distribution):
+        raise TMCError(f"{owner}: the function must return a torch.distributions.Distribution, got {type(d).__name__}")
+    return d
+
+
+def _check_batch(owner: str, d: Distribution, allowed: Tuple[int, ...], what: str) -> None:
+    bs = tuple(d.batch_shape)
+    if len(bs) > len(allowed) or any(b != 1 and b != a for b, a in zip(bs[::-1], allowed[::-1])):
+        raise TMCError(
+            f"{owner}: vectorised over the family's steps, the distribution's batch shape {bs} does not broadcast "
+            f"to {allowed} ({what}); a family function must broadcast over leading dims, with the step as the "
+            "rightmost batch dim (index per-step parameters with the argument t)"
+        )
+
+
+def _trace_markov(model: Model, layout: Layout, fam: Family, values: Dict[str, torch.Tensor],
+                  factors: Dict[str, torch.Tensor], event_dims: Dict[str, int], arg_events: Dict[str, int],
+                  stacked: Dict[str, torch.Tensor]) -> None:
+    """All members of a markov family in batched calls: proposal, init and transition once each.
+
+    Samples ``z`` are ``(*batch, K, T, *event)``; the transition's log-density is one tensor
+    ``(*batch, K_prev, K_cur, T - 1)`` unbound into the members' factors ``(*batch, K_t, K_{t-1})``."""
+    owner = f"markov family {fam.name!r}"
+    members, T, nb = fam.members, len(fam.members), len(layout.batch)
+    K = layout.index_sizes[layout.index_of[members[0]]]
+    take_fn, _, take_q = fam.takes_t
+    assert fam.proposal is not None and fam.init is not None
+    q = _call_family(f"{owner} proposal", fam.proposal, [], take_q, torch.arange(T))
+    _check_batch(f"{owner} proposal", q, (T,), "(steps,)")
+    q = q.expand(torch.Size(layout.batch + (K, T)))
+    z = q.rsample() if q.has_rsample else q.sample()
+    lq = q.log_prob(z)  # (*batch, K, T)
+    ev = len(q.event_shape)
+    d0 = _call_family(f"{owner} init", fam.init, [], False, torch.arange(1))
+    _check_batch(f"{owner} init", d0, (), "()")
+    check_proposal(members[0], d0, q)
+    first = [d0.log_prob(z.select(nb + 1, 0)) - lq.select(nb + 1, 0)]  # (*batch, K)
+    rest: List[torch.Tensor] = []
+    if T > 1:
+        prev = z.narrow(nb + 1, 0, T - 1).unsqueeze(nb + 1)  # (*batch, K, 1, T-1, *event)
+        cur = z.narrow(nb + 1, 1, T - 1).unsqueeze(nb)  # (*batch, 1, K, T-1, *event)
+        d = _call_family(f"{owner} transition", fam.fn, [prev], take_fn, torch.arange(1, T))
+        _check_batch(f"{owner} transition", d, layout.batch + (K, 1, T - 1), "(*batch, K_prev, 1, steps)")
+        check_proposal(members[1], d, q)
+        lp = d.log_prob(cur) - lq.narrow(nb + 1, 1, T - 1).unsqueeze(nb)  # (*batch, K_prev, K_cur, T-1)
+        lp = lp.expand(layout.batch + (K, K, T - 1))
+        rest = list(lp.permute(nb + 2, *range(nb), nb + 1, nb).unbind(0))  # (*batch, K_t, K_{t-1}) each
+    stacked[fam.name] = z
+    events = tuple(z.shape[z.dim() - ev:]) if ev else ()
+    for m, value, factor in zip(members, z.unbind(nb + 1), first + rest):
+        values[m] = value.reshape(layout.template([layout.index_of[m]], ()) + events)
+        factors[m] = factor
+        event_dims[m] = arg_events[m] = ev
+
+
+def _trace_observed(model: Model, layout: Layout, fam: Family, values: Dict[str, torch.Tensor],
+                    factors: Dict[str, torch.Tensor], event_dims: Dict[str, int], arg_events: Dict[str, int],
+                    stacked: Dict[str, torch.Tensor]) -> None:
+    """All members of an observed family in one likelihood call: factors ``(*batch, K)`` per member."""
+    owner = f"observed family {fam.name!r}"
+    of = fam.of or ""
+    z = stacked[of]  # (*batch, K, T, *event_z)
+    members, T, nb = fam.members, len(fam.members), len(layout.batch)
+    K = z.shape[nb]
+    e = model.sites[members[0]].event_dim
+    xs = [values[m].reshape(values[m].shape[: values[m].dim() - layout.ndim - e] + values[m].shape[
+        values[m].dim() - e:]) for m in members]  # (*batch_m, *event)
+    x = torch.stack(torch.broadcast_tensors(*xs), dim=-1 - e).unsqueeze(-2 - e)  # (*batch, 1, T, *event)
+    d = _call_family(f"{owner} likelihood", fam.fn, [z], fam.takes_t[0], torch.arange(T))
+    _check_batch(f"{owner} likelihood", d, layout.batch + (K, T), "(*batch, K, steps)")
+    if len(d.event_shape) != e:
+        raise TMCError(f"{owner}: the likelihood has event shape {tuple(d.event_shape)} ({len(d.event_shape)} dims) "
+                       f"but the family was declared with event_dim={e}")
+    lp = d.log_prob(x)  # (*batch, K, T)
+    for m, factor in zip(members, lp.unbind(-1)):
+        factors[m] = factor
+
+
 def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bool = False,
           detach_samples: bool = False,
           rng: Optional[Callable[[str], ContextManager[object]]] = None) -> Trace:
@@ -138,9 +232,15 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         values[name] = layout.data_value(name, data[name])
         arg_events[name] = model.sites[name].event_dim
     event_dims: Dict[str, int] = {}
-
-
+    vectorised = _vectorised_families(model, layout) if not (dregs or detach_samples or rng) else {}
+    stacked: Dict[str, torch.Tensor] = {}  # markov family -> its samples (*batch, K, T, *event)
     for name in model.order():
+        fam = vectorised.get(name)
+        if fam is not None:
+            if name == fam.members[0]:
+                build = _trace_markov if fam.kind == "markov" else _trace_observed
+                build(model, layout, fam, values, factors, event_dims, arg_events, stacked)
+            continue
         site = model.sites[name]
         if site.kind == "observed":
             owner = f"observation {name!r}"
