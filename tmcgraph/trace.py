@@ -23,6 +23,7 @@ from torch.distributions import Distribution
 from .errors import TMCError
 from .layout import Layout, call_site_fn, check_proposal, factor_indices
 from .model import Family, Model
+from .vectorise import Batch, BatchFailed, Groups, agree
 
 __all__ = ["Trace", "site_density", "trace"]
 
@@ -203,7 +204,8 @@ def _trace_observed(model: Model, layout: Layout, fam: Family, values: Dict[str,
 
 def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bool = False,
           detach_samples: bool = False,
-          rng: Optional[Callable[[str], ContextManager[object]]] = None) -> Trace:
+          rng: Optional[Callable[[str], ContextManager[object]]] = None,
+          groups: Optional[Groups] = None) -> Trace:
     """Sample every latent in topological order and compute every log-factor.
 
     Args:
@@ -221,7 +223,19 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         rng: ``rng(name)`` is a context manager entered around the random draws
             of sampled latent ``name`` (sharded evaluation switches between a
             stream shared by all processes and a per-process one).
+        groups: an estimator's batching state (:mod:`tmcgraph.vectorise`): sites declared one
+            by one that share a function are evaluated in one call once verified.
     """
+    while True:
+        try:
+            return _trace(model, layout, data, dregs, detach_samples, rng, groups)
+        except BatchFailed as failed:  # a verified group failed on new shapes: site by site from now on
+            assert groups is not None
+            groups.verified[failed.key] = False
+
+
+def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool, detach_samples: bool,
+           rng: Optional[Callable[[str], ContextManager[object]]], groups: Optional[Groups]) -> Trace:
     layout = layout.copy()  # enumerated sizes are filled in on the copy, returned in the Trace
     values: Dict[str, torch.Tensor] = {}
     factors: Dict[str, torch.Tensor] = {}
@@ -234,6 +248,10 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
     event_dims: Dict[str, int] = {}
     vectorised = _vectorised_families(model, layout) if not (dregs or detach_samples or rng) else {}
     stacked: Dict[str, torch.Tensor] = {}  # markov family -> its samples (*batch, K, T, *event)
+    batch = groups.active(model, layout) if groups is not None and not (dregs or detach_samples or rng) else None
+    presampled: Dict[str, tuple] = {}  # member of a batched proposal group -> (value, log q, event dims)
+    deferred: Dict[str, torch.Tensor] = {}  # member of a batched prior group -> its log q (layout)
+    checks: Dict[str, Dict[str, torch.Tensor]] = {"proposal": {}, "prior": {}, "likelihood": {}}  # verification
     for name in model.order():
         fam = vectorised.get(name)
         if fam is not None:
@@ -242,6 +260,8 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
                 build(model, layout, fam, values, factors, event_dims, arg_events, stacked)
             continue
         site = model.sites[name]
+        if batch is not None and site.kind == "observed" and batch.mode("likelihood", name) == "batched":
+            continue  # computed with its group after the loop
         if site.kind == "observed":
             owner = f"observation {name!r}"
             d = site_density(layout, model, name, values, arg_events)
@@ -253,6 +273,8 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
                 )
             lp = d.log_prob(values[name])
             factors[name] = layout.to_factor(lp, owner, idx, site.plates)
+            if batch is not None and batch.mode("likelihood", name) == "verify":
+                checks["likelihood"][name] = factors[name]
             if hats is not None:
                 hats[name] = factors[name]
             continue
@@ -282,6 +304,23 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
                 hats[name] = factors[name]
             continue
         # sampled latent: draw from the proposal (mixture over parents on other indices)
+        pmode = batch.mode("proposal", name) if batch is not None else None
+        rmode = batch.mode("prior", name) if batch is not None else None
+        if batch is not None and pmode == "batched":
+            if name not in presampled:  # the group's first member: one draw for all
+                presampled.update(batch.sample(batch.group("proposal", name), rsample=True))
+            z, lq, ev = presampled[name]
+            values[name] = z
+            event_dims[name] = arg_events[name] = ev
+            if rmode == "batched":
+                deferred[name] = lq
+                continue
+            prior = site_density(layout, model, name, values, arg_events)
+            lp = prior.log_prob(z)
+            factors[name] = layout.to_factor(lp - lq, owner, idx, site.plates)
+            if rmode == "verify":
+                checks["prior"][name] = layout.to_factor(lp, owner, idx, site.plates)
+            continue
         proposal = site.proposal
         assert proposal is not None  # a sampled latent always has one (the prior by default)
         args: List[torch.Tensor] = []
@@ -326,10 +365,17 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             lq = _logmeanexp_dims(q_all.log_prob(z), layout.ndim, mix)
         else:
             lq = q.log_prob(z)
+        if pmode == "verify":
+            checks["proposal"][name] = lq
         prior = site_density(layout, model, name, values, arg_events)
         check_proposal(name, prior, q)
+        if rmode == "batched":
+            deferred[name] = lq
+            continue
         lp = prior.log_prob(z)
         factors[name] = layout.to_factor(lp - lq, owner, idx, site.plates)
+        if rmode == "verify":
+            checks["prior"][name] = layout.to_factor(lp, owner, idx, site.plates)
         if hats is not None:
             # cancel the direct dependence of log q on its parameters (appendix F, eq. 59):
             # add log q(detached samples) - stop_gradient(same), which is zero with the score as gradient
@@ -337,4 +383,40 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             q_det = call_site_fn(f"{owner} proposal", proposal, det)
             lq_det = _logmeanexp_dims(q_det.log_prob(z.detach()), layout.ndim, mix)
             hats[name] = layout.to_factor(lp - lq + (lq_det - lq_det.detach()), owner, idx, site.plates)
+    if batch is not None:
+        _finish_groups(model, layout, batch, values, factors, arg_events, deferred, checks)
     return Trace(layout, values, factors, event_dims, hats, samples)
+
+
+def _finish_groups(model: Model, layout: Layout, batch: Batch, values: Dict[str, torch.Tensor],
+                   factors: Dict[str, torch.Tensor], arg_events: Dict[str, int], deferred: Dict[str, torch.Tensor],
+                   checks: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    """Batched priors and likelihoods of the verified groups; verification of the others (whose
+    site-by-site factors stand for this evaluation)."""
+    done = set()
+    for (role, _), (group, _) in batch.of.items():
+        key = (role, group.members)
+        if key in done:
+            continue
+        done.add(key)
+        if batch.state.verified.get(key) is None:  # verify: batched against the site-by-site values
+            try:
+                if role == "proposal":
+                    got = batch.proposal_log_prob(group, values, arg_events)
+                else:
+                    got = batch.log_factors(group, values, arg_events)
+                want = [checks[role][m] for m in group.members]
+                ok = all(agree(g, w) for g, w in zip(got, want))
+            except Exception:  # the function does not broadcast over a new leading dim: stay site by site
+                ok = False
+            batch.state.verified[key] = ok
+            continue
+        if role == "proposal":
+            continue  # sampled in the loop
+        lps = batch.log_factors(group, values, arg_events)
+        for m, lp in zip(group.members, lps):
+            if role == "prior":
+                lq = layout.to_factor(deferred[m], f"latent {m!r}", [layout.index_of[m]], ())
+                lp = lp - lq.reshape(tuple(lq.shape) + (1,) * (lp.dim() - lq.dim()))
+            factors[m] = lp
+

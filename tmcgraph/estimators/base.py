@@ -12,6 +12,7 @@ from ..layout import Layout, build_graph, call_site_fn, data_batch_shape, index_
 from ..model import Model
 from ..plan import Plan
 from ..trace import Trace, trace
+from ..vectorise import Groups
 
 __all__ = ["GraphEstimator", "PARTICLES", "check_k", "enumerated_size"]
 
@@ -39,6 +40,7 @@ class GraphEstimator:
         self._sampled = [n for n in model.latents() if not model.sites[n].enumerate]
         self._slots = index_slots(model, index_of)
         self._probed: set = set()  # layout checks already made (Layout.density)
+        self._groups = Groups(model)  # sites sharing a function, batched once verified (tmcgraph.vectorise)
         self._version = model.version
         if compile_now and all(s is not None for s in sizes.values()):
             self._plan_for(tuple(sizes.items()))
@@ -80,7 +82,7 @@ class GraphEstimator:
     _rng: Optional[Callable[[str], ContextManager[object]]] = None
 
     def _trace(self, data: Mapping[str, object], **kw) -> Tuple[Trace, Plan, float]:
-        tr = trace(self.model, self._layout(data), data, rng=self._rng, **kw)
+        tr = trace(self.model, self._layout(data), data, rng=self._rng, groups=self._groups, **kw)
         plan, norm = self._plan_for(tuple(tr.layout.index_sizes.items()))
         return tr, plan, norm
 

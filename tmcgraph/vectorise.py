@@ -1,0 +1,290 @@
+"""Sites declared one by one that share a function, evaluated in one batched call (TMC traces).
+
+A chain written as ``for t in range(T): m.latent(f"z{t}", prior=lambda prev: Normal(0.9 * prev, s), ...)``
+creates ``T`` functions with one code object and one closure.  Under the layout contract of
+:mod:`tmcgraph.model` a site function broadcasts over leading data-batch dims, so such sites can be
+evaluated together: their arguments are stacked along a new leftmost batch dim (one per member),
+the function is called once, and the log-density is unbound into the members' factors.  Three roles
+are batched, each over sites without plates whose latents sit on indices of one size:
+
+* ``"proposal"``: sampled latents with factorised proposals (no parents) of one code and closure;
+  defaults that are ``int`` may differ between members (``lambda t=t: Normal(loc[t], s[t])``) and
+  are passed as a ``LongTensor`` shaped ``(members, 1, ..., 1)``;
+* ``"prior"``: the priors of sampled latents, given their latent parents;
+* ``"likelihood"``: observations given their latent parents.
+
+Batching is an optimisation, never a change of meaning: the first evaluation of every group runs
+site by site (with all the per-site checks) *and* batched, and the group is batched from then on only
+if the two agree (log-densities within float rounding); otherwise it stays site by site, silently.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.distributions import Distribution
+
+from .layout import Layout
+from .model import Model
+
+__all__ = ["BatchFailed", "Group", "Groups", "agree", "candidate_groups"]
+
+_MIN_MEMBERS = 3  # smaller groups are not worth the stacking
+
+
+@dataclass(frozen=True)
+class Group:
+    """Sites whose function (of role ``role``) shares code, closure and defaults.
+
+    ``varying``: names of ``int`` defaults that differ between members (proposals only)."""
+
+    role: str
+    members: Tuple[str, ...]
+    varying: Tuple[str, ...] = ()
+
+
+class BatchFailed(Exception):
+    """A verified group failed in a later evaluation (e.g. a new batch shape): :func:`tmcgraph.trace.trace`
+    marks it site by site and evaluates again."""
+
+    def __init__(self, key: Tuple[str, Tuple[str, ...]]) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _fn_key(fn: object, *, ints_vary: bool) -> Optional[Tuple[tuple, Tuple[str, ...]]]:
+    """(key, names of int defaults) of a plain Python function; ``None`` for anything else."""
+    if not isinstance(fn, types.FunctionType):
+        return None
+    try:
+        closure = tuple(id(c.cell_contents) for c in (fn.__closure__ or ()))
+    except ValueError:  # an empty cell
+        return None
+    code = fn.__code__
+    defaults = fn.__defaults__ or ()
+    names = code.co_varnames[code.co_argcount - len(defaults): code.co_argcount]
+    dkey: List[tuple] = []
+    varying: List[str] = []
+    for name, d in zip(names, defaults):
+        if ints_vary and type(d) is int:
+            varying.append(name)
+            dkey.append(("int", name))
+        else:
+            dkey.append(("id", id(d)))
+    kw = tuple(sorted((k, id(v)) for k, v in (fn.__kwdefaults__ or {}).items()))
+    return (code, closure, tuple(dkey), kw, id(fn.__globals__)), tuple(varying)
+
+
+def candidate_groups(model: Model) -> List[Group]:
+    """The groups of a model's sites that could be batched (the layout decides at evaluation)."""
+    in_family = {m for f in model.families.values() for m in f.members}
+    buckets: Dict[tuple, List[str]] = {}
+    varying: Dict[tuple, Tuple[str, ...]] = {}
+    for name, site in model.sites.items():
+        if name in in_family or site.plates:
+            continue
+        parents_latent = all(model.sites[p].kind == "latent" and not model.sites[p].enumerate for p in site.parents)
+        if site.kind == "observed":
+            k = _fn_key(site.fn, ints_vary=False)
+            if k is not None and site.parents and parents_latent:
+                buckets.setdefault(("likelihood", k[0], len(site.parents), site.event_dim), []).append(name)
+            continue
+        if site.enumerate or site.proposal is None:
+            continue
+        shortcut = site.proposal is site.fn and site.proposal_parents == site.parents  # factor 0, no prior call
+        if not site.proposal_parents and not shortcut:
+            k = _fn_key(site.proposal, ints_vary=True)
+            if k is not None:
+                key = ("proposal", k[0])
+                buckets.setdefault(key, []).append(name)
+                varying[key] = k[1]
+        if not shortcut and parents_latent:
+            k = _fn_key(site.fn, ints_vary=False)
+            if k is not None:
+                buckets.setdefault(("prior", k[0], len(site.parents)), []).append(name)
+    return [Group(key[0], tuple(members), varying.get(key, ())) for key, members in buckets.items()
+            if len(members) >= _MIN_MEMBERS]
+
+
+def _call(fn: types.FunctionType, args: Sequence[torch.Tensor], kwargs: Dict[str, torch.Tensor]) -> Distribution:
+    d = fn(*args, **kwargs)
+    if not isinstance(d, Distribution):
+        raise TypeError(f"expected a Distribution, got {type(d).__name__}")
+    return d
+
+
+def _fits(shape: Sequence[int], allowed: Sequence[int]) -> bool:
+    return len(shape) <= len(allowed) and all(b == 1 or b == a for b, a in zip(shape[::-1], allowed[::-1]))
+
+
+class Groups:
+    """One estimator's batching state: the candidate groups and, per group, whether it was verified
+    (``None``: not yet; ``True``: batched; ``False``: site by site for good)."""
+
+    def __init__(self, model: Model) -> None:
+        self.groups = candidate_groups(model)
+        self.verified: Dict[Tuple[str, Tuple[str, ...]], Optional[bool]] = {}
+
+    def active(self, model: Model, layout: Layout) -> "Batch":
+        """The groups this layout can batch (every member and parent on an index of its own, one size)."""
+        return Batch(model, layout, [g for g in self.groups if self._fits_layout(model, layout, g)], self)
+
+    @staticmethod
+    def _fits_layout(model: Model, layout: Layout, g: Group) -> bool:
+        shapes = set()
+        for m in g.members:
+            site = model.sites[m]
+            names = ([m] if site.kind == "latent" else []) + list(site.parents)
+            idx = [layout.index_of[n] for n in names]
+            if len(set(idx)) != len(idx):
+                return False
+            shapes.add(tuple(layout.index_sizes[i] for i in idx))
+        return len(shapes) == 1
+
+
+class Batch:
+    """The batched groups of one evaluation (built by :meth:`Groups.active`)."""
+
+    def __init__(self, model: Model, layout: Layout, groups: Sequence[Group], state: Groups) -> None:
+        self.model, self.layout, self.state = model, layout, state
+        self.of: Dict[Tuple[str, str], Tuple[Group, int]] = {}
+        for g in groups:
+            if state.verified.get((g.role, g.members)) is False:
+                continue
+            for k, m in enumerate(g.members):
+                self.of[(g.role, m)] = (g, k)
+        self.sampled: Dict[str, Tuple[torch.Tensor, int]] = {}  # member -> (stacked samples, position)
+        self.pending: Dict[Tuple[str, Tuple[str, ...]], Group] = {}
+
+    def mode(self, role: str, name: str) -> Optional[str]:
+        """``None`` (site by site), ``"batched"`` or ``"verify"`` (site by site, checked against batched)."""
+        hit = self.of.get((role, name))
+        if hit is None:
+            return None
+        return "batched" if self.state.verified.get((role, hit[0].members)) else "verify"
+
+    def group(self, role: str, name: str) -> Group:
+        return self.of[(role, name)][0]
+
+    # -- batched computations ----------------------------------------------------------------------
+    def _canonical(self, value: torch.Tensor, index: str, event_dim: int) -> torch.Tensor:
+        """A value that varies along its own index only, moved to the slot of ``index``."""
+        events = tuple(value.shape[value.dim() - event_dim:]) if event_dim else ()
+        return value.reshape(self.layout.template([index], ()) + events)
+
+    def _int_defaults(self, g: Group, fn: types.FunctionType) -> Dict[str, torch.Tensor]:
+        out = {}
+        ndim = len(self.layout.batch) + self.layout.ndim
+        for name in g.varying:
+            steps = [inspect.signature(self.model.sites[m].proposal).parameters[name].default  # type: ignore
+                     for m in g.members]
+            out[name] = torch.tensor(steps).reshape((len(steps),) + (1,) * ndim)
+        return out
+
+    def proposal(self, g: Group) -> Tuple[Distribution, Tuple[int, ...]]:
+        """The group's proposal, called once: a distribution over ``(members, *template of member 0)``."""
+        first = self.model.sites[g.members[0]]
+        fn = first.proposal
+        assert isinstance(fn, types.FunctionType)
+        template = (len(g.members),) + self.layout.template([self.layout.index_of[g.members[0]]], ())
+        q = _call(fn, [], self._int_defaults(g, fn))
+        if not _fits(q.batch_shape, template):
+            raise ValueError(f"batch shape {tuple(q.batch_shape)} does not fit {template}")
+        return q.expand(torch.Size(template)), template
+
+    def sample(self, g: Group, rsample: bool) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]:
+        """Every member's ``(sample, log q, event dims)`` in the layout, from one batched draw."""
+        try:
+            q, _ = self.proposal(g)
+        except Exception as err:
+            raise BatchFailed((g.role, g.members)) from err
+        z = q.rsample() if rsample and q.has_rsample else q.sample()
+        lq = q.log_prob(z)
+        ev = len(q.event_shape)
+        out = {}
+        for k, (m, zk, lqk) in enumerate(zip(g.members, z.unbind(0), lq.unbind(0))):
+            own = self.layout.index_of[m]
+            out[m] = (self._canonical(zk, own, ev), self._canonical(lqk, own, 0), ev)
+            self.sampled[m] = (z, k)
+        return out
+
+    def proposal_log_prob(self, g: Group, values: Dict[str, torch.Tensor], event_dims: Dict[str, int]
+                          ) -> List[torch.Tensor]:
+        """log q of given member values under the batched proposal (for verification), in each member's layout."""
+        q, _ = self.proposal(g)
+        own0 = self.layout.index_of[g.members[0]]
+        z = torch.stack([self._canonical(values[m], own0, event_dims[m]) for m in g.members])
+        lq = q.log_prob(z)
+        return [self._canonical(x, self.layout.index_of[m], 0) for m, x in zip(g.members, lq.unbind(0))]
+
+    def _stacked_parent(self, g: Group, j: int, index: str, values: Dict[str, torch.Tensor],
+                        event_dims: Dict[str, int]) -> torch.Tensor:
+        parents = [self.model.sites[m].parents[j] for m in g.members]
+        evs = {event_dims[p] for p in parents}
+        if len(evs) != 1:
+            raise ValueError("parents with different event dims")
+        ev = evs.pop()
+        sources = [self.sampled.get(p) for p in parents]
+        if all(s is not None and s[0] is sources[0][0] for s in sources):  # type: ignore[index]
+            stacked = sources[0][0]  # type: ignore[index]
+            pos = torch.tensor([s[1] for s in sources], device=stacked.device)  # type: ignore[index]
+            picked = stacked.index_select(0, pos)
+            events = tuple(picked.shape[picked.dim() - ev:]) if ev else ()
+            return picked.reshape((len(parents),) + self.layout.template([index], ()) + events)
+        return torch.stack([self._canonical(values[p], index, ev) for p in parents])
+
+    def log_factors(self, g: Group, values: Dict[str, torch.Tensor], event_dims: Dict[str, int]
+                    ) -> List[torch.Tensor]:
+        try:
+            return self._log_factors(g, values, event_dims)
+        except Exception as err:
+            raise BatchFailed((g.role, g.members)) from err
+
+    def _log_factors(self, g: Group, values: Dict[str, torch.Tensor], event_dims: Dict[str, int]
+                     ) -> List[torch.Tensor]:
+        """The members' log-densities (prior or likelihood) from one call, as factors
+        ``(*batch, [K own], *K parents)`` (a latent's own index first, then its parents')."""
+        model, layout = self.model, self.layout
+        first = model.sites[g.members[0]]
+        fn = first.fn
+        assert isinstance(fn, types.FunctionType)
+        own = [layout.index_of[g.members[0]]] if g.role == "prior" else []
+        pidx = [layout.index_of[p] for p in first.parents]
+        args = [self._stacked_parent(g, j, i, values, event_dims) for j, i in enumerate(pidx)]
+        G = len(g.members)
+        template = (G,) + layout.template(own + pidx, ())
+        d = _call(fn, args, {})
+        if not _fits(d.batch_shape, template):
+            raise ValueError(f"batch shape {tuple(d.batch_shape)} does not fit {template}")
+        if g.role == "prior":
+            x = torch.stack([self._canonical(values[m], own[0], event_dims[m]) for m in g.members])
+        else:
+            e = first.event_dim
+            if len(d.event_shape) != e:
+                raise ValueError("event dims differ from the declaration")
+            x = torch.stack(torch.broadcast_tensors(*[values[m] for m in g.members]))
+        lp = d.log_prob(x)
+        lp = lp.reshape((1,) * (len(template) - lp.dim()) + tuple(lp.shape)).expand(template)
+        nb = len(layout.batch)
+        slots = [1 + nb + layout.ndim + layout.index_pos[i] for i in own + pidx]
+        rest = [d_ for d_ in range(1 + nb, len(template)) if d_ not in slots]
+        lp = lp.permute([0] + list(range(1, 1 + nb)) + slots + rest)
+        lp = lp.reshape(lp.shape[: 1 + nb + len(slots)])
+        return list(lp.unbind(0))
+
+
+def agree(batched: torch.Tensor, single: torch.Tensor) -> bool:
+    """Whether a batched log-density equals the site-by-site one (within float rounding)."""
+    try:
+        b, s = torch.broadcast_tensors(batched.detach(), single.detach())
+    except RuntimeError:
+        return False
+    finite = torch.isfinite(s)
+    if not torch.equal(finite, torch.isfinite(b)) or not torch.equal(b[~finite], s[~finite]):
+        return False
+    tol = 1e-5 if s.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    return bool(torch.allclose(b[finite], s[finite], rtol=tol, atol=tol))
