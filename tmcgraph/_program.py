@@ -34,7 +34,7 @@ import torch
 from opt_einsum import get_symbol
 
 from ._kernels import _plain_pair, _scratch, align, log_contract_pair, log_reduce
-from .stages import InputSpec, ProductStage, Stage
+from .stages import InputSpec, ProductStage, ScanStage, Stage
 
 __all__ = ["StepProgram", "lowerable"]
 
@@ -50,7 +50,7 @@ _EXACT_STICKY = 16
 def lowerable(stages: Sequence[Stage]) -> bool:
     """Whether :class:`StepProgram` can run these stages (unsliced, at most pairwise steps)."""
     return all(
-        isinstance(s, ProductStage) or (not s.slices and all(len(st.positions) <= 2 for st in s.steps))
+        isinstance(s, (ProductStage, ScanStage)) or (not s.slices and all(len(st.positions) <= 2 for st in s.steps))
         for s in stages
     )
 
@@ -178,7 +178,24 @@ class _State:
         self.saved: Optional[Dict[int, tuple]] = {} if saving else None
 
 
-_Instr = Union[_Input, _Reduce, _Product, _Outer, _Pair]
+@dataclass(frozen=True)
+class _Scan:
+    """A scan stage (:func:`tmcgraph.plan.run_scan`, exact kernels) on inputs ``srcs`` laid out as ``targets``
+    (the data-batch labels first)."""
+
+    stage: ScanStage
+    srcs: Tuple[int, ...]
+    labels: Tuple[str, ...]
+    targets: Tuple[str, ...]
+
+    def run(self, env: List, tensors: Sequence[torch.Tensor], k: int, st: "_State") -> torch.Tensor:
+        from .plan import run_scan
+
+        operands = [align(env[src], lab, target) for src, lab, target in zip(self.srcs, self.labels, self.targets)]
+        return run_scan(self.stage, operands)
+
+
+_Instr = Union[_Input, _Reduce, _Product, _Outer, _Pair, _Scan]
 
 
 def _copies(la: str, lb: str, kept: set, sizes: Dict[str, int]) -> int:
@@ -358,6 +375,13 @@ class StepProgram:
 
         vals = list(range(len(inputs)))  # plan value id -> program index
         for stage in stages:
+            if isinstance(stage, ScanStage):
+                srcs = tuple(vals[k] for k in stage.inputs)
+                dbatch = "".join(c for c in blabels if any(c in labels[v] for v in srcs))
+                targets = tuple(dbatch + lab for lab in stage.input_labels)
+                vals.append(emit(_Scan(stage, srcs, tuple(labels[v] for v in srcs), targets),
+                                 dbatch + stage.output_labels))
+                continue
             if isinstance(stage, ProductStage):
                 v = vals[stage.inputs[0]]
                 lab = labels[v]
@@ -425,7 +449,9 @@ class StepProgram:
         self._target = "".join(c for c in blabels if c in final) + output_labels
         self._batch = batch
         self._out_shape = batch + tuple(sizes[c] for c in output_labels)
-        self._srcs = [tuple(getattr(instr, f) for f in ("src", "a", "b") if hasattr(instr, f)) for instr in program]
+        self._srcs = [instr.srcs if isinstance(instr, _Scan) else tuple(
+            getattr(instr, f) for f in ("src", "a", "b") if hasattr(instr, f)) for instr in program]
+        self._whole_plan = not any(isinstance(instr, _Scan) for instr in program)  # scans: per-step autograd
         self._shapes = [tuple(sizes[c] for c in lab) for lab in labels]
         self._uses = self._last_uses()
         self._exact_from: Optional[int] = None  # first pair run exactly (after a trip), and for how long
@@ -445,7 +471,8 @@ class StepProgram:
         exact_from = self._exact_from if self._exact_left > 0 else None
         if exact_from is not None:
             self._exact_left -= 1
-        if exact_from is None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if (exact_from is None and self._whole_plan and torch.is_grad_enabled()
+                and any(t.requires_grad for t in tensors)):
             value, flags = _PlanFunction.apply(self, *tensors)
             result = self._final(value)
         else:

@@ -20,13 +20,25 @@ from opt_einsum import get_symbol
 from . import paths
 from .errors import TMCError
 from .plan import Plan
-from .stages import EinsumStage, InputSpec, ProductStage, Stage, Step
+from .stages import EinsumStage, InputSpec, ProductStage, ScanStage, Stage, Step
 
 if TYPE_CHECKING:
     from .graph import FactorGraph
 
-__all__ = ["Slicer", "check_memory_limit", "check_optimize", "compile_einsum", "compile_graph", "label_treewidth",
-           "make_plan"]
+__all__ = ["SCAN_MODES", "Slicer", "check_memory_limit", "check_optimize", "check_scan", "compile_einsum",
+           "compile_graph", "compile_stages", "find_chains", "label_treewidth", "make_plan"]
+
+#: ``scan=`` choices of :meth:`tmcgraph.FactorGraph.compile`: contract chains by a parallel scan where the
+#: cost model says it pays, always, or never
+SCAN_MODES = ("auto", "always", "never")
+# The cost model of "auto" (forward + backward, per batch element), in units of one sequential link
+# (its pairwise step and unary merge, forward and backward), fitted to `python benchmarks/scan.py
+# --threads 1` on a 2-core CPU: a scan round costs _ROUND links, stacking _STACK links per link and
+# the rounds' matrix products _CUBE links per K**3 per link.  Scan when it is estimated 10% cheaper.
+_ROUND = 1.94
+_STACK = 0.255
+_CUBE = 2.33e-6
+_MARGIN = 0.9
 
 def _slice_stage(steps: Sequence[Step], output: str, sizes: Dict[str, int], limit: int) -> Tuple[Tuple[str, int], ...]:
     """Choose chunk sizes so that every intermediate has at most ``limit`` elements.
@@ -85,6 +97,114 @@ def compile_einsum(
         candidates=tuple(candidates),
         slices=slices,
     )
+
+
+def check_scan(scan: str) -> str:
+    if scan not in SCAN_MODES:
+        raise TMCError(f"unknown scan={scan!r}; expected one of {list(SCAN_MODES)}")
+    return scan
+
+
+Chain = Tuple[List[int], str, List[Tuple[int, int]], str]
+
+
+def find_chains(terms: Sequence[str], output: str, sizes: Dict[str, int]) -> List[Chain]:
+    """Chains of pairwise terms that a :class:`~tmcgraph.stages.ScanStage` can contract.
+
+    A term is *pairwise* when exactly two of its labels are summed (not in ``output``), of one
+    size; its other labels are its batch labels.  A summed label is a *link* when it is in
+    exactly two pairwise terms with the same batch labels and otherwise only in *unary* terms
+    (whose only summed label it is, with labels within the batch labels and itself).  A chain is
+    a path of pairwise terms joined by links, with distinct ends.
+
+    Returns:
+        per chain: ``(pairwise term positions in chain order, chain labels l_0..l_n,
+        [(unary term position, k)], batch labels)``.
+    """
+    out = set(output)
+    pairs: Dict[int, Tuple[Tuple[str, str], FrozenSet[str]]] = {}
+    for pos, t in enumerate(terms):
+        free = [c for c in t if c not in out]
+        if len(free) == 2 and len(set(t)) == len(t) and sizes[free[0]] == sizes[free[1]] > 1:
+            pairs[pos] = ((free[0], free[1]), frozenset(c for c in t if c in out))
+    touching: Dict[str, List[int]] = {}
+    for pos, t in enumerate(terms):
+        for c in set(t):
+            touching.setdefault(c, []).append(pos)
+    links: Dict[str, Tuple[int, int]] = {}
+    for c, where in touching.items():
+        if c in out:
+            continue
+        ps = [p for p in where if p in pairs]
+        others = [p for p in where if p not in pairs]
+        if len(ps) != 2 or pairs[ps[0]][1] != pairs[ps[1]][1]:
+            continue
+        kept = pairs[ps[0]][1]
+        if all(set(terms[p]) <= kept | {c} for p in others):
+            links[c] = (ps[0], ps[1])
+    neighbours: Dict[int, List[Tuple[str, int]]] = {}
+    for c, (a, b) in links.items():
+        neighbours.setdefault(a, []).append((c, b))
+        neighbours.setdefault(b, []).append((c, a))
+    chains: List[Chain] = []
+    seen: set = set()
+    for start in sorted(neighbours):
+        if start in seen or len(neighbours[start]) != 1:
+            continue  # walk from an end of each path (cycles are left to the path search)
+        order, inner = [start], []
+        prev, (label, here) = start, neighbours[start][0]
+        while True:
+            order.append(here)
+            inner.append(label)
+            nxt = [(c, p) for c, p in neighbours[here] if p != prev]
+            if not nxt:
+                break
+            prev, (label, here) = here, nxt[0]
+        seen.update(order)
+        first_free, last_free = pairs[order[0]][0], pairs[order[-1]][0]
+        l0 = next(c for c in first_free if c != inner[0])
+        ln = next(c for c in last_free if c != inner[-1])
+        if l0 == ln:
+            continue
+        chain = l0 + "".join(inner) + ln
+        unary = [(p, chain.index(c)) for c in inner for p in touching[c] if p not in pairs]
+        batch = "".join(c for c in terms[order[0]] if c in out)
+        chains.append((order, chain, unary, batch))
+    return chains
+
+
+def _scan_pays(n: int, k: int, scan: str) -> bool:
+    if scan != "auto":
+        return scan == "always"
+    parallel = math.ceil(math.log2(n)) * _ROUND + n * (_STACK + _CUBE * k ** 3)
+    return n >= 2 and parallel < _MARGIN * n
+
+
+def compile_stages(inputs: Sequence[str], output: str, sizes: Dict[str, int], *, input_ids: Sequence[int],
+                   first_value: int, optimize: str = "auto", memory_limit: Optional[int] = None,
+                   scan: str = "auto") -> List[Stage]:
+    """Plan one log-einsum of values ``input_ids`` as stages: a :class:`~tmcgraph.stages.ScanStage` per
+    chain worth scanning (see :func:`find_chains`), then the einsum of what is left.  ``first_value`` is
+    the value id the first returned stage will get."""
+    stages: List[Stage] = []
+    terms, ids = list(inputs), list(input_ids)
+    if scan != "never":
+        taken: set = set()
+        for order, chain, unary, batch in find_chains(terms, output, sizes):
+            if not _scan_pays(len(order), sizes[chain[0]], scan):
+                continue
+            members = order + [p for p, _ in unary]
+            stages.append(ScanStage(inputs=tuple(ids[p] for p in members),
+                                    input_labels=tuple(terms[p] for p in members), chain=chain,
+                                    unary=tuple(k for _, k in unary), batch=batch,
+                                    output_labels=batch + chain[0] + chain[-1]))
+            taken.update(members)
+        if stages:
+            keep = [p for p in range(len(terms)) if p not in taken]
+            ids = [ids[p] for p in keep] + [first_value + k for k in range(len(stages))]
+            terms = [terms[p] for p in keep] + [st.output_labels for st in stages]
+    stages.append(compile_einsum(terms, output, sizes, input_ids=ids, optimize=optimize, memory_limit=memory_limit))
+    return stages
 
 
 def label_treewidth(terms: Sequence[str]) -> int:
@@ -157,7 +277,8 @@ _GRAPH_CACHE: "OrderedDict[tuple, Plan]" = OrderedDict()
 _CACHE_SIZE = 128
 
 
-def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit: Optional[int] = None) -> Plan:
+def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit: Optional[int] = None,
+                  scan: str = "auto") -> Plan:
     """Compile a :class:`~tmcgraph.FactorGraph` into a :class:`~tmcgraph.Plan`; cached by structure.
 
     Plates are eliminated by tensor variable elimination (Obermeyer et al. 2019,
@@ -168,10 +289,13 @@ def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit:
     plate set L'; multiply over the plates L \\ L'; repeat until no plate is left,
     then contract what remains.  When L' = L the plates cannot be eliminated
     without unrolling, and compilation fails with an error naming the factors.
+    Chains within an einsum are contracted by a parallel scan where ``scan`` says so
+    (:func:`compile_stages`).
     """
     check_optimize(optimize)
     check_memory_limit(memory_limit)
-    key = (graph.structure_key(), optimize, memory_limit)
+    check_scan(scan)
+    key = (graph.structure_key(), optimize, memory_limit, scan)
     if key in _GRAPH_CACHE:
         _GRAPH_CACHE.move_to_end(key)
         return _GRAPH_CACHE[key]
@@ -242,21 +366,18 @@ def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit:
             has_local = any(c in local for c in "".join(labels_in))
             if len(members) > 1 or has_local:
                 out = plate_labels(leaf) + rest
-                stage = compile_einsum(
-                    labels_in, out, sizes, input_ids=members, optimize=optimize, memory_limit=memory_limit
-                )
-                stages.append(stage)  # consumed at once by the product below
-                value, value_labels = len(inputs) + len(stages) - 1, out
+                stages.extend(compile_stages(labels_in, out, sizes, input_ids=members,
+                                             first_value=len(inputs) + len(stages), optimize=optimize,
+                                             memory_limit=memory_limit, scan=scan))
+                value, value_labels = len(inputs) + len(stages) - 1, out  # consumed at once by the product
             for k in members:
                 del live[k]
             keep = plate_labels(parent) + rest
             add(ProductStage((value,), (value_labels,), keep), parent, origin)
     final = sorted(live)
-    stages.append(
-        compile_einsum(
-            [live[k][0] for k in final], "", sizes, input_ids=final, optimize=optimize, memory_limit=memory_limit
-        )
-    )
+    stages.extend(compile_stages([live[k][0] for k in final], "", sizes, input_ids=final,
+                                 first_value=len(inputs) + len(stages), optimize=optimize,
+                                 memory_limit=memory_limit, scan=scan))
     untouched = [i for i in graph.indices if not any(i in f.indices for f in graph.factors.values())]
     constant = sum(
         math.log(graph.indices[i].size) * math.prod(graph.plates[p] for p in graph.indices[i].plates)

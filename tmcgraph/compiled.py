@@ -30,8 +30,8 @@ from torch.distributions import Distribution
 
 from ._kernels import align, log_product, log_reduce, shifted_sum
 from .errors import TMCError
-from .plan import run_steps
-from .stages import EinsumStage, ProductStage, Stage
+from .plan import run_scan, run_steps
+from .stages import EinsumStage, ProductStage, ScanStage, Stage
 
 __all__ = ["BACKENDS", "CompiledProgram", "check_backend"]
 
@@ -79,9 +79,16 @@ def _program(stages: Sequence[Stage], input_labels: Sequence[str], output_labels
             flags.append(flag)
             return value
 
+        def pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str) -> torch.Tensor:
+            value, flag = _pair(a, la, b, lb, out)
+            flags.append(flag)
+            return value
+
         for stage in stages:
             operands = [values[k] for k in stage.inputs]
-            if isinstance(stage, ProductStage):
+            if isinstance(stage, ScanStage):
+                values.append(run_scan(stage, operands, pair))
+            elif isinstance(stage, ProductStage):
                 values.append(log_product(operands[0], stage.input_labels[0], stage.output_labels))
             else:
                 values.append(run_steps(stage, operands, contract))

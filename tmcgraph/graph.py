@@ -171,7 +171,7 @@ class FactorGraph:
             tuple(self._factors.items()),
         )
 
-    def compile(self, *, optimize: str = "auto", memory_limit: Optional[int] = None) -> "Plan":
+    def compile(self, *, optimize: str = "auto", memory_limit: Optional[int] = None, scan: str = "auto") -> "Plan":
         """Compile the structure into a reusable :class:`~tmcgraph.Plan` (cached).
 
         Args:
@@ -179,6 +179,11 @@ class FactorGraph:
                 cheaper kept) or a name of ``tmcgraph.paths.OPTIMIZERS``.
             memory_limit: bound, in elements per batch element, on the largest
                 intermediate; exceeded intermediates are sliced (same value).
+            scan: ``"auto"`` (default), ``"always"`` or ``"never"``: contract chains of
+                pairwise factors (a Markov chain's transitions) by a parallel scan,
+                ``log2(length)`` batched steps instead of one per link
+                (:class:`tmcgraph.stages.ScanStage`); ``"auto"`` scans where a cost model
+                of per-step dispatch against arithmetic says it pays (small ``K``).
 
         Raises:
             TMCError: no factor declared, bad option, or a plate structure that
@@ -186,7 +191,7 @@ class FactorGraph:
         """
         from .compile import compile_graph
 
-        return compile_graph(self, optimize=optimize, memory_limit=memory_limit)
+        return compile_graph(self, optimize=optimize, memory_limit=memory_limit, scan=scan)
 
     def __repr__(self) -> str:
         return f"FactorGraph(plates={dict(self._plates)}, indices={len(self._indices)}, factors={len(self._factors)})"

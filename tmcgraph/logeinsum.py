@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from opt_einsum import get_symbol
 
-from .compile import check_memory_limit, check_optimize, compile_einsum, label_treewidth, make_plan
+from .compile import check_memory_limit, check_optimize, compile_stages, label_treewidth, make_plan
 from .errors import TMCError
 from .plan import Plan, check_operands, check_result
 from .stages import InputSpec
@@ -149,7 +149,8 @@ def parse_equation(equation: str, shapes: Tuple[Tuple[int, ...], ...]) -> Parsed
 @functools.lru_cache(maxsize=512)
 def _plan(parsed: ParsedEquation, optimize: str, memory_limit: Optional[int]) -> Plan:
     sizes = dict(parsed.sizes)
-    stage = compile_einsum(list(parsed.terms), parsed.output, sizes, optimize=optimize, memory_limit=memory_limit)
+    stages = compile_stages(list(parsed.terms), parsed.output, sizes, input_ids=range(len(parsed.terms)),
+                            first_value=len(parsed.terms), optimize=optimize, memory_limit=memory_limit)
     inputs = tuple(
         InputSpec(str(k), term, tuple(sizes[c] for c in term), tuple(f"label {c!r}" for c in term), kind="operand")
         for k, term in enumerate(parsed.terms)
@@ -159,7 +160,7 @@ def _plan(parsed: ParsedEquation, optimize: str, memory_limit: Optional[int]) ->
     log10_naive = sum(math.log10(s) for s in sizes.values()) + math.log10(max(1, len(parsed.terms)))
     return make_plan(
         inputs=inputs,
-        stages=(stage,),
+        stages=tuple(stages),
         output_labels=parsed.output,
         label_names=tuple(sorted(names.items())),
         constant=0.0,

@@ -457,6 +457,7 @@ class Model:
         memory_limit: Optional[int] = None,
         backend: str = "eager",
         shard: Optional["Shard"] = None,
+        scan: str = "auto",
     ) -> "TMC":
         """Build the TMC estimator: the factor graph of sample indices, compiled once.
 
@@ -472,13 +473,15 @@ class Model:
             shard: evaluate with this plate split across the processes of a
                 ``torch.distributed`` group (:class:`tmcgraph.distributed.Shard`;
                 this model declares the plate with the size of this process's shard).
+            scan: contract chains of factors by a parallel scan: ``"auto"``, ``"always"``
+                or ``"never"``, as in :meth:`tmcgraph.FactorGraph.compile`.
 
         Returns:
             a :class:`tmcgraph.TMC` estimator.
         """
         from .estimators import TMC
 
-        return TMC(self, K, optimize=optimize, memory_limit=memory_limit, backend=backend, shard=shard)
+        return TMC(self, K, optimize=optimize, memory_limit=memory_limit, backend=backend, shard=shard, scan=scan)
 
     def __repr__(self) -> str:
         lat = [n for n, s in self._sites.items() if s.kind == "latent"]

@@ -16,12 +16,12 @@ import opt_einsum
 import torch
 from opt_einsum import paths as oe_paths
 
-from ._kernels import align, log_contract, log_product, log_reduce
+from ._kernels import align, log_contract, log_contract_pair, log_product, log_reduce
 from ._program import StepProgram, lowerable
 from .errors import TMCError
-from .stages import EinsumStage, InputSpec, ProductStage, Stage
+from .stages import EinsumStage, InputSpec, ProductStage, ScanStage, Stage
 
-__all__ = ["Plan", "StepInfo", "check_operands", "check_result", "run_steps"]
+__all__ = ["Plan", "StepInfo", "check_operands", "check_result", "run_scan", "run_steps"]
 
 _STACK_LABEL = opt_einsum.get_symbol(100_000)
 _MAX_PROGRAMS = 64  # step programs kept per plan (one per distinct input shapes)
@@ -31,7 +31,7 @@ _MAX_PROGRAMS = 64  # step programs kept per plan (one per distinct input shapes
 class StepInfo:
     """One pairwise/unary step or plate product of a plan (for ``describe``)."""
 
-    kind: str  # "contract" | "product"
+    kind: str  # "contract" | "product" | "scan"
     operands: Tuple[int, ...]  # value ids (inputs first, then one per step)
     operand_labels: Tuple[str, ...]
     result_labels: str
@@ -54,6 +54,60 @@ def run_steps(stage: EinsumStage, operands: Sequence[torch.Tensor], contract: Co
         work.append((value, step.result_labels))
     (value, labels), = work
     return align(value, labels, stage.output_labels)
+
+
+Pair = Callable[[torch.Tensor, str, torch.Tensor, str, str], torch.Tensor]
+
+
+def _fast_round(a: torch.Tensor, b: torch.Tensor, la: str, lb: str, out: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One scan round by the fast path, sync-free: ``(log(exp(a) @ exp(b)), smallest shifted sum)``.
+    A slice of zero probability makes the flag NaN (``-inf - -inf``), which counts as tripped."""
+    ra = a.detach().amax(-1, keepdim=True)
+    rb = b.detach().amax(-2, keepdim=True)
+    total = torch.matmul((a - ra).exp(), (b - rb).exp())
+    return total.log() + ra + rb, total.detach().amin()
+
+
+def run_scan(stage: ScanStage, operands: Sequence[torch.Tensor], contract: Optional[Pair] = None) -> torch.Tensor:
+    """A scan stage on ``(*batch, *labels)`` operands: ``(*batch, *stage.output_labels)``.
+
+    The links ``(batch, l_{k-1}, l_k)`` (unary values folded into the link ending at their label)
+    are stacked and multiplied pairwise in the log semiring by ``contract(a, "ij", b, "jk", "ik")``
+    (the stack is the leading batch dim), halving the stack each round.  Without ``contract``,
+    the rounds take the sync-free fast path and one check at the end: if any shifted sum lost
+    precision, the scan is redone with the exact kernel :func:`~tmcgraph._kernels.log_contract_pair`."""
+    chain, batch = stage.chain, stage.batch
+    n = len(chain) - 1
+    links = [align(operands[k], stage.input_labels[k], batch + chain[k] + chain[k + 1]) for k in range(n)]
+    unary = [align(u, labels, batch + chain[k]) for u, labels, k in zip(operands[n:], stage.input_labels[n:],
+                                                                          stage.unary)]
+    lead = torch.broadcast_shapes(*(x.shape[:-2] for x in links), *(u.shape[:-1] for u in unary))
+    stack = torch.stack([x.expand(lead + x.shape[-2:]) for x in links])
+    if unary:  # every unary value added to the link ending at its label, in one call
+        us = torch.stack([u.expand(lead + u.shape[-1:]) for u in unary]).unsqueeze(-2)
+        where = torch.tensor([k - 1 for k in stage.unary], device=stack.device)
+        stack = stack.index_add(0, where, us.to(stack.dtype).expand((len(unary),) + stack.shape[1:]))
+    if contract is not None:
+        return _rounds(stack, contract)
+    flags: List[torch.Tensor] = []
+
+    def fast(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str) -> torch.Tensor:
+        value, flag = _fast_round(a, b, la, lb, out)
+        flags.append(flag)
+        return value
+
+    result = _rounds(stack, fast)
+    if flags and not bool(torch.stack(flags).min() >= math.sqrt(torch.finfo(stack.dtype).tiny)):  # one sync
+        result = _rounds(stack, log_contract_pair)
+    return result
+
+
+def _rounds(stack: torch.Tensor, contract: Pair) -> torch.Tensor:
+    while stack.shape[0] > 1:
+        half = stack.shape[0] // 2
+        merged = contract(stack[0:2 * half:2], "ij", stack[1:2 * half:2], "jk", "ik")
+        stack = torch.cat([merged, stack[2 * half:]]) if stack.shape[0] % 2 else merged
+    return stack[0]
 
 
 def _run_sliced(stage: EinsumStage, operands: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -144,6 +198,17 @@ class Plan:
         ssa: List[Tuple[int, ...]] = []
         infos: List[StepInfo] = []
         for stage in self.stages:
+            if isinstance(stage, ScanStage):
+                scanned = tuple(value_id[k] for k in stage.inputs)
+                k = self._sizes_of(stage.chain[:1])[0]
+                width = math.prod(self._sizes_of(stage.batch))
+                links = len(stage.chain) - 1
+                infos.append(StepInfo("scan", scanned, stage.input_labels, stage.output_labels,
+                                      2 * links * k ** 3 * width, links * k * k * width))
+                ssa.append(scanned)
+                value_id.append(next_id)
+                next_id += 1
+                continue
             if isinstance(stage, ProductStage):
                 labels = stage.input_labels[0]
                 ids: Tuple[int, ...] = (value_id[stage.inputs[0]],)
@@ -185,8 +250,10 @@ class Plan:
                     break
         return out
 
-    @staticmethod
-    def _stage_largest(stage: Stage) -> int:
+    def _stage_largest(self, stage: Stage) -> int:
+        if isinstance(stage, ScanStage):
+            k = self._sizes_of(stage.chain[:1])[0]
+            return (len(stage.chain) - 1) * k * k * math.prod(self._sizes_of(stage.batch))
         if isinstance(stage, EinsumStage):
             sizes = dict(stage.sizes)
             sizes.update(dict(stage.slices))
@@ -220,7 +287,8 @@ class Plan:
                 (self.inputs[i].name if i < len(self.inputs) else f"#{i - len(self.inputs)}") + self._names_of(lab)
                 for i, lab in zip(step.operands, step.operand_labels)
             )
-            verb = "plate-product" if step.kind == "product" else "contract"
+            verb = {"product": "plate-product", "scan": f"parallel-scan of {len(step.operands)} values"}.get(
+                step.kind, "contract")
             lines.append(
                 f"    #{n}: {verb} {operands} -> {self._names_of(step.result_labels)}"
                 f"   {step.flops:.3g} FLOPs, {step.size:,} elements"
@@ -262,6 +330,9 @@ class Plan:
         reduce_label = self.plate_label(plate_reduce[0]) if plate_reduce is not None else None
         for stage in stages:
             operands = [values[k] for k in stage.inputs]
+            if isinstance(stage, ScanStage):
+                values.append(run_scan(stage, operands))
+                continue
             if isinstance(stage, ProductStage):
                 value = log_product(operands[0], stage.input_labels[0], stage.output_labels)
                 if (plate_reduce is not None and reduce_label is not None and reduce_label in stage.input_labels[0]

@@ -6,7 +6,9 @@ and every stage appends one value.
 
 * :class:`EinsumStage`: a log-domain einsum of some values, executed as a
   pairwise path (``steps``), optionally sliced to respect a memory limit;
-* :class:`ProductStage`: a plate product, i.e. a sum of log-factors over plate dims.
+* :class:`ProductStage`: a plate product, i.e. a sum of log-factors over plate dims;
+* :class:`ScanStage`: a chain of pairwise values (a Markov chain's transitions) contracted
+  by a parallel scan, ``log2`` of its length batched steps instead of one step per link.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Tuple, Union
 
 from .paths import Candidate, PathCost
 
-__all__ = ["InputSpec", "Step", "EinsumStage", "ProductStage", "Stage"]
+__all__ = ["InputSpec", "Step", "EinsumStage", "ProductStage", "ScanStage", "Stage"]
 
 
 @dataclass(frozen=True)
@@ -82,4 +84,33 @@ class ProductStage:
     output_labels: str
 
 
-Stage = Union[EinsumStage, ProductStage]
+@dataclass(frozen=True)
+class ScanStage:
+    """Contract a chain ``l_0 - l_1 - ... - l_n`` of pairwise values by a parallel scan.
+
+    The chain's pairwise values carry the labels ``batch + {l_{k-1}, l_k}`` (either order),
+    all of one size ``K``; unary values on an interior label ``l_k`` (labels within
+    ``batch + l_k``) are folded into the link that ends at it.  The links are stacked into
+    one ``(n, ..., K, K)`` tensor and multiplied pairwise in the log semiring, halving the
+    stack each round: ``ceil(log2 n)`` batched steps of ``K^3`` work per link, against the
+    ``n`` sequential ``K^2`` steps of message passing; it pays where per-step dispatch, not
+    arithmetic, bounds the chain (small ``K``, long chains, accelerators).
+
+    Attributes:
+        inputs: value ids: the chain's pairwise values in chain order, then its unary values.
+        input_labels: their labels.
+        chain: ``l_0 .. l_n``.
+        unary: for each unary input, the position ``k`` (``1 .. n-1``) of its label in ``chain``.
+        batch: the labels every pairwise value carries besides its two chain labels (kept).
+        output_labels: ``batch + l_0 + l_n``.
+    """
+
+    inputs: Tuple[int, ...]
+    input_labels: Tuple[str, ...]
+    chain: str
+    unary: Tuple[int, ...]
+    batch: str
+    output_labels: str
+
+
+Stage = Union[EinsumStage, ProductStage, ScanStage]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable, ContextManager, Dict, Mapping, Optional, Tuple
 
+from ..compile import check_scan
 from ..compiled import check_backend
 from ..errors import TMCError
 from ..graph import FactorGraph
@@ -25,8 +26,9 @@ class GraphEstimator:
 
     def __init__(self, model: Model, index_of: Dict[str, str], sizes: Dict[str, Optional[int]],
                  index_plates: Dict[str, Tuple[str, ...]], *, optimize: str, memory_limit: Optional[int],
-                 compile_now: bool = True, backend: str = "eager") -> None:
+                 compile_now: bool = True, backend: str = "eager", scan: str = "auto") -> None:
         self.model = model
+        self.scan = check_scan(scan)
         self.backend = check_backend(backend)
         if backend == "compiled" and memory_limit is not None:
             raise TMCError("backend='compiled' evaluates unsliced: drop memory_limit")
@@ -64,7 +66,8 @@ class GraphEstimator:
         """(plan, log-normaliser) for the index sizes in ``key``."""
         graph, norm = self._graph_for(key)
         if key not in self._plans:
-            self._plans[key] = (graph.compile(optimize=self.optimize, memory_limit=self.memory_limit), norm)
+            self._plans[key] = (graph.compile(optimize=self.optimize, memory_limit=self.memory_limit,
+                                              scan=self.scan), norm)
         return self._plans[key]
 
     def _sampled_indices(self) -> set:

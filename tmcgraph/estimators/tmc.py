@@ -31,10 +31,13 @@ class TMC(GraphEstimator):
         plan: the compiled :class:`~tmcgraph.Plan` (``plan.treewidth``, ``plan.describe()``).
         graph: the :class:`~tmcgraph.FactorGraph` of sample indices.
         backend: ``"eager"`` or ``"compiled"``: how the plan runs (:meth:`Plan.log_sum`).
+        scan: whether chains of factors are contracted by a parallel scan (``"auto"``,
+            ``"always"``, ``"never"``; :meth:`tmcgraph.FactorGraph.compile`).
     """
 
     def __init__(self, model: Model, K: Union[int, Mapping[str, int]], *, optimize: str = "auto",
-                 memory_limit: Optional[int] = None, backend: str = "eager", shard: Optional[Shard] = None) -> None:
+                 memory_limit: Optional[int] = None, backend: str = "eager", shard: Optional[Shard] = None,
+                 scan: str = "auto") -> None:
         latents = model.latents()
         self.shard = _check_shard(model, shard, backend)
         if shard is not None:
@@ -59,7 +62,7 @@ class TMC(GraphEstimator):
         index_of = {n: n for n in latents}
         plates = {n: model.sites[n].plates for n in latents}
         super().__init__(model, index_of, sizes, plates, optimize=optimize, memory_limit=memory_limit,
-                         backend=backend)
+                         backend=backend, scan=scan)
 
     def log_marginal(self, data: Mapping[str, object]) -> torch.Tensor:
         """log of the TMC estimate of ``p(x)``; differentiable (reparameterised samples).
