@@ -33,7 +33,7 @@ from .errors import TMCError
 from .plan import run_scan, run_steps
 from .stages import EinsumStage, ProductStage, ScanStage, Stage
 
-__all__ = ["BACKENDS", "CompiledProgram", "check_backend"]
+__all__ = ["BACKENDS", "CompiledProgram", "check_backend", "compile_function", "program"]
 
 #: the evaluation backends of :meth:`tmcgraph.Plan.log_sum`
 BACKENDS = ("eager", "compiled")
@@ -101,6 +101,31 @@ def _program(stages: Sequence[Stage], input_labels: Sequence[str], output_labels
     return run
 
 
+def program(stages: Sequence[Stage], input_labels: Sequence[str], output_labels: str, constant: float
+            ) -> Callable[[List[torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]:
+    """A plan as a pure, sync-free function of its input tensors: ``(result (*batch,), underflow flag)``
+    (the flag below ``sqrt(tiny)``, or NaN, means: evaluate again with the exact eager kernels)."""
+    if any(isinstance(s, EinsumStage) and s.steps and any(len(st.positions) > 2 for st in s.steps) for s in stages):
+        raise TMCError("backend='compiled' supports pairwise plans only")
+    return _program(stages, input_labels, output_labels, constant)
+
+
+def compile_function(fn: Callable, name: str) -> Callable:
+    """``torch.compile(fn, dynamic=False, fullgraph=True)`` under a code object of its own.
+
+    torch.compile keeps its cache (and its recompile limit) per code object, and closures share
+    their code: each compiled function gets its own, so they neither evict each other nor exhaust
+    the limit together.  The user's ``torch.distributions`` validation setting is kept (the first
+    ``torch.compile`` of a process turns it off)."""
+    code = fn.__code__.replace(co_name=f"tmcgraph_{name}_{next(_PROGRAM_IDS)}")
+    fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    validate = Distribution._validate_args
+    try:
+        return torch.compile(fn, dynamic=False, fullgraph=True)
+    finally:
+        Distribution.set_default_validate_args(validate)
+
+
 class CompiledProgram:
     """A plan's compiled program (built by :meth:`tmcgraph.Plan.log_sum` with ``backend="compiled"``).
 
@@ -110,21 +135,7 @@ class CompiledProgram:
 
     def __init__(self, stages: Sequence[Stage], input_labels: Sequence[str], output_labels: str,
                  constant: float) -> None:
-        if any(isinstance(s, EinsumStage) and s.steps and any(len(st.positions) > 2 for st in s.steps)
-               for s in stages):
-            raise TMCError("backend='compiled' supports pairwise plans only")
-        program = _program(stages, input_labels, output_labels, constant)
-        # torch.compile keeps its cache (and its recompile limit) per code object, and every plan's program
-        # is a closure over the same code: give each plan a code object of its own, so plans do not evict
-        # each other or exhaust the limit together
-        code = program.__code__.replace(co_name=f"tmcgraph_plan_{next(_PROGRAM_IDS)}")
-        program = types.FunctionType(code, program.__globals__, code.co_name, program.__defaults__,
-                                     program.__closure__)
-        validate = Distribution._validate_args  # see __call__
-        try:
-            self._fn = torch.compile(program, dynamic=False, fullgraph=True)
-        finally:
-            Distribution.set_default_validate_args(validate)
+        self._fn = compile_function(program(stages, input_labels, output_labels, constant), "plan")
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
         # torch.compile's first use turns off torch.distributions argument validation for the whole process

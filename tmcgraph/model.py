@@ -467,9 +467,12 @@ class Model:
             optimize: the path optimizer, as in :meth:`tmcgraph.FactorGraph.compile`.
             memory_limit: the largest intermediate in elements, as in
                 :meth:`tmcgraph.FactorGraph.compile`.
-            backend: how the contraction runs: ``"eager"`` (default) or
-                ``"compiled"`` (``torch.compile`` of the whole plan, compiled on
-                first use per shape; see :mod:`tmcgraph.compiled`).
+            backend: ``"eager"`` (default) or ``"compiled"``: ``log_marginal``
+                then runs the whole objective (sampling, factors, contraction) as
+                one ``torch.compile``'d program from the second evaluation of each
+                data layout on (the first runs eagerly, with every check; the
+                compile itself takes seconds to minutes on a CPU); other methods
+                compile the contraction only (:mod:`tmcgraph.compiled`).
             shard: evaluate with this plate split across the processes of a
                 ``torch.distributed`` group (:class:`tmcgraph.distributed.Shard`;
                 this model declares the plate with the size of this process's shard).

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
+from torch.distributions import Distribution
 
+from ..compiled import compile_function
+from ..compiled import program as compiled_program
 from ..distributed import Shard
 from ..errors import TMCError
+from ..layout import Layout
 from ..model import Model
 from ..plan import Plan
-from ..trace import Trace
+from ..trace import Trace, trace
 from . import dregs
 from .base import GraphEstimator, check_k, enumerated_size
 from .posterior import Posterior
@@ -44,6 +48,7 @@ class TMC(GraphEstimator):
             plate = shard.plate
             self._rng = lambda name: shard.stream(shared=plate not in model.sites[name].plates)
         self._shard_norms: Dict[tuple, float] = {}
+        self._objectives: Dict[tuple, tuple] = {}  # data layout -> compiled objective (backend="compiled")
         sampled = [n for n in latents if not model.sites[n].enumerate]
         if isinstance(K, Mapping):
             unknown = [n for n in K if n not in latents]
@@ -74,8 +79,55 @@ class TMC(GraphEstimator):
         Returns:
             tensor ``(*batch,)``.  Its exp is unbiased for ``p(x)``.
         """
+        if self.backend == "compiled" and self.shard is None and all(s is not None for s in self._sizes.values()):
+            return self._compiled_log_marginal(data)
         tr, plan, norm = self._trace(data)
         return self._log_sum(plan, tr.factors, share=True) - norm
+
+    # -- the compiled objective ------------------------------------------------------------
+    def _compiled_log_marginal(self, data: Mapping[str, object]) -> torch.Tensor:
+        """:meth:`log_marginal` with sampling, factors and contraction as one ``torch.compile``'d program.
+
+        The first evaluation per data layout runs eagerly (every check, the layout probes and the
+        verification of batched site groups); later ones run the program, compiled on first use.  Its
+        underflow flag is an output, checked once: where a shifted sum lost precision (or a NaN or
+        ``+inf`` appeared), the same draw's factors are contracted again by the exact eager evaluator,
+        which also names a bad factor."""
+        layout = self._layout(data)
+        key = (layout.batch, tuple(sorted((n, tuple(torch.as_tensor(v).shape), torch.as_tensor(v).dtype)
+                                          for n, v in data.items())))
+        entry = self._objectives.get(key)
+        if entry is None:  # first evaluation of this layout: eager, with every check
+            self._objectives[key] = ()
+            tr, plan, norm = self._trace(data)
+            return plan.log_sum(tr.factors) - norm
+        if not entry:
+            entry = self._objectives[key] = self._build_objective(layout)
+        fn, plan, norm, names = entry
+        validate = Distribution._validate_args
+        Distribution.set_default_validate_args(False)  # traced code must not sync on argument checks
+        try:
+            result, ok, factors = fn(dict(data))
+        finally:
+            Distribution.set_default_validate_args(validate)
+        if not bool(ok):  # the one host sync: redo the contraction of this draw exactly, eagerly
+            result = plan.log_sum(dict(zip(names, factors))) - norm
+        return result
+
+    def _build_objective(self, layout: Layout) -> tuple:
+        plan, norm = self._plan_for(tuple(layout.index_sizes.items()))
+        names = [spec.name for spec in plan.inputs]
+        run = compiled_program(plan.stages, [spec.labels for spec in plan.inputs], plan.output_labels, plan.constant)
+        model, groups = self.model, self._groups
+
+        def objective(data: Dict[str, object]) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+            tr = trace(model, layout, data, groups=groups)
+            factors = [tr.factors[name] for name in names]
+            result, flag = run(factors)
+            bad = torch.isnan(result).any() | (result == math.inf).any()
+            return result - norm, (flag >= math.sqrt(torch.finfo(result.dtype).tiny)) & ~bad, factors
+
+        return compile_function(objective, "objective"), plan, norm, names
 
     # -- sharding (tmcgraph.distributed) -------------------------------------------------
     def _trace(self, data: Mapping[str, object], **kw) -> Tuple[Trace, Plan, float]:
