@@ -18,6 +18,10 @@ assignments) from the same networks and the same resampling scheme.
 
 Timings are interleaved (ours, straightforward, ours, ...), medians of
 ``--repeats``; the figure reported is the ratio straightforward / ours.
+
+``--compiled`` also times ours under ``torch.compile(fullgraph=True)`` (the sampler and
+the loss traced as one graph; the backward compiled by AOTAutograd), after one eager
+iteration, and reports its compile time and eager ours / compiled.
 """
 
 from __future__ import annotations
@@ -134,6 +138,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--particles", type=int, default=10)
     ap.add_argument("--sweeps", type=int, default=10)
+    ap.add_argument("--compiled", action="store_true", help="also time ours under torch.compile(fullgraph=True)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cfg = gmm.GMMConfig()
@@ -148,17 +153,32 @@ def main() -> None:
         for _ in range(2):  # warm-up
             _time(lambda: ours(sampler, x, L, K))
             _time(lambda: straightforward(nets, x, L, K, cfg))
-        t_ours, t_naive = [], []
+        compiled, compile_s = None, None
+        if args.compiled:
+            compiled = torch.compile(lambda x: ours(sampler, x, L, K), dynamic=False, fullgraph=True)
+            compile_s = _time(lambda c=compiled: c(x))  # the first call compiles
+        t_ours, t_naive, t_comp = [], [], []
         for _ in range(args.repeats):
             t_ours.append(_time(lambda: ours(sampler, x, L, K)))
             t_naive.append(_time(lambda: straightforward(nets, x, L, K, cfg)))
+            if compiled is not None:
+                t_comp.append(_time(lambda c=compiled: c(x)))
         m_ours, m_naive = statistics.median(t_ours), statistics.median(t_naive)
         row = {"threads": threads, "batch": args.batch, "particles": L, "sweeps": K,
                "ours_ms": round(1e3 * m_ours, 2), "straightforward_ms": round(1e3 * m_naive, 2),
                "speedup": round(m_naive / m_ours, 2)}
+        line = (f"threads={threads}: straightforward / ours = {row['speedup']:.2f}x "
+                f"(medians {row['straightforward_ms']} ms vs {row['ours_ms']} ms")
+        if compiled is not None:
+            m_comp = statistics.median(t_comp)
+            row.update(compiled_ms=round(1e3 * m_comp, 2), compile_seconds=round(compile_s, 1),
+                       eager_over_compiled=round(m_ours / m_comp, 2), straightforward_over_compiled=round(
+                           m_naive / m_comp, 2))
+            line += (f", compiled {row['compiled_ms']} ms: ours eager / compiled = {row['eager_over_compiled']:.2f}x, "
+                     f"straightforward / compiled = {row['straightforward_over_compiled']:.2f}x, compile "
+                     f"{row['compile_seconds']} s")
         results.append(row)
-        print(f"threads={threads}: straightforward / ours = {row['speedup']:.2f}x "
-              f"(medians {row['straightforward_ms']} ms vs {row['ours_ms']} ms, {args.repeats} interleaved repeats)")
+        print(line + f"; {args.repeats} interleaved repeats)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -65,6 +65,8 @@ class JointDensity:
         """:func:`data_batch_shape` (which checks the data, NaN included: a host sync), skipped when ``data``
         holds the very tensors of the previous call, unmodified (a sampler evaluates blankets dozens of times
         on one batch).  The cache keeps the tensors themselves, so an identity cannot be reused."""
+        if torch.compiler.is_compiling():  # shapes only: traced code checks no values (see data_batch_shape)
+            return data_batch_shape(self.model, data)
         key = [(v, v._version) if isinstance(v, torch.Tensor) else None for v in data.values()]
         last = self._last_data
         if last is not None and len(last[0]) == len(key) and list(data) == last[2] and all(
@@ -102,15 +104,18 @@ class JointDensity:
         site = self.model.sites[name]
         nb = len(layout.batch)
         lead = nb + 1 + len(site.plates)
-        expected = ", ".join([*(str(b) for b in layout.batch), f"L={num_particles}",
+
+        def expected() -> str:  # built only for an error (keeps the hot path free of string work)
+            return ", ".join([*(str(b) for b in layout.batch), f"L={num_particles}",
                               *(f"{p}={self.model.plates[p]}" for p in site.plates)])
+
         if not isinstance(value, torch.Tensor) or value.dim() < lead:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise TMCError(f"latent {name!r}: value has shape {shape}, expected ({expected}, *event)")
+            raise TMCError(f"latent {name!r}: value has shape {shape}, expected ({expected()}, *event)")
         got = tuple(value.shape[:lead])
         want = layout.batch + (num_particles,) + tuple(self.model.plates[p] for p in site.plates)
         if any(g != w and not (g == 1 and k < nb) for k, (g, w) in enumerate(zip(got, want))):
-            raise TMCError(f"latent {name!r}: value has shape {tuple(value.shape)}, expected ({expected}, *event)")
+            raise TMCError(f"latent {name!r}: value has shape {tuple(value.shape)}, expected ({expected()}, *event)")
         event = tuple(value.shape[lead:])
         order = sorted(range(len(site.plates)), key=lambda k: layout.plate_names.index(site.plates[k]))
         value = value.permute(list(range(nb + 1)) + [nb + 1 + k for k in order] + list(range(lead, value.dim())))

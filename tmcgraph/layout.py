@@ -302,7 +302,9 @@ def data_batch_shape(model: Model, data: Mapping[str, object]) -> Tuple[int, ...
         shapes.append(tuple(v.shape[: max(0, v.dim() - len(site.plates) - site.event_dim)]))
         if v.is_floating_point() or v.is_complex():
             nan_flags.append((n, torch.isnan(v).any()))
-    if nan_flags and bool(torch.stack([f.to("cpu") for _, f in nan_flags]).any()):  # one sync for all of them
+    # one sync for all of them; skipped inside torch.compile'd code (value checks are the eager path's job)
+    checked = nan_flags and not torch.compiler.is_compiling()
+    if checked and bool(torch.stack([f.to("cpu") for _, f in nan_flags]).any()):
         bad = [n for n, f in nan_flags if bool(f)]
         raise TMCError(f"observation(s) {bad}: the observed value contains NaN; a missing observation must be "
                        "removed from the data, not marked with NaN")

@@ -35,6 +35,8 @@ def _normalised(log_w: torch.Tensor) -> torch.Tensor:
         raise TMCError(f"log-weights must have shape (*batch, L) with L >= 1, got {tuple(log_w.shape)}")
     if not log_w.is_floating_point():
         raise TMCError(f"log-weights must be floating point, got {log_w.dtype}")
+    if torch.compiler.is_compiling():  # value checks sync with the host: the eager path makes them
+        return torch.softmax(log_w.detach().double(), dim=-1)
     if bool(torch.isnan(log_w).any()):
         raise TMCError("log-weights contain NaN")
     if bool((log_w == float("inf")).any()):

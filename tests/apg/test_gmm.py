@@ -91,3 +91,30 @@ def test_declared_model_density_and_blankets():
     assert torch.allclose(got, log_joint(x.unsqueeze(-3), state["mu"], state["tau"], state["c"], cfg))
     assert dens.blanket(["mu", "tau"]) == ("tau", "mu", "x") and dens.blanket(["c"]) == ("c", "x")
     assert _density(cfg, 60, torch.float64) is _density(cfg, 60, torch.float64)  # cached per (cfg, N, dtype, device)
+
+
+def test_the_training_iteration_traces_into_one_graph():
+    """The sampler and the eq. 5 loss trace into a single graph (no breaks): ``torch.compile(fullgraph=True)``
+    of a training iteration works (benchmarks/apg_iteration.py --compiled times it)."""
+    import torch._dynamo as dynamo
+
+    from apg.models import gmm as gmm_
+    from apg.objectives import phi_loss
+    from apg.sampler import run
+
+    torch.manual_seed(0)
+    sampler = gmm_.apg_sampler(gmm_.GMMProposals())
+    x = gmm_.simulate(2, seed=1, num_points=12)["x"]
+
+    def loss(x):
+        return phi_loss(run(sampler, x, 3, 2, objective=True).sweeps)
+
+    loss(x).backward()  # the eager first iteration builds the model's layouts
+    from torch.distributions import Distribution
+
+    validate = Distribution._validate_args  # dynamo's first use turns validation off process-wide
+    try:
+        explained = dynamo.explain(loss)(x)
+    finally:
+        Distribution.set_default_validate_args(validate)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -8,7 +8,6 @@ tmcgraph model (:func:`gmm_model`): ``{tau, mu, x}`` for the globals and
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any, Dict, Optional
 
 import torch
@@ -52,10 +51,19 @@ def gmm_model(cfg: GMMConfig = PAPER, num_points: Optional[int] = None,
     return m
 
 
-@lru_cache(maxsize=32)
+_DENSITIES: Dict[tuple, JointDensity] = {}
+
+
 def _density(cfg: GMMConfig, num_points: int, dtype: torch.dtype,
              device: Optional[torch.device] = None) -> JointDensity:
-    return JointDensity(gmm_model(cfg, num_points, dtype, device))
+    # a plain dict rather than functools.lru_cache: torch.compile traces through a dict lookup
+    key = (cfg, num_points, dtype, device)
+    density = _DENSITIES.get(key)
+    if density is None:
+        if len(_DENSITIES) >= 32:
+            _DENSITIES.clear()
+        density = _DENSITIES[key] = JointDensity(gmm_model(cfg, num_points, dtype, device))
+    return density
 
 
 def _blankets(cfg: GMMConfig):
