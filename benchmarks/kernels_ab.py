@@ -1,9 +1,11 @@
-"""A/B of two evaluator mechanisms, each against the same code without it, on the contraction graphs:
+"""A/B of the eager evaluator's mechanisms, each against the same plan without it, on the contraction graphs:
 
-* the pairwise step's custom backward (a softmax-weighted contraction of the saved exponentials)
-  against autograd through the plain fast path (fwd+bwd times);
-* the no-grad scratch buffers (shift and exponentiate into reused memory) against fresh allocations
-  (forward times).
+* the step program (a plan lowered once per input shapes: bmm blocks, one underflow sync per evaluation,
+  intermediates freed as consumed) against the per-step kernels of ``tmcgraph._kernels`` (forward and
+  forward+backward);
+* the whole-plan backward (one autograd Function for the program, saved blocks reused) against one
+  custom Function per pairwise step (forward+backward);
+* the no-grad scratch buffers of the program against fresh allocations (forward).
 
 Everything runs in one process, interleaved, with medians over repeats and torch threads pinned; the
 numbers that matter are the ratios printed (without / with, and fwd+bwd / fwd).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -27,63 +30,50 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from contract import GRAPHS  # noqa: E402
 
-import tmcgraph._kernels as kernels  # noqa: E402
+import tmcgraph._program as program  # noqa: E402
 from tmcgraph.testing import random_factors  # noqa: E402
 
 
 @contextlib.contextmanager
-def plain_backward():
-    """Route pairwise steps through autograd of the plain path (the reference)."""
-    saved = kernels._LogContractPair.apply
-
-    def plain(a, b, la, lb, out):
-        return kernels._plain_pair(a, la, b, lb, out)
-
-    kernels._LogContractPair.apply = plain  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        kernels._LogContractPair.apply = saved  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
 def no_scratch():
-    """Fresh allocations for every shifted exponential (the reference for the scratch buffers)."""
-    saved = kernels._SCRATCH_MIN_ELEMENTS
-    kernels._SCRATCH_MIN_ELEMENTS = 1 << 62
+    """Fresh allocations for every shifted exponential of the program (the reference for the scratch buffers)."""
+    saved = program._scratch
+    program._scratch = lambda slot, x, shift: None  # type: ignore[assignment]
     try:
         yield
     finally:
-        kernels._SCRATCH_MIN_ELEMENTS = saved
+        program._scratch = saved  # type: ignore[assignment]
 
 
 def measure(name: str, threads: int, repeats: int) -> Dict[str, float]:
     torch.set_num_threads(threads)
     graph = GRAPHS[name]()
     plan = graph.compile()
+    per_step = copy.copy(plan)  # the same stages through the per-step kernels
+    per_step._lowerable = False
+    per_pair = copy.copy(plan)  # the step program with one autograd Function per pairwise step
+    per_pair._programs = {}
     factors = random_factors(graph, seed=0, scale=1.0, dtype=torch.float32)
     leaves = {k: v.clone().requires_grad_() for k, v in factors.items()}
 
-    def forward():
+    def forward(p=plan):
         with torch.no_grad():
-            plan.log_sum(factors)
+            p.log_sum(factors)
 
-    def fwd_bwd():
-        torch.autograd.grad(plan.log_sum(leaves), list(leaves.values()))
-
-    def fwd_bwd_plain():
-        with plain_backward():
-            fwd_bwd()
+    def fwd_bwd(p=plan):
+        return torch.autograd.grad(p.log_sum(leaves), list(leaves.values()))
 
     def forward_fresh():
         with no_scratch():
             forward()
 
-    fns = {"fwd": forward, "fwd_fresh": forward_fresh, "custom": fwd_bwd, "plain": fwd_bwd_plain}
-    with plain_backward():  # the two backwards agree (to float rounding)
-        want = torch.autograd.grad(plan.log_sum(leaves), list(leaves.values()))
-    got = torch.autograd.grad(plan.log_sum(leaves), list(leaves.values()))
-    err = max(((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for g, w in zip(got, want))
+    fwd_bwd(per_pair)
+    for prog in per_pair._programs.values():
+        prog._whole_plan = False
+    fns = {"fwd": forward, "fwd_fresh": forward_fresh, "fwd_steps": lambda: forward(per_step),
+           "fb": fwd_bwd, "fb_steps": lambda: fwd_bwd(per_step), "fb_pairs": lambda: fwd_bwd(per_pair)}
+    want = fwd_bwd(per_step)
+    err = max(((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for g, w in zip(fwd_bwd(), want))
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()
@@ -93,9 +83,12 @@ def measure(name: str, threads: int, repeats: int) -> Dict[str, float]:
             fn()
             samples[key].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    return {"graph": name, "threads": threads, "fresh_over_scratch_fwd": med["fwd_fresh"] / med["fwd"],
-            "plain_over_custom": med["plain"] / med["custom"],
-            "custom_fwd_bwd_over_fwd": med["custom"] / med["fwd"], "plain_fwd_bwd_over_fwd": med["plain"] / med["fwd"],
+    return {"graph": name, "threads": threads,
+            "steps_over_program_fwd": med["fwd_steps"] / med["fwd"],
+            "steps_over_program_fwd_bwd": med["fb_steps"] / med["fb"],
+            "per_pair_over_whole_plan_fwd_bwd": med["fb_pairs"] / med["fb"],
+            "fresh_over_scratch_fwd": med["fwd_fresh"] / med["fwd"],
+            "program_fwd_bwd_over_fwd": med["fb"] / med["fwd"],
             "max_relative_gradient_difference": err}
 
 
@@ -108,15 +101,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = []
     print(f"torch {torch.__version__}, float32, medians of {args.repeats} interleaved repeats")
-    print(f"{'graph':<26}{'threads':>8}{'fwd fresh/scratch':>18}{'fb plain/custom':>16}{'custom fb/f':>13}"
-          f"{'plain fb/f':>12}{'grad diff':>11}")
+    print(f"{'graph':<26}{'threads':>8}{'fwd steps/prog':>15}{'fb steps/prog':>14}{'fb pairs/plan':>14}"
+          f"{'fwd fresh/scratch':>18}{'prog fb/f':>10}{'grad diff':>11}")
     for name in args.graphs:
         for threads in args.threads:
             r = measure(name, threads, args.repeats)
             rows.append(r)
-            print(f"{name:<26}{threads:>8}{r['fresh_over_scratch_fwd']:>18.2f}{r['plain_over_custom']:>16.2f}"
-                  f"{r['custom_fwd_bwd_over_fwd']:>13.2f}"
-                  f"{r['plain_fwd_bwd_over_fwd']:>12.2f}{r['max_relative_gradient_difference']:>11.1e}")
+            print(f"{name:<26}{threads:>8}{r['steps_over_program_fwd']:>15.2f}{r['steps_over_program_fwd_bwd']:>14.2f}"
+                  f"{r['per_pair_over_whole_plan_fwd_bwd']:>14.2f}{r['fresh_over_scratch_fwd']:>18.2f}"
+                  f"{r['program_fwd_bwd_over_fwd']:>10.2f}{r['max_relative_gradient_difference']:>11.1e}", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

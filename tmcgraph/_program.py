@@ -552,5 +552,5 @@ class StepProgram:
             g = grads[k]
             if need and g is None:
                 g = torch.zeros_like(t)
-            out.append(g.reshape(t.shape) if need and g is not None else None)
+            out.append((g if g.shape == t.shape else g.reshape(t.shape)) if need and g is not None else None)
         return out

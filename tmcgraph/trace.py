@@ -249,8 +249,8 @@ def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool
     vectorised = _vectorised_families(model, layout) if not (dregs or detach_samples or rng) else {}
     stacked: Dict[str, torch.Tensor] = {}  # markov family -> its samples (*batch, K, T, *event)
     batch = groups.active(model, layout) if groups is not None and not (dregs or detach_samples or rng) else None
-    presampled: Dict[str, tuple] = {}  # member of a batched proposal group -> (value, log q, event dims)
-    deferred: Dict[str, torch.Tensor] = {}  # member of a batched prior group -> its log q (layout)
+    presampled: Dict[str, tuple] = {}  # batched proposal group member -> (value, log q (*batch, K), event dims)
+    deferred: Dict[str, torch.Tensor] = {}  # member of a batched prior group -> its log q (*batch, K)
     checks: Dict[str, Dict[str, torch.Tensor]] = {"proposal": {}, "prior": {}, "likelihood": {}}  # verification
     for name in model.order():
         fam = vectorised.get(name)
@@ -309,15 +309,15 @@ def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool
         if batch is not None and pmode == "batched":
             if name not in presampled:  # the group's first member: one draw for all
                 presampled.update(batch.sample(batch.group("proposal", name), rsample=True))
-            z, lq, ev = presampled[name]
+            z, lq, ev = presampled[name]  # lq: (*batch, K), the member's own factor layout
             values[name] = z
             event_dims[name] = arg_events[name] = ev
             if rmode == "batched":
                 deferred[name] = lq
                 continue
             prior = site_density(layout, model, name, values, arg_events)
-            lp = prior.log_prob(z)
-            factors[name] = layout.to_factor(lp - lq, owner, idx, site.plates)
+            lp = layout.to_factor(prior.log_prob(z), owner, idx, site.plates)
+            factors[name] = lp - lq.reshape(tuple(lq.shape) + (1,) * (lp.dim() - lq.dim()))
             if rmode == "verify":
                 checks["prior"][name] = layout.to_factor(lp, owner, idx, site.plates)
             continue
@@ -370,7 +370,7 @@ def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool
         prior = site_density(layout, model, name, values, arg_events)
         check_proposal(name, prior, q)
         if rmode == "batched":
-            deferred[name] = lq
+            deferred[name] = layout.to_factor(lq, owner, [own], ())
             continue
         lp = prior.log_prob(z)
         factors[name] = layout.to_factor(lp - lq, owner, idx, site.plates)
@@ -416,7 +416,7 @@ def _finish_groups(model: Model, layout: Layout, batch: Batch, values: Dict[str,
         lps = batch.log_factors(group, values, arg_events)
         for m, lp in zip(group.members, lps):
             if role == "prior":
-                lq = layout.to_factor(deferred[m], f"latent {m!r}", [layout.index_of[m]], ())
+                lq = deferred[m]  # (*batch, K): the member's own index
                 lp = lp - lq.reshape(tuple(lq.shape) + (1,) * (lp.dim() - lq.dim()))
             factors[m] = lp
 

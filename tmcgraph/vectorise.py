@@ -128,6 +128,7 @@ class Groups:
     def __init__(self, model: Model) -> None:
         self.groups = candidate_groups(model)
         self.verified: Dict[Tuple[str, Tuple[str, ...]], Optional[bool]] = {}
+        self.defaults: Dict[tuple, Dict[str, torch.Tensor]] = {}  # a proposal group's stacked int defaults
 
     def active(self, model: Model, layout: Layout) -> "Batch":
         """The groups this layout can batch (every member and parent on an index of its own, one size)."""
@@ -177,8 +178,12 @@ class Batch:
         return value.reshape(self.layout.template([index], ()) + events)
 
     def _int_defaults(self, g: Group, fn: types.FunctionType) -> Dict[str, torch.Tensor]:
-        out = {}
         ndim = len(self.layout.batch) + self.layout.ndim
+        key = (g.members, ndim)
+        cached = self.state.defaults.get(key)
+        if cached is not None:
+            return cached
+        out = self.state.defaults[key] = {}
         for name in g.varying:
             steps = [inspect.signature(self.model.sites[m].proposal).parameters[name].default  # type: ignore
                      for m in g.members]
@@ -197,18 +202,19 @@ class Batch:
         return q.expand(torch.Size(template)), template
 
     def sample(self, g: Group, rsample: bool) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, int]]:
-        """Every member's ``(sample, log q, event dims)`` in the layout, from one batched draw."""
+        """Every member's ``(sample in the layout, log q (*batch, K), event dims)`` from one batched draw."""
         try:
             q, _ = self.proposal(g)
         except Exception as err:
             raise BatchFailed((g.role, g.members)) from err
         z = q.rsample() if rsample and q.has_rsample else q.sample()
-        lq = q.log_prob(z)
+        lq = q.log_prob(z)  # (G, *batch, layout dims): K along member 0's own index only
         ev = len(q.event_shape)
+        G, K = len(g.members), self.layout.index_sizes[self.layout.index_of[g.members[0]]]
+        lq = lq.reshape((G,) + self.layout.batch + (K,))  # as the members' own factors (*batch, K)
         out = {}
         for k, (m, zk, lqk) in enumerate(zip(g.members, z.unbind(0), lq.unbind(0))):
-            own = self.layout.index_of[m]
-            out[m] = (self._canonical(zk, own, ev), self._canonical(lqk, own, 0), ev)
+            out[m] = (self._canonical(zk, self.layout.index_of[m], ev), lqk, ev)
             self.sampled[m] = (z, k)
         return out
 
@@ -223,19 +229,35 @@ class Batch:
 
     def _stacked_parent(self, g: Group, j: int, index: str, values: Dict[str, torch.Tensor],
                         event_dims: Dict[str, int]) -> torch.Tensor:
-        parents = [self.model.sites[m].parents[j] for m in g.members]
+        return self._stacked([self.model.sites[m].parents[j] for m in g.members], index, values, event_dims)
+
+    def _stacked(self, parents: List[str], index: str, values: Dict[str, torch.Tensor],
+                 event_dims: Dict[str, int]) -> torch.Tensor:
+        """The values of ``parents`` stacked along a new leading dim, each on the slot of ``index``
+        (picked from a batched draw in one call when they all come from one)."""
         evs = {event_dims[p] for p in parents}
         if len(evs) != 1:
             raise ValueError("parents with different event dims")
         ev = evs.pop()
-        sources = [self.sampled.get(p) for p in parents]
-        if all(s is not None and s[0] is sources[0][0] for s in sources):  # type: ignore[index]
-            stacked = sources[0][0]  # type: ignore[index]
-            pos = torch.tensor([s[1] for s in sources], device=stacked.device)  # type: ignore[index]
-            picked = stacked.index_select(0, pos)
-            events = tuple(picked.shape[picked.dim() - ev:]) if ev else ()
-            return picked.reshape((len(parents),) + self.layout.template([index], ()) + events)
-        return torch.stack([self._canonical(values[p], index, ev) for p in parents])
+        # runs of consecutive members of one batched draw are sliced from it; any other value is moved alone
+        pieces: List[torch.Tensor] = []
+        k = 0
+        while k < len(parents):
+            src = self.sampled.get(parents[k])
+            end = k + 1
+            if src is not None:
+                while end < len(parents):
+                    nxt = self.sampled.get(parents[end])
+                    if nxt is None or nxt[0] is not src[0] or nxt[1] != src[1] + end - k:
+                        break
+                    end += 1
+                run = src[0].narrow(0, src[1], end - k)
+                events = tuple(run.shape[run.dim() - ev:]) if ev else ()
+                pieces.append(run.reshape((end - k,) + self.layout.template([index], ()) + events))
+            else:
+                pieces.append(self._canonical(values[parents[k]], index, ev).unsqueeze(0))
+            k = end
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def log_factors(self, g: Group, values: Dict[str, torch.Tensor], event_dims: Dict[str, int]
                     ) -> List[torch.Tensor]:
@@ -261,7 +283,7 @@ class Batch:
         if not _fits(d.batch_shape, template):
             raise ValueError(f"batch shape {tuple(d.batch_shape)} does not fit {template}")
         if g.role == "prior":
-            x = torch.stack([self._canonical(values[m], own[0], event_dims[m]) for m in g.members])
+            x = self._stacked(list(g.members), own[0], values, event_dims)
         else:
             e = first.event_dim
             if len(d.event_shape) != e:
