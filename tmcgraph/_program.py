@@ -39,10 +39,12 @@ from .stages import InputSpec, ProductStage, ScanStage, Stage
 __all__ = ["StepProgram", "lowerable"]
 
 _BATCH_SYMBOL_BASE = 300_000  # labels of data-batch dims (the compiler's labels are far below)
-#: no-grad steps write the exponentials of operands at least this large into reused scratch buffers (the
-#: per-step kernels use 2**23: there the size test itself costs a broadcast per step; here it is decided
-#: once, when lowering)
-_SCRATCH_MIN_ELEMENTS = 1 << 18
+#: no-grad steps write the exponentials of operands at least this large (4 MB in float32) into reused
+#: scratch buffers, decided once per step when lowering: fresh memory of that size page-faults when the
+#: allocator has returned it to the system (as after a backward pass).  Measured: 1.37-1.42x forward on
+#: appendix H's 64^4 factors (benchmarks/kernels_ab.py), about 7% on the global+local graph's 4.1M-element
+#: factor interleaved with backward passes.
+_SCRATCH_MIN_ELEMENTS = 1 << 20
 #: after an evaluation tripped the underflow check, this many evaluations run the affected steps exactly
 _EXACT_STICKY = 16
 
@@ -258,6 +260,13 @@ def _pair_forward(p: _Pair, a: torch.Tensor, b: torch.Tensor, *, keep: bool, scr
     return result, flag, ((ea3, eb3, total) if keep else None)
 
 
+def _grad_block(x: torch.Tensor, y: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """``(x @ y) * mine``; an outer product (inner size 1) as a broadcast product, which BLAS does slowly."""
+    if x.shape[-1] == 1:
+        return torch.mul(x, y).mul_(mine)
+    return torch.matmul(x, y).mul_(mine)
+
+
 class _PairFunction(torch.autograd.Function):
     """One lowered pairwise step under autograd; backward ``dA = EA * (g / T) @ EB^T`` from saved blocks.
 
@@ -289,11 +298,11 @@ class _PairFunction(torch.autograd.Function):
         weight.masked_fill_(total <= torch.finfo(total.dtype).tiny, 0.0)
         ga = gb = None
         if needed[0]:
-            ga3 = torch.matmul(weight, eb3.transpose(-1, -2)).mul_(ea3)
+            ga3 = _grad_block(weight, eb3.transpose(-1, -2), ea3)
             ga = ga3.view(a.shape) if not p.perm_a else ga3.view([a.shape[d] for d in p.perm_a]).permute(
                 _inverse(p.perm_a))
         if needed[1]:
-            gb3 = torch.matmul(ea3.transpose(-1, -2), weight).mul_(eb3)
+            gb3 = _grad_block(ea3.transpose(-1, -2), weight, eb3)
             gb = gb3.view(b.shape) if not p.perm_b else gb3.view([b.shape[d] for d in p.perm_b]).permute(
                 _inverse(p.perm_b))
         return ga, gb, None
@@ -527,11 +536,11 @@ class StepProgram:
                 # no mask for T <= tiny: this backward only runs when every T passed the underflow check
                 weight = g.reshape(total.shape) / total
                 if needs[instr.a]:
-                    ga = torch.matmul(weight, eb3.transpose(-1, -2)).mul_(ea3)
+                    ga = _grad_block(weight, eb3.transpose(-1, -2), ea3)
                     add(instr.a, ga.view(shape_a) if not instr.perm_a else ga.view(
                         [shape_a[d] for d in instr.perm_a]).permute(_inverse(instr.perm_a)))
                 if needs[instr.b]:
-                    gb = torch.matmul(ea3.transpose(-1, -2), weight).mul_(eb3)
+                    gb = _grad_block(ea3.transpose(-1, -2), weight, eb3)
                     add(instr.b, gb.view(shape_b) if not instr.perm_b else gb.view(
                         [shape_b[d] for d in instr.perm_b]).permute(_inverse(instr.perm_b)))
             elif isinstance(instr, _Reduce):  # softmax over the summed labels; 0 where all terms are -inf
