@@ -39,12 +39,12 @@ from .stages import InputSpec, ProductStage, ScanStage, Stage
 __all__ = ["StepProgram", "lowerable"]
 
 _BATCH_SYMBOL_BASE = 300_000  # labels of data-batch dims (the compiler's labels are far below)
-#: no-grad steps write the exponentials of operands at least this large (4 MB in float32) into reused
+#: no-grad steps write the exponentials of operands at least this large (32 MB in float32) into reused
 #: scratch buffers, decided once per step when lowering: fresh memory of that size page-faults when the
-#: allocator has returned it to the system (as after a backward pass).  Measured: 1.37-1.42x forward on
-#: appendix H's 64^4 factors (benchmarks/kernels_ab.py), about 7% on the global+local graph's 4.1M-element
-#: factor interleaved with backward passes.
-_SCRATCH_MIN_ELEMENTS = 1 << 20
+#: allocator has returned it to the system.  Measured (benchmarks/kernels_ab.py): 1.40-1.52x forward on
+#: appendix H's 64^4 factors; on the 4.1M-element factor of the global+local graph the difference was
+#: noise, in either direction (docs/performance.md).
+_SCRATCH_MIN_ELEMENTS = 1 << 23
 #: after an evaluation tripped the underflow check, this many evaluations run the affected steps exactly
 _EXACT_STICKY = 16
 
