@@ -151,7 +151,8 @@ def _trace_markov(model: Model, layout: Layout, fam: Family, values: Dict[str, t
     K = layout.index_sizes[layout.index_of[members[0]]]
     take_fn, _, take_q = fam.takes_t
     assert fam.proposal is not None and fam.init is not None
-    q = _call_family(f"{owner} proposal", fam.proposal, [], take_q, torch.arange(T))
+    device = next(iter(values.values())).device if values else None  # the data's: steps index parameters there
+    q = _call_family(f"{owner} proposal", fam.proposal, [], take_q, torch.arange(T, device=device))
     _check_batch(f"{owner} proposal", q, (T,), "(steps,)")
     q = q.expand(torch.Size(layout.batch + (K, T)))
     z = q.rsample() if q.has_rsample else q.sample()
@@ -165,7 +166,7 @@ def _trace_markov(model: Model, layout: Layout, fam: Family, values: Dict[str, t
     if T > 1:
         prev = z.narrow(nb + 1, 0, T - 1).unsqueeze(nb + 1)  # (*batch, K, 1, T-1, *event)
         cur = z.narrow(nb + 1, 1, T - 1).unsqueeze(nb)  # (*batch, 1, K, T-1, *event)
-        d = _call_family(f"{owner} transition", fam.fn, [prev], take_fn, torch.arange(1, T))
+        d = _call_family(f"{owner} transition", fam.fn, [prev], take_fn, torch.arange(1, T, device=z.device))
         _check_batch(f"{owner} transition", d, layout.batch + (K, 1, T - 1), "(*batch, K_prev, 1, steps)")
         check_proposal(members[1], d, q)
         lp = d.log_prob(cur) - lq.narrow(nb + 1, 1, T - 1).unsqueeze(nb)  # (*batch, K_prev, K_cur, T-1)
@@ -192,7 +193,7 @@ def _trace_observed(model: Model, layout: Layout, fam: Family, values: Dict[str,
     xs = [values[m].reshape(values[m].shape[: values[m].dim() - layout.ndim - e] + values[m].shape[
         values[m].dim() - e:]) for m in members]  # (*batch_m, *event)
     x = torch.stack(torch.broadcast_tensors(*xs), dim=-1 - e).unsqueeze(-2 - e)  # (*batch, 1, T, *event)
-    d = _call_family(f"{owner} likelihood", fam.fn, [z], fam.takes_t[0], torch.arange(T))
+    d = _call_family(f"{owner} likelihood", fam.fn, [z], fam.takes_t[0], torch.arange(T, device=z.device))
     _check_batch(f"{owner} likelihood", d, layout.batch + (K, T), "(*batch, K, steps)")
     if len(d.event_shape) != e:
         raise TMCError(f"{owner}: the likelihood has event shape {tuple(d.event_shape)} ({len(d.event_shape)} dims) "
@@ -249,6 +250,8 @@ def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool
     vectorised = _vectorised_families(model, layout) if not (dregs or detach_samples or rng) else {}
     stacked: Dict[str, torch.Tensor] = {}  # markov family -> its samples (*batch, K, T, *event)
     batch = groups.active(model, layout) if groups is not None and not (dregs or detach_samples or rng) else None
+    if batch is not None and values:
+        batch.device = next(iter(values.values())).device  # the data's: stacked int defaults index parameters there
     presampled: Dict[str, tuple] = {}  # batched proposal group member -> (value, log q (*batch, K), event dims)
     deferred: Dict[str, torch.Tensor] = {}  # member of a batched prior group -> its log q (*batch, K)
     checks: Dict[str, Dict[str, torch.Tensor]] = {"proposal": {}, "prior": {}, "likelihood": {}}  # verification

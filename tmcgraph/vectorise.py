@@ -159,6 +159,7 @@ class Batch:
             for k, m in enumerate(g.members):
                 self.of[(g.role, m)] = (g, k)
         self.sampled: Dict[str, Tuple[torch.Tensor, int]] = {}  # member -> (stacked samples, position)
+        self.device: Optional[torch.device] = None  # where stacked int defaults are made (the data's device)
         self.pending: Dict[Tuple[str, Tuple[str, ...]], Group] = {}
 
     def mode(self, role: str, name: str) -> Optional[str]:
@@ -179,7 +180,7 @@ class Batch:
 
     def _int_defaults(self, g: Group, fn: types.FunctionType) -> Dict[str, torch.Tensor]:
         ndim = len(self.layout.batch) + self.layout.ndim
-        key = (g.members, ndim)
+        key = (g.members, ndim, self.device)
         cached = self.state.defaults.get(key)
         if cached is not None:
             return cached
@@ -187,7 +188,7 @@ class Batch:
         for name in g.varying:
             steps = [inspect.signature(self.model.sites[m].proposal).parameters[name].default  # type: ignore
                      for m in g.members]
-            out[name] = torch.tensor(steps).reshape((len(steps),) + (1,) * ndim)
+            out[name] = torch.tensor(steps, device=self.device).reshape((len(steps),) + (1,) * ndim)
         return out
 
     def proposal(self, g: Group) -> Tuple[Distribution, Tuple[int, ...]]:
