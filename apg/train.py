@@ -54,7 +54,7 @@ FLAGS = {"model": "MODEL", "method": "--method", "iterations": "--iterations", "
          "num_particles": "--particles", "num_sweeps": "--sweeps", "lr": "--lr", "lr_final": "--lr-final",
          "num_datasets": "--datasets", "seed": "--seed", "log_every": "--log-every",
          "checkpoint_every": "--checkpoint-every", "threads": "--threads", "init": "--init", "streams": "--streams",
-         "device": "--device"}
+         "device": "--device", "compile": "--compile"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class TrainConfig:
     init: str = ""  # start from these trained networks (a proposals file of the same method)
     streams: int = 1  # random streams per batch: the batch is split into this many slices, one generator each
     device: str = "cpu"  # where the networks, the data and the sampler run ("cuda", "cuda:1", ...)
+    compile: bool = False  # run each iteration's sampler and loss as a torch.compile'd program (one stream)
 
     def __post_init__(self) -> None:
         problem = models.get(self.model)
@@ -107,6 +108,11 @@ class TrainConfig:
                            "(--device)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise APGError(f"device {self.device!r}: this torch has no CUDA device available (--device)")
+        if not isinstance(self.compile, bool):
+            raise APGError(f"compile must be True or False, got {self.compile!r} (--compile)")
+        if self.compile and self.streams != 1:
+            raise APGError(f"compile runs one random stream: streams must be 1, got {self.streams} "
+                           "(--compile, --streams)")
         if self.batch_size % self.streams:
             raise APGError(f"batch_size {self.batch_size} must be a multiple of streams {self.streams} "
                            "(--batch, --streams)")
@@ -258,7 +264,7 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         with open(cfg_path) as f:
             saved = json.load(f)
         saved = {**{k: v for k, v in asdict(TrainConfig(model=cfg.model, method=cfg.method)).items()
-                    if k in ("streams", "device")}, **saved}  # runs from before these settings: their defaults
+                    if k in ("streams", "device", "compile")}, **saved}  # runs from before these settings
         if saved != asdict(cfg):
             raise _settings_clash(out_dir, saved, cfg)
         saved_problem = problem.config()  # runs from before problem.json: the default settings
@@ -346,6 +352,7 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
     size = cfg.batch_size // cfg.streams
     bar = tqdm(total=cfg.iterations, initial=start, disable=not (progress and lead),
                desc=f"train {cfg.model} {cfg.method}", unit="it")
+    compiled = _compiled_loss(sampler, problem, cfg, bool(theta), _batch(data, cfg, t)) if cfg.compile else None
     try:
         while t < cfg.iterations:
             at_boundary = False
@@ -355,16 +362,25 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
             if opt_theta is not None:
                 opt_theta.zero_grad(set_to_none=True)
             pending: List[Tuple[torch.Tensor, Result, torch.Tensor, Optional[torch.Tensor]]] = []
-            for g, j in zip(generators, mine):
+            if compiled is not None and not log_now:  # one stream: its generator's state drives torch's
+                g = generators[0]
+                _set_rng_state(device, g.get_state())
+                compiled(x).backward()
+                g.set_state(_get_rng_state(device))
+            for g, j in zip(generators if compiled is None or log_now else [], mine):
                 xj = x if cfg.streams == 1 else x[j * size:(j + 1) * size]
+                if compiled is not None:  # an eager iteration of a compiled run draws from the same stream
+                    _set_rng_state(device, g.get_state())
                 res = run(sampler, xj, cfg.num_particles, cfg.num_sweeps, objective=True,
                           learn_model=problem.theta_terms if theta else False,
-                          record_log_joint=log_now, generator=g)
+                          record_log_joint=log_now, generator=g if compiled is None else None)
                 loss = phi_loss(res.sweeps)
                 loss_theta = theta_loss(res.sweeps) if theta else None
                 total = loss if loss_theta is None else loss + loss_theta
                 # the batch's loss is the mean of the slices' (equal sizes): the same gradient as one slice
                 (total if cfg.streams == 1 else total / cfg.streams).backward()
+                if compiled is not None:
+                    g.set_state(_get_rng_state(device))
                 if log_now:
                     pending.append((xj, res, loss, loss_theta))
             if world > 1:
@@ -411,6 +427,48 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
 
 
 # -- data parallelism (torch.distributed, e.g. under torchrun) ------------------------------------------
+def _compiled_loss(sampler: Any, problem: Problem, cfg: TrainConfig, theta: bool,
+                   x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One iteration's loss (eq. 5, plus eq. 6 when theta is learned) as a ``torch.compile``'d function of the
+    batch, drawing from torch's default generator.  One eager, gradient-free pass over the batch ``x`` first
+    builds what the model caches (its layouts), with the random state restored afterwards, so the traced
+    program has none of that Python in it; graph breaks are allowed (a model may have some), and
+    ``torch.distributions`` validation is off inside, as the traced code cannot sync."""
+    from torch.distributions import Distribution
+
+    def iteration_loss(x: torch.Tensor) -> torch.Tensor:
+        res = run(sampler, x, cfg.num_particles, cfg.num_sweeps, objective=True,
+                  learn_model=problem.theta_terms if theta else False)
+        loss = phi_loss(res.sweeps)
+        return loss + theta_loss(res.sweeps) if theta else loss
+
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        run(sampler, x, cfg.num_particles, cfg.num_sweeps)
+    fn = torch.compile(iteration_loss, dynamic=False)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        validate = Distribution._validate_args
+        Distribution.set_default_validate_args(False)
+        try:
+            return fn(x)
+        finally:
+            Distribution.set_default_validate_args(validate)
+
+    return call
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _get_rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
 def _world() -> Tuple[int, int]:
     """(processes, this rank): (1, 0) unless a torch.distributed group is initialised."""
     import torch.distributed as dist
