@@ -2,10 +2,10 @@
 
 For each contraction graph of ``benchmarks/contract.py`` and each mode (forward without grad; forward and
 backward), a fresh process builds the plan and the float32 factors, reads its peak resident memory
-(``ru_maxrss``) after a tiny evaluation (one-time set-up), evaluates once and reads it again.  The growth is the evaluation's peak (new pages it
-touched), reported against the bound ``max over steps of (result + operands) * 4 bytes`` (a step cannot run
-in less; a backward keeps more).  Peak resident memory is a CPU measure: allocator caching can hide reuse,
-never add to it.
+(``ru_maxrss``) after a tiny evaluation (one-time set-up), evaluates once and reads it again.  The growth
+is the evaluation's peak (new pages it touched), reported against the bound ``max over steps of (result +
+operands) * 4 bytes`` (a step cannot run in less; a backward keeps more).  Peak resident memory is a CPU
+measure: allocator caching can hide reuse, never add to it.
 
     python benchmarks/memory.py --json benchmarks/results/memory.json
 """
@@ -36,9 +36,7 @@ def measure(name: str, mode: str, threads: int) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from contract import GRAPHS
-
-    from contract import chain
+    from contract import GRAPHS, chain
 
     torch.set_num_threads(threads)
     small = chain(5, 4)  # a tiny evaluation first: one-time library and interpreter set-up is not the plan's

@@ -322,7 +322,7 @@ def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool
             lp = layout.to_factor(prior.log_prob(z), owner, idx, site.plates)
             factors[name] = lp - lq.reshape(tuple(lq.shape) + (1,) * (lp.dim() - lq.dim()))
             if rmode == "verify":
-                checks["prior"][name] = layout.to_factor(lp, owner, idx, site.plates)
+                checks["prior"][name] = lp
             continue
         proposal = site.proposal
         assert proposal is not None  # a sampled latent always has one (the prior by default)

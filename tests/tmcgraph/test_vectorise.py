@@ -122,3 +122,15 @@ def test_iwae_layout_is_not_batched():
     est = tmcgraph.IWAE(m, K=3)
     est.log_marginal({f"x{t}": torch.tensor(0.2) for t in range(4)})
     assert not any(est._groups.verified.values())
+
+
+def test_a_prior_group_verified_while_its_proposals_are_batched():
+    """The verification of one role runs beside the batched evaluation of another."""
+    m = site_by_site_chain(6)
+    est = m.compile(K=3)
+    data = {f"x{t}": torch.tensor(0.2) for t in range(6)}
+    est.log_marginal(data)
+    prior_key = next(k for k in est._groups.verified if k[0] == "prior")
+    est._groups.verified[prior_key] = None  # proposals batched, the prior group checked again
+    out = est.log_marginal(data)
+    assert torch.isfinite(out) and est._groups.verified[prior_key] is True
