@@ -20,6 +20,8 @@ import resource
 import subprocess
 import sys
 
+from _util import write_json  # benchmarks/, the script's directory
+
 GRAPH_NAMES = ["chain n=20 K=64", "global+local N=1000 K=64", "appendix H N=100 K=64", "grid 6x6 K=16"]
 
 
@@ -82,10 +84,7 @@ def main() -> None:
             mb = 1 / 2 ** 20
             print(f"{name:<26}{mode:>9}{row['peak_growth_bytes'] * mb:>11.1f} MB{row['bound_bytes'] * mb:>9.1f} MB"
                   f"{row['ratio']:>14.2f}{row['inputs_bytes'] * mb:>9.1f} MB", flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

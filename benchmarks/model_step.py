@@ -22,12 +22,12 @@ Reports ratios (Pyro / ours, trace / contraction), measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
 
 import torch
+from _util import write_json  # benchmarks/, the script's directory
 from torch.distributions import Normal
 
 import tmcgraph
@@ -219,12 +219,7 @@ def main() -> None:
                 print(f"threads={threads} {name:>6} size={size:<4} K={K:<4} ours {row['ours_step'] * 1e3:8.2f} ms  "
                       f"pyro {row['pyro_step'] * 1e3:8.2f} ms  pyro/ours {row['pyro_over_ours']:6.2f}x  "
                       f"trace/contract {row['trace_over_contract']:5.2f}{compiled}", flush=True)
-    if args.json:
-        import os
-
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ model of :func:`tmcgraph.compile.compile_stages` can be checked against the mach
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
 import torch
+from _util import write_json  # benchmarks/, the script's directory
 
 import tmcgraph
 from tmcgraph.stages import ScanStage
@@ -84,10 +83,7 @@ def main() -> None:
                 print(f"threads={threads} n={n:<4} K={k:<4} never/always fwd {row['never_over_always_fwd']:5.2f}x  "
                       f"fwd+bwd {row['never_over_always_fwd+bwd']:5.2f}x  auto scans: {row['auto_scans']}",
                       flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":
