@@ -20,8 +20,12 @@ does not depend on values:
   checked together, once per evaluation.  When it trips, the evaluation is rerun with
   the exact, repairing kernels of :mod:`tmcgraph._kernels` from the first affected step
   on (and those steps stay exact for the next few evaluations), so results are exact;
-* with autograd, each pairwise step is one :class:`torch.autograd.Function` whose
-  backward reuses the saved exponentials: ``dR/da = EA * (g / T) @ EB^T``.
+  A slice that is ``-inf`` throughout (a structural zero) trips it too;
+* with autograd, the whole program is one :class:`torch.autograd.Function`
+  (:class:`_PlanFunction`): its forward saves each step's exponential blocks, its backward
+  walks the steps in reverse (pairs: ``dR/da = EA * (g / T) @ EB^T``; reductions: the softmax;
+  plate sums: broadcast).  Programs with a scan stage, and the steps that run exactly after a
+  trip, use one Function per pairwise step (:class:`_PairFunction`) and autograd instead.
 """
 
 from __future__ import annotations
