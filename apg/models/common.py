@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from tmcgraph.cli import positive_int
 
-__all__ = ["add_sampler_arguments", "cell", "chunks", "metrics_columns", "option", "save_figure"]
+__all__ = ["add_sampler_arguments", "cell", "chunks", "metrics_columns", "option", "save_figure", "training_curves"]
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -64,3 +64,26 @@ def save_figure(fig: Any, path: str) -> str:
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path
+
+
+def training_curves(metrics: Dict[str, Optional[str]], path: str, ylabels: Sequence[str],
+                    figsize: Tuple[float, float], draw: Callable[[Any, str, List[int], Callable[[str], List[float]]],
+                                                                 None]) -> Optional[str]:
+    """Training curves from the runs' metrics CSVs (``None`` when no run has one): one panel per entry of
+    ``ylabels``; ``draw(axes, method, iterations, col)`` plots one run; the panels get the iteration axis and
+    a legend; the figure is written to ``path``."""
+    from tmcgraph.plots import pyplot
+
+    runs = {m: p for m, p in metrics.items() if p is not None}
+    if not runs:
+        return None
+    fig, axes = pyplot().subplots(1, len(ylabels), figsize=figsize)
+    for m, p in runs.items():
+        it, col = metrics_columns(p)
+        draw(axes, m, it, col)
+    for ax, label in zip(axes, ylabels):
+        ax.set_ylabel(label)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,7 +29,7 @@ from tmcgraph.plots import pyplot
 
 from ...errors import APGError
 from ...sampler import run
-from ..common import metrics_columns, option, save_figure
+from ..common import option, save_figure, training_curves
 from .model import DigitDecoder
 from .networks import BMNISTProposals
 from .simulate import simulate
@@ -260,19 +260,11 @@ def _fig3(decoder: DigitDecoder, frames: torch.Tensor, res: Any, path: str, vide
 
 def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[str]:
     """Training curves (MSE and log joint of the training batches) from the runs' metrics CSVs."""
-    runs = {m: p for m, p in metrics.items() if p is not None}
-    if not runs:
-        return None
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for m, p in runs.items():
-        it, col = metrics_columns(p)
+
+    def draw(axes: Any, m: str, it: List[int], col: Callable[[str], List[float]]) -> None:
         axes[0].plot(it, col("mse"), label=m.upper())
+        axes[0].set_yscale("log")
         axes[1].plot(it, col("log_joint"), label=m.upper())
-    axes[0].set_ylabel("MSE per pixel (training batch)")
-    axes[0].set_yscale("log")
-    axes[1].set_ylabel("E_w log p(x, z) (training batch)")
-    for ax in axes:
-        ax.set_xlabel("iteration")
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
+
+    return training_curves(metrics, path, ["MSE per pixel (training batch)", "E_w log p(x, z) (training batch)"],
+                           (9, 3.4), draw)

@@ -27,14 +27,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from tmcgraph.plots import pyplot
 
 from ...sampler import joint_block, run
-from ..common import cell, chunks, metrics_columns, save_figure
+from ..common import cell, chunks, save_figure, training_curves
 from .data import DGMMConfig, simulate
 from .model import apg_sampler, exact_sampler, log_joint
 from .networks import CircleDecoder, Decoder, DGMMProposals
@@ -287,13 +287,8 @@ def _fig1b(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalConfig, p
 
 def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[str]:
     """Training curves (log joint, ESS/L per block, learned radius) from the runs' metrics CSVs."""
-    runs = {m: p for m, p in metrics.items() if p is not None}
-    if not runs:
-        return None
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for m, p in runs.items():
-        it, col = metrics_columns(p)
+
+    def draw(axes: Any, m: str, it: List[int], col: Callable[[str], List[float]]) -> None:
         label = METHOD_NAMES.get(m, m)
         axes[0].plot(it, col("log_joint"), label=label)
         if m == "apg":
@@ -301,10 +296,6 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
             axes[1].plot(it, col("ess_local"), label="APG {c, alpha}")
         axes[1].plot(it, col("ess_init"), label=f"{label} one-shot")
         axes[2].plot(it, col("radius"), label=label)
-    axes[0].set_ylabel("E_w log p(x, z) (training batch)")
-    axes[1].set_ylabel("ESS / L (training batch)")
-    axes[2].set_ylabel("learned radius")
-    for ax in axes:
-        ax.set_xlabel("iteration")
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
+
+    return training_curves(metrics, path, ["E_w log p(x, z) (training batch)", "ESS / L (training batch)",
+                                           "learned radius"], (13, 3.6), draw)
