@@ -561,9 +561,23 @@ class StepProgram:
                         gs = g.sum_to_size(shape).reshape([self._shapes[src][d] for d in perm])
                         add(src, gs.permute(_inverse(perm)))
         out: List[Optional[torch.Tensor]] = []
+        # No two returned gradients may share storage, nor share it with the incoming gradient: autograd
+        # adopts a returned tensor as a leaf's ``.grad`` and accumulates the next backward into it in place,
+        # so two leaves holding views of one buffer would each count the other's gradient (a plate sum or a
+        # broadcast sum hands the same ``g`` to both its operands).
+        seen = {grad.untyped_storage().data_ptr()}
         for k, (t, need) in enumerate(zip(tensors, needed)):
             g = grads[k]
-            if need and g is None:
+            if not need:
+                out.append(None)
+                continue
+            if g is None:
                 g = torch.zeros_like(t)
-            out.append((g if g.shape == t.shape else g.reshape(t.shape)) if need and g is not None else None)
+            g = g if g.shape == t.shape else g.reshape(t.shape)
+            ptr = g.untyped_storage().data_ptr()
+            if ptr in seen:
+                g = g.clone(memory_format=torch.contiguous_format)
+                ptr = g.untyped_storage().data_ptr()
+            seen.add(ptr)
+            out.append(g)
         return out
