@@ -22,6 +22,7 @@ import torch
 from .errors import TMCError
 from .layout import Layout, build_graph, data_batch_shape
 from .model import Model
+from .support import Checks, observed_log_prob
 from .trace import site_density
 
 __all__ = ["JointDensity"]
@@ -166,6 +167,7 @@ class JointDensity:
         events = {n: self.model.sites[n].event_dim for n in self.observations if n in needed}
         events.update({n: vals[n].dim() - len(batch) - layout.ndim for n in self.latents if n in needed})
         total = None
+        checks = Checks()
         for name in sites:
             site = self.model.sites[name]
             kind = "latent" if site.kind == "latent" else "observation"
@@ -176,7 +178,10 @@ class JointDensity:
                                "element of them")
             d = site_density(layout, self.model, name, vals, events, sample_index=_PARTICLES)
             value = vals[name]
-            lp = d.log_prob(value)
+            if site.kind == "latent":
+                lp = d.log_prob(value)
+            else:
+                lp, _ = observed_log_prob(owner, d, value, layout.index_dims, checks)
             full = layout.template([_PARTICLES], site.plates)
             if lp.dim() != len(full):
                 raise TMCError(f"{owner}: its log-density has shape {tuple(lp.shape)}, expected "

@@ -18,14 +18,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import networkx as nx
 import torch
-from torch.distributions import Distribution, constraints
+from torch.distributions import Distribution
 
 from .errors import TMCError
 from .graph import FactorGraph
 from .model import Model
 
-__all__ = ["Layout", "build_graph", "call_site_fn", "check_proposal", "data_batch_shape", "factor_indices",
-           "index_slots"]
+__all__ = ["Layout", "as_data", "build_graph", "call_site_fn", "data_batch_shape", "factor_indices", "index_slots"]
 
 
 def call_site_fn(owner: str, fn: Callable, args: Sequence[torch.Tensor]) -> Distribution:
@@ -99,6 +98,11 @@ class Layout:
         new = copy.copy(self)
         new.index_sizes = dict(self.index_sizes)
         return new
+
+    @property
+    def index_dims(self) -> List[int]:
+        """The sample-index dims' positions counted from the right of a batch shape in this layout."""
+        return [s - self.ndim for s in range(self.ndim - len(self.plate_names))]
 
     def template(self, indices: Sequence[str], plates: Sequence[str]) -> Tuple[int, ...]:
         """The batch shape of a value varying along ``indices`` and ``plates``."""
@@ -258,8 +262,7 @@ class Layout:
     def data_value(self, name: str, value: object) -> torch.Tensor:
         """An observed value ``(*batch, *its plates, *event)`` -> layout."""
         site = self.model.sites[name]
-        if not isinstance(value, torch.Tensor):
-            value = torch.as_tensor(value)
+        value = as_data(name, value)
         n_pl, e = len(site.plates), site.event_dim
         if value.dim() < n_pl + e:
             raise TMCError(
@@ -282,8 +285,26 @@ class Layout:
         return value.reshape(shape + list(value.shape[nb + n_pl:]))
 
 
+def as_data(name: str, value: object) -> torch.Tensor:
+    """An observed value as a tensor: tensors as they are; numbers, lists and numpy arrays converted, floating
+    point ones to torch's default dtype (never silently float64: ``numpy`` makes float64 by default).  Bool
+    values are refused, naming the observation (no distribution's ``log_prob`` takes them)."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except Exception as err:
+            raise TMCError(f"observation {name!r}: cannot make a tensor of the value ({type(value).__name__}): "
+                           f"{err}") from None
+        if value.is_floating_point():
+            value = value.to(torch.get_default_dtype())
+    if value.dtype == torch.bool:
+        raise TMCError(f"observation {name!r}: the value is a bool tensor; pass it as 0./1. floats (value.float()) "
+                       "for a Bernoulli likelihood, or as integers for a Categorical one")
+    return value
+
+
 def data_batch_shape(model: Model, data: Mapping[str, object]) -> Tuple[int, ...]:
-    """Check the data mapping and return the broadcast batch shape of the values."""
+    """Check the data mapping (names, NaN and infinite values) and return the broadcast batch shape of the values."""
     if not isinstance(data, Mapping):
         raise TMCError(f"data must be a mapping from observation name to value, got {type(data).__name__}")
     obs = model.observations()
@@ -294,60 +315,26 @@ def data_batch_shape(model: Model, data: Mapping[str, object]) -> Tuple[int, ...
     if unknown:
         raise TMCError(f"value(s) given for {unknown}, which are not observations; observations: {obs}")
     shapes: List[Tuple[int, ...]] = []
-    nan_flags: List[Tuple[str, torch.Tensor]] = []
+    flags: List[Tuple[str, torch.Tensor]] = []
     for n in obs:
         site = model.sites[n]
-        raw = data[n]
-        v = raw if isinstance(raw, torch.Tensor) else torch.as_tensor(raw)
+        v = as_data(n, data[n])
         shapes.append(tuple(v.shape[: max(0, v.dim() - len(site.plates) - site.event_dim)]))
         if v.is_floating_point() or v.is_complex():
-            nan_flags.append((n, torch.isnan(v).any()))
-    # one sync for all of them; skipped inside torch.compile'd code (value checks are the eager path's job)
-    checked = nan_flags and not torch.compiler.is_compiling()
-    if checked and bool(torch.stack([f.to("cpu") for _, f in nan_flags]).any()):
-        bad = [n for n, f in nan_flags if bool(f)]
-        raise TMCError(f"observation(s) {bad}: the observed value contains NaN; a missing observation must be "
-                       "removed from the data, not marked with NaN")
+            flags.append((n, ~torch.isfinite(v).all()))
+    # one sync for all of them; skipped inside torch.compile'd code (the compiled objective checks the data
+    # before it runs the program)
+    checked = flags and not torch.compiler.is_compiling()
+    if checked and bool(torch.stack([f.to("cpu") for _, f in flags]).any()):
+        bad = [n for n, f in flags if bool(f)]
+        what = ["NaN" if bool(torch.isnan(as_data(n, data[n])).any()) else "an infinite value" for n in bad]
+        raise TMCError(f"observation(s) {bad}: the observed value contains {' or '.join(sorted(set(what)))}; a "
+                       "missing observation must be removed from the data, not marked with NaN, and an observed "
+                       "value must be finite")
     try:
         return tuple(torch.broadcast_shapes(*shapes)) if shapes else ()
     except RuntimeError:
         raise TMCError(f"the batch shapes of the observed values do not broadcast: {dict(zip(obs, shapes))}") from None
-
-
-# ---------------------------------------------------------------------------
-# checks on distributions
-# ---------------------------------------------------------------------------
-def _support_key(c: constraints.Constraint) -> tuple:
-    while isinstance(c, constraints.independent):
-        c = c.base_constraint
-    attrs = []
-    for k, v in sorted(vars(c).items()):
-        if isinstance(v, (int, float)):
-            attrs.append((k, v))
-        elif isinstance(v, torch.Tensor) and v.numel() == 1:
-            attrs.append((k, float(v)))
-    return (type(c), tuple(attrs))
-
-
-def check_proposal(name: str, prior: Distribution, proposal: Distribution) -> None:
-    """A proposal must have the prior's support and event shape (else the weights are wrong)."""
-    if tuple(prior.event_shape) != tuple(proposal.event_shape):
-        raise TMCError(
-            f"latent {name!r}: the proposal's event shape {tuple(proposal.event_shape)} differs from the "
-            f"prior's {tuple(prior.event_shape)}"
-        )
-    try:
-        prior_support, proposal_support = prior.support, proposal.support
-    except NotImplementedError:
-        return
-    if prior_support is None or proposal_support is None:
-        return
-    same = _support_key(prior_support) == _support_key(proposal_support)
-    if not same:
-        raise TMCError(
-            f"latent {name!r}: the proposal's support {proposal.support} differs from the prior's "
-            f"{prior.support}; importance weights need a proposal with the prior's support"
-        )
 
 
 def build_graph(model: Model, index_of: Mapping[str, str], index_sizes: Mapping[str, int],

@@ -30,10 +30,11 @@ is an error naming the site.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import networkx as nx
 import torch
@@ -65,6 +66,8 @@ class Site:
         proposal_parents: the sites ``proposal`` takes (latents or observations).
         enumerate: summed exactly over its support instead of sampled.
         event_dim: number of event dims of an observed value.
+        batch: ``"no"``, or how a site declared in :meth:`Model.batch_sites` is batched
+            with the sites that share its functions (``"verify"`` or ``"trust"``).
     """
 
     name: str
@@ -76,6 +79,7 @@ class Site:
     proposal_parents: Tuple[str, ...] = ()
     enumerate: bool = False
     event_dim: int = 0
+    batch: str = "no"
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,7 @@ class Model:
         self._sites_view = MappingProxyType(self._sites)
         self._order: Optional[Tuple[List[str], List[str], List[str]]] = None  # resolved structure, cached
         self._version = 0  # bumped by every declaration; estimators check it
+        self._batch = "no"  # inside batch_sites(): "verify" or "trust"
 
     # -- declaration ---------------------------------------------------------
     def plate(self, name: str, size: int) -> "Model":
@@ -229,7 +234,7 @@ class Model:
             q, q_parents = prior, prior_parents
         else:
             q, q_parents = proposal, _arg_names(f"{owner} proposal", proposal, proposal_parents)
-        site = Site(name, "latent", prior, prior_parents, plates, q, q_parents, bool(enumerate))
+        site = Site(name, "latent", prior, prior_parents, plates, q, q_parents, bool(enumerate), batch=self._batch)
         self._check_site_edges(site, known_only=True)
         self._sites[name] = site
         self._order = None
@@ -262,12 +267,47 @@ class Model:
         if isinstance(event_dim, bool) or not isinstance(event_dim, int) or event_dim < 0:
             raise TMCError(f"{owner}: event_dim must be a non-negative int, got {event_dim!r}")
         site = Site(name, "observed", likelihood, _arg_names(f"{owner} likelihood", likelihood, parents), plates,
-                    event_dim=event_dim)
+                    event_dim=event_dim, batch=self._batch)
         self._check_site_edges(site, known_only=True)
         self._sites[name] = site
         self._order = None
         self._version += 1
         return self
+
+    @contextlib.contextmanager
+    def batch_sites(self, *, verify: bool = True) -> Iterator["Model"]:
+        """Declare sites that may be evaluated in batched calls (a loop of sites sharing functions).
+
+        Sites declared inside the block whose function (prior, proposal or likelihood) shares one
+        code object, closure and defaults (``int`` defaults such as ``t=t`` of proposals may differ)
+        are evaluated by :class:`tmcgraph.TMC` in one call, their arguments stacked along a new
+        leftmost batch dim (:mod:`tmcgraph.vectorise`).  Sites declared anywhere else are evaluated
+        one by one, always.  Example::
+
+            with m.batch_sites():
+                for t in range(1, T):
+                    m.latent(f"z{t}", prior=lambda prev: Normal(0.9 * prev, 0.5), parents=[f"z{t - 1}"],
+                             proposal=lambda t=t: Normal(loc[t], scale[t]), proposal_parents=[])
+
+        By declaring them here you promise that these functions follow the layout contract: they
+        broadcast over leading batch dims, never read an argument's shape or leading dims, never
+        combine values across that dim (``prev.mean()``, a branch on ``prev``), and have no side
+        effects.  With ``verify=True`` (default) the first evaluation of every new input layout
+        (data batch shape, index sizes, the data's dtypes and devices) computes every group both
+        site by site and batched, and a disagreement beyond float rounding, or a batched call that
+        fails, is a :class:`TMCError` naming the sites; ``verify=False`` trusts the promise from the
+        first evaluation on (no double work, as for :meth:`markov` families).
+
+        Args:
+            verify: check each new input layout once (see above).
+        """
+        if self._batch != "no":
+            raise TMCError("batch_sites() blocks do not nest")
+        self._batch = "verify" if verify else "trust"
+        try:
+            yield self
+        finally:
+            self._batch = "no"
 
     def markov(self, name: str, length: int, *, init: DistFn, transition: DistFn, proposal: DistFn) -> "Model":
         """Declare a Markov chain of latents ``name_0 .. name_{length-1}`` as one vectorised family.

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Tuple
 
 import torch
-from torch.distributions import Distribution
+from torch.distributions import Distribution, constraints
 
 from .errors import TMCError
-from .layout import Layout, call_site_fn, check_proposal, factor_indices
+from .layout import Layout, call_site_fn, factor_indices
 from .model import Family, Model
-from .vectorise import Batch, BatchFailed, Groups, agree
+from .support import Checks, check_proposal, log_prob_in_support, observed_log_prob
+from .vectorise import Batch, Groups, agree, failed
 
 __all__ = ["Trace", "site_density", "trace"]
 
@@ -71,6 +72,10 @@ class Trace:
             the path through the reparameterised samples (appendix F's w-hat).
         samples: with ``detach_samples=True``, latent -> the reparameterised
             samples (``values`` then holds detached leaves of them).
+        checks: the value checks made (:class:`tmcgraph.support.Checks`); inside ``torch.compile``'d
+            code, their flags.
+        supports: observation -> the support its value was checked against (when it does not
+            depend on the samples).
     """
 
     layout: Layout
@@ -79,6 +84,8 @@ class Trace:
     event_dims: Dict[str, int]
     hat_factors: Optional[Dict[str, torch.Tensor]] = None
     samples: Optional[Dict[str, torch.Tensor]] = None
+    checks: Checks = field(default_factory=Checks)
+    supports: Dict[str, constraints.Constraint] = field(default_factory=dict)
 
 
 def site_density(layout: Layout, model: Model, name: str, values: Mapping[str, torch.Tensor],
@@ -141,7 +148,7 @@ def _check_batch(owner: str, d: Distribution, allowed: Tuple[int, ...], what: st
 
 def _trace_markov(model: Model, layout: Layout, fam: Family, values: Dict[str, torch.Tensor],
                   factors: Dict[str, torch.Tensor], event_dims: Dict[str, int], arg_events: Dict[str, int],
-                  stacked: Dict[str, torch.Tensor]) -> None:
+                  stacked: Dict[str, torch.Tensor], checks: Checks) -> None:
     """All members of a markov family in batched calls: proposal, init and transition once each.
 
     Samples ``z`` are ``(*batch, K, T, *event)``; the transition's log-density is one tensor
@@ -160,16 +167,17 @@ def _trace_markov(model: Model, layout: Layout, fam: Family, values: Dict[str, t
     ev = len(q.event_shape)
     d0 = _call_family(f"{owner} init", fam.init, [], False, torch.arange(1))
     _check_batch(f"{owner} init", d0, (), "()")
-    check_proposal(members[0], d0, q)
-    first = [d0.log_prob(z.select(nb + 1, 0)) - lq.select(nb + 1, 0)]  # (*batch, K)
+    z0 = z.select(nb + 1, 0)
+    lp0 = log_prob_in_support(d0, z0) if check_proposal(members[0], d0, q, checks) else d0.log_prob(z0)
+    first = [lp0 - lq.select(nb + 1, 0)]  # (*batch, K)
     rest: List[torch.Tensor] = []
     if T > 1:
         prev = z.narrow(nb + 1, 0, T - 1).unsqueeze(nb + 1)  # (*batch, K, 1, T-1, *event)
         cur = z.narrow(nb + 1, 1, T - 1).unsqueeze(nb)  # (*batch, 1, K, T-1, *event)
         d = _call_family(f"{owner} transition", fam.fn, [prev], take_fn, torch.arange(1, T, device=z.device))
         _check_batch(f"{owner} transition", d, layout.batch + (K, 1, T - 1), "(*batch, K_prev, 1, steps)")
-        check_proposal(members[1], d, q)
-        lp = d.log_prob(cur) - lq.narrow(nb + 1, 1, T - 1).unsqueeze(nb)  # (*batch, K_prev, K_cur, T-1)
+        lp = log_prob_in_support(d, cur) if check_proposal(members[1], d, q, checks) else d.log_prob(cur)
+        lp = lp - lq.narrow(nb + 1, 1, T - 1).unsqueeze(nb)  # (*batch, K_prev, K_cur, T-1)
         lp = lp.expand(layout.batch + (K, K, T - 1))
         rest = list(lp.permute(nb + 2, *range(nb), nb + 1, nb).unbind(0))  # (*batch, K_t, K_{t-1}) each
     stacked[fam.name] = z
@@ -182,7 +190,7 @@ def _trace_markov(model: Model, layout: Layout, fam: Family, values: Dict[str, t
 
 def _trace_observed(model: Model, layout: Layout, fam: Family, values: Dict[str, torch.Tensor],
                     factors: Dict[str, torch.Tensor], event_dims: Dict[str, int], arg_events: Dict[str, int],
-                    stacked: Dict[str, torch.Tensor]) -> None:
+                    stacked: Dict[str, torch.Tensor], checks: Checks) -> None:
     """All members of an observed family in one likelihood call: factors ``(*batch, K)`` per member."""
     owner = f"observed family {fam.name!r}"
     of = fam.of or ""
@@ -198,7 +206,7 @@ def _trace_observed(model: Model, layout: Layout, fam: Family, values: Dict[str,
     if len(d.event_shape) != e:
         raise TMCError(f"{owner}: the likelihood has event shape {tuple(d.event_shape)} ({len(d.event_shape)} dims) "
                        f"but the family was declared with event_dim={e}")
-    lp = d.log_prob(x)  # (*batch, K, T)
+    lp, _ = observed_log_prob(owner, d, x, [-2], checks)  # the sample index is dim -2 of (*batch, K, T)
     for m, factor in zip(members, lp.unbind(-1)):
         factors[m] = factor
 
@@ -224,19 +232,9 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         rng: ``rng(name)`` is a context manager entered around the random draws
             of sampled latent ``name`` (sharded evaluation switches between a
             stream shared by all processes and a per-process one).
-        groups: an estimator's batching state (:mod:`tmcgraph.vectorise`): sites declared one
-            by one that share a function are evaluated in one call once verified.
+        groups: an estimator's batching state (:mod:`tmcgraph.vectorise`): sites declared in
+            :meth:`Model.batch_sites` that share a function are evaluated in one call.
     """
-    while True:
-        try:
-            return _trace(model, layout, data, dregs, detach_samples, rng, groups)
-        except BatchFailed as failed:  # a verified group failed on new shapes: site by site from now on
-            assert groups is not None
-            groups.verified[failed.key] = False
-
-
-def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool, detach_samples: bool,
-           rng: Optional[Callable[[str], ContextManager[object]]], groups: Optional[Groups]) -> Trace:
     layout = layout.copy()  # enumerated sizes are filled in on the copy, returned in the Trace
     values: Dict[str, torch.Tensor] = {}
     factors: Dict[str, torch.Tensor] = {}
@@ -247,20 +245,25 @@ def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool
         values[name] = layout.data_value(name, data[name])
         arg_events[name] = model.sites[name].event_dim
     event_dims: Dict[str, int] = {}
+    verify: Dict[str, Dict[str, torch.Tensor]] = {"proposal": {}, "prior": {}, "likelihood": {}}  # verification
+    checks = Checks()
+    supports: Dict[str, constraints.Constraint] = {}
     vectorised = _vectorised_families(model, layout) if not (dregs or detach_samples or rng) else {}
     stacked: Dict[str, torch.Tensor] = {}  # markov family -> its samples (*batch, K, T, *event)
-    batch = groups.active(model, layout) if groups is not None and not (dregs or detach_samples or rng) else None
-    if batch is not None and values:
-        batch.device = next(iter(values.values())).device  # the data's: stacked int defaults index parameters there
+    batch = None
+    if groups is not None and groups.groups and not (dregs or detach_samples or rng):
+        batch = groups.active(model, layout, list(values.values()))
+        batch.checks = checks
+        if values:  # the data's device: stacked int defaults index parameters there
+            batch.device = next(iter(values.values())).device
     presampled: Dict[str, tuple] = {}  # batched proposal group member -> (value, log q (*batch, K), event dims)
     deferred: Dict[str, torch.Tensor] = {}  # member of a batched prior group -> its log q (*batch, K)
-    checks: Dict[str, Dict[str, torch.Tensor]] = {"proposal": {}, "prior": {}, "likelihood": {}}  # verification
     for name in model.order():
         fam = vectorised.get(name)
         if fam is not None:
             if name == fam.members[0]:
                 build = _trace_markov if fam.kind == "markov" else _trace_observed
-                build(model, layout, fam, values, factors, event_dims, arg_events, stacked)
+                build(model, layout, fam, values, factors, event_dims, arg_events, stacked, checks)
             continue
         site = model.sites[name]
         if batch is not None and site.kind == "observed" and batch.mode("likelihood", name) == "batched":
@@ -274,10 +277,12 @@ def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool
                     f"{owner}: the likelihood has event shape {tuple(d.event_shape)} ({len(d.event_shape)} dims) "
                     f"but the observation was declared with event_dim={site.event_dim}"
                 )
-            lp = d.log_prob(values[name])
+            lp, support = observed_log_prob(owner, d, values[name], layout.index_dims, checks)
+            if support is not None:
+                supports[name] = support
             factors[name] = layout.to_factor(lp, owner, idx, site.plates)
             if batch is not None and batch.mode("likelihood", name) == "verify":
-                checks["likelihood"][name] = factors[name]
+                verify["likelihood"][name] = factors[name]
             if hats is not None:
                 hats[name] = factors[name]
             continue
@@ -319,10 +324,11 @@ def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool
                 deferred[name] = lq
                 continue
             prior = site_density(layout, model, name, values, arg_events)
-            lp = layout.to_factor(prior.log_prob(z), owner, idx, site.plates)
+            # the group's proposal was checked against this prior when the group was verified
+            lp = layout.to_factor(log_prob_in_support(prior, z), owner, idx, site.plates)
             factors[name] = lp - lq.reshape(tuple(lq.shape) + (1,) * (lp.dim() - lq.dim()))
             if rmode == "verify":
-                checks["prior"][name] = lp
+                verify["prior"][name] = lp
             continue
         proposal = site.proposal
         assert proposal is not None  # a sampled latent always has one (the prior by default)
@@ -344,7 +350,9 @@ def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool
                 mix.append(layout.index_pos[pidx])
             # a proposal varies along the latent's own index only through its latent parents' selected samples
             latent_parents = any(model.sites[p].kind == "latent" for p in site.proposal_parents)
-            q = layout.density(f"{owner} proposal", proposal, args, [arg_events[p] for p in site.proposal_parents],
+            # with no proposal given, the prior is the proposal: a failure is the prior's
+            q_owner = f"{owner} proposal" if proposal is not site.fn else f"{owner} prior (the proposal: none given)"
+            q = layout.density(q_owner, proposal, args, [arg_events[p] for p in site.proposal_parents],
                                [own] if latent_parents else [], site.plates, sample_index=own)
             if q.has_rsample:
                 z = q.rsample()
@@ -364,55 +372,56 @@ def _trace(model: Model, layout: Layout, data: Mapping[str, object], dregs: bool
             factors[name] = layout.to_factor(torch.zeros((), dtype=z.dtype, device=z.device), owner, idx, site.plates)
             continue
         if mix:
-            q_all = call_site_fn(f"{owner} proposal", proposal, own_args)
+            q_all = call_site_fn(q_owner, proposal, own_args)
             lq = _logmeanexp_dims(q_all.log_prob(z), layout.ndim, mix)
         else:
             lq = q.log_prob(z)
         if pmode == "verify":
-            checks["proposal"][name] = lq
+            verify["proposal"][name] = lq
         prior = site_density(layout, model, name, values, arg_events)
-        check_proposal(name, prior, q)
+        masked = check_proposal(name, prior, q, checks)
         if rmode == "batched":
             deferred[name] = layout.to_factor(lq, owner, [own], ())
             continue
-        lp = prior.log_prob(z)
+        lp = log_prob_in_support(prior, z) if masked else prior.log_prob(z)
         factors[name] = layout.to_factor(lp - lq, owner, idx, site.plates)
         if rmode == "verify":
-            checks["prior"][name] = layout.to_factor(lp, owner, idx, site.plates)
+            verify["prior"][name] = layout.to_factor(lp, owner, idx, site.plates)
         if hats is not None:
             # cancel the direct dependence of log q on its parameters (appendix F, eq. 59):
             # add log q(detached samples) - stop_gradient(same), which is zero with the score as gradient
             det = [a.detach() for a in (own_args if mix else args)]
-            q_det = call_site_fn(f"{owner} proposal", proposal, det)
+            q_det = call_site_fn(q_owner, proposal, det)
             lq_det = _logmeanexp_dims(q_det.log_prob(z.detach()), layout.ndim, mix)
             hats[name] = layout.to_factor(lp - lq + (lq_det - lq_det.detach()), owner, idx, site.plates)
     if batch is not None:
-        _finish_groups(model, layout, batch, values, factors, arg_events, deferred, checks)
-    return Trace(layout, values, factors, event_dims, hats, samples)
+        _finish_groups(model, layout, batch, values, factors, arg_events, deferred, verify)
+        supports.update(batch.supports)
+    return Trace(layout, values, factors, event_dims, hats, samples, checks, supports)
 
 
 def _finish_groups(model: Model, layout: Layout, batch: Batch, values: Dict[str, torch.Tensor],
                    factors: Dict[str, torch.Tensor], arg_events: Dict[str, int], deferred: Dict[str, torch.Tensor],
-                   checks: Dict[str, Dict[str, torch.Tensor]]) -> None:
-    """Batched priors and likelihoods of the verified groups; verification of the others (whose
-    site-by-site factors stand for this evaluation)."""
+                   verify: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    """Batched priors and likelihoods of the groups batched in this evaluation; verification of the others
+    (whose site-by-site factors stand for this evaluation) on this input layout."""
     done = set()
     for (role, _), (group, _) in batch.of.items():
         key = (role, group.members)
         if key in done:
             continue
         done.add(key)
-        if batch.state.verified.get(key) is None:  # verify: batched against the site-by-site values
-            try:
-                if role == "proposal":
-                    got = batch.proposal_log_prob(group, values, arg_events)
-                else:
-                    got = batch.log_factors(group, values, arg_events)
-                want = [checks[role][m] for m in group.members]
-                ok = all(agree(g, w) for g, w in zip(got, want))
-            except Exception:  # the function does not broadcast over a new leading dim: stay site by site
-                ok = False
-            batch.state.verified[key] = ok
+        if batch.mode(role, group.members[0]) == "verify":  # batched against the site-by-site values
+            if role == "proposal":
+                got = batch.proposal_log_prob(group, values, arg_events)
+            else:
+                got = batch.log_factors(group, values, arg_events)
+            want = [verify[role][m] for m in group.members]
+            bad = [m for m, g, w in zip(group.members, got, want) if not agree(g, w)]
+            if bad:
+                raise failed(group, f"evaluated in one call, the {role} log-density of {bad[0]!r} differs from its "
+                                    "site-by-site value")
+            batch.state.verified[(role, group.members, batch.key)] = True
             continue
         if role == "proposal":
             continue  # sampled in the loop
@@ -422,4 +431,3 @@ def _finish_groups(model: Model, layout: Layout, batch: Batch, values: Dict[str,
                 lq = deferred[m]  # (*batch, K): the member's own index
                 lp = lp - lq.reshape(tuple(lq.shape) + (1,) * (lp.dim() - lq.dim()))
             factors[m] = lp
-

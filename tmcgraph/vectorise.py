@@ -1,4 +1,4 @@
-"""Sites declared one by one that share a function, evaluated in one batched call (TMC traces).
+"""Sites declared in :meth:`Model.batch_sites` that share a function, evaluated in one batched call (TMC traces).
 
 A chain written as ``for t in range(T): m.latent(f"z{t}", prior=lambda prev: Normal(0.9 * prev, s), ...)``
 creates ``T`` functions with one code object and one closure.  Under the layout contract of
@@ -13,9 +13,13 @@ are batched, each over sites without plates whose latents sit on indices of one 
 * ``"prior"``: the priors of sampled latents, given their latent parents;
 * ``"likelihood"``: observations given their latent parents.
 
-Batching is an optimisation, never a change of meaning: the first evaluation of every group runs
-site by site (with all the per-site checks) *and* batched, and the group is batched from then on only
-if the two agree (log-densities within float rounding); otherwise it stays site by site, silently.
+Batching is an optimisation, never a change of meaning, and no check made on some inputs can prove
+that a function broadcasts on all of them (a function may read its argument's shape, branch on its
+values, or count its calls).  So only sites declared in :meth:`Model.batch_sites`, whose author promises
+that their functions follow the layout contract, are grouped; every other site is evaluated on its own.
+A declared group with ``verify=True`` is computed both ways at the first evaluation of every new input
+layout (data batch shape, index sizes, the data's dtypes and devices); a disagreement beyond float
+rounding, or a batched call that fails, is a :class:`TMCError` naming the sites, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.distributions import Distribution
+from torch.distributions import Distribution, constraints
 
+from .errors import TMCError
 from .layout import Layout
 from .model import Model
+from .support import Checks, log_prob_in_support, observed_log_prob
 
-__all__ = ["BatchFailed", "Group", "Groups", "agree", "candidate_groups"]
+__all__ = ["Group", "Groups", "agree", "candidate_groups", "failed"]
 
 _MIN_MEMBERS = 3  # smaller groups are not worth the stacking
 
@@ -40,20 +46,23 @@ _MIN_MEMBERS = 3  # smaller groups are not worth the stacking
 class Group:
     """Sites whose function (of role ``role``) shares code, closure and defaults.
 
-    ``varying``: names of ``int`` defaults that differ between members (proposals only)."""
+    ``varying``: names of ``int`` defaults that differ between members (proposals only);
+    ``mode``: ``"verify"`` or ``"trust"`` (:meth:`Model.batch_sites`)."""
 
     role: str
     members: Tuple[str, ...]
     varying: Tuple[str, ...] = ()
+    mode: str = "verify"
 
 
-class BatchFailed(Exception):
-    """A verified group failed in a later evaluation (e.g. a new batch shape): :func:`tmcgraph.trace.trace`
-    marks it site by site and evaluates again."""
-
-    def __init__(self, key: Tuple[str, Tuple[str, ...]]) -> None:
-        super().__init__(key)
-        self.key = key
+def failed(g: Group, what: str) -> TMCError:
+    """The error of a declared group whose batched evaluation failed or disagreed."""
+    members = list(g.members)
+    shown = ", ".join(repr(m) for m in members[:3]) + (f", ... ({len(members)} sites)" if len(members) > 3 else "")
+    return TMCError(
+        f"sites {shown}, declared in Model.batch_sites(): {what}. Their {g.role} function does not broadcast over "
+        "a new leftmost batch dim as the block promises (it reads an argument's shape or leading dim, combines "
+        "values across it, branches on them, or has side effects); declare these sites outside batch_sites()")
 
 
 def _fn_key(fn: object, *, ints_vary: bool) -> Optional[Tuple[tuple, Tuple[str, ...]]]:
@@ -85,13 +94,13 @@ def candidate_groups(model: Model) -> List[Group]:
     buckets: Dict[tuple, List[str]] = {}
     varying: Dict[tuple, Tuple[str, ...]] = {}
     for name, site in model.sites.items():
-        if name in in_family or site.plates:
+        if name in in_family or site.plates or site.batch == "no":
             continue
         parents_latent = all(model.sites[p].kind == "latent" and not model.sites[p].enumerate for p in site.parents)
         if site.kind == "observed":
             k = _fn_key(site.fn, ints_vary=False)
             if k is not None and site.parents and parents_latent:
-                buckets.setdefault(("likelihood", k[0], len(site.parents), site.event_dim), []).append(name)
+                buckets.setdefault(("likelihood", site.batch, k[0], len(site.parents), site.event_dim), []).append(name)
             continue
         if site.enumerate or site.proposal is None:
             continue
@@ -99,14 +108,14 @@ def candidate_groups(model: Model) -> List[Group]:
         if not site.proposal_parents and not shortcut:
             k = _fn_key(site.proposal, ints_vary=True)
             if k is not None:
-                key = ("proposal", k[0])
+                key = ("proposal", site.batch, k[0])
                 buckets.setdefault(key, []).append(name)
                 varying[key] = k[1]
         if not shortcut and parents_latent:
             k = _fn_key(site.fn, ints_vary=False)
             if k is not None:
-                buckets.setdefault(("prior", k[0], len(site.parents)), []).append(name)
-    return [Group(key[0], tuple(members), varying.get(key, ())) for key, members in buckets.items()
+                buckets.setdefault(("prior", site.batch, k[0], len(site.parents)), []).append(name)
+    return [Group(key[0], tuple(members), varying.get(key, ()), key[1]) for key, members in buckets.items()
             if len(members) >= _MIN_MEMBERS]
 
 
@@ -122,17 +131,19 @@ def _fits(shape: Sequence[int], allowed: Sequence[int]) -> bool:
 
 
 class Groups:
-    """One estimator's batching state: the candidate groups and, per group, whether it was verified
-    (``None``: not yet; ``True``: batched; ``False``: site by site for good)."""
+    """One estimator's batching state: the candidate groups and the input layouts each group was verified
+    on (``verified[(role, members, layout key)]``)."""
 
     def __init__(self, model: Model) -> None:
         self.groups = candidate_groups(model)
-        self.verified: Dict[Tuple[str, Tuple[str, ...]], Optional[bool]] = {}
+        self.verified: Dict[tuple, bool] = {}
         self.defaults: Dict[tuple, Dict[str, torch.Tensor]] = {}  # a proposal group's stacked int defaults
 
-    def active(self, model: Model, layout: Layout) -> "Batch":
-        """The groups this layout can batch (every member and parent on an index of its own, one size)."""
-        return Batch(model, layout, [g for g in self.groups if self._fits_layout(model, layout, g)], self)
+    def active(self, model: Model, layout: Layout, data: Sequence[torch.Tensor] = ()) -> "Batch":
+        """The groups this layout can batch (every member and parent on an index of its own, one size);
+        ``data``: the observed values, whose dtypes and devices are part of the input layout."""
+        key = (layout.batch, tuple(sorted(layout.index_sizes.items())), tuple((v.dtype, v.device) for v in data))
+        return Batch(model, layout, [g for g in self.groups if self._fits_layout(model, layout, g)], self, key)
 
     @staticmethod
     def _fits_layout(model: Model, layout: Layout, g: Group) -> bool:
@@ -150,16 +161,16 @@ class Groups:
 class Batch:
     """The batched groups of one evaluation (built by :meth:`Groups.active`)."""
 
-    def __init__(self, model: Model, layout: Layout, groups: Sequence[Group], state: Groups) -> None:
-        self.model, self.layout, self.state = model, layout, state
+    def __init__(self, model: Model, layout: Layout, groups: Sequence[Group], state: Groups, key: tuple) -> None:
+        self.model, self.layout, self.state, self.key = model, layout, state, key
         self.of: Dict[Tuple[str, str], Tuple[Group, int]] = {}
         for g in groups:
-            if state.verified.get((g.role, g.members)) is False:
-                continue
             for k, m in enumerate(g.members):
                 self.of[(g.role, m)] = (g, k)
         self.sampled: Dict[str, Tuple[torch.Tensor, int]] = {}  # member -> (stacked samples, position)
         self.device: Optional[torch.device] = None  # where stacked int defaults are made (the data's device)
+        self.checks = Checks()  # the evaluation's value checks (set by the trace)
+        self.supports: Dict[str, constraints.Constraint] = {}  # batched observation -> the support checked
         self.pending: Dict[Tuple[str, Tuple[str, ...]], Group] = {}
 
     def mode(self, role: str, name: str) -> Optional[str]:
@@ -167,7 +178,11 @@ class Batch:
         hit = self.of.get((role, name))
         if hit is None:
             return None
-        return "batched" if self.state.verified.get((role, hit[0].members)) else "verify"
+        return "batched" if hit[0].mode == "trust" or self.verified(hit[0]) else "verify"
+
+    def verified(self, g: Group) -> bool:
+        """Whether ``g`` was verified on this evaluation's input layout."""
+        return self.state.verified.get((g.role, g.members, self.key), False)
 
     def group(self, role: str, name: str) -> Group:
         return self.of[(role, name)][0]
@@ -206,8 +221,10 @@ class Batch:
         """Every member's ``(sample in the layout, log q (*batch, K), event dims)`` from one batched draw."""
         try:
             q, _ = self.proposal(g)
+        except TMCError:
+            raise
         except Exception as err:
-            raise BatchFailed((g.role, g.members)) from err
+            raise failed(g, f"called once for all of them, the proposal failed ({type(err).__name__}: {err})") from err
         z = q.rsample() if rsample and q.has_rsample else q.sample()
         lq = q.log_prob(z)  # (G, *batch, layout dims): K along member 0's own index only
         ev = len(q.event_shape)
@@ -264,8 +281,10 @@ class Batch:
                     ) -> List[torch.Tensor]:
         try:
             return self._log_factors(g, values, event_dims)
+        except TMCError:
+            raise
         except Exception as err:
-            raise BatchFailed((g.role, g.members)) from err
+            raise failed(g, f"called once for all of them, the {g.role} failed ({type(err).__name__}: {err})") from err
 
     def _log_factors(self, g: Group, values: Dict[str, torch.Tensor], event_dims: Dict[str, int]
                      ) -> List[torch.Tensor]:
@@ -285,12 +304,16 @@ class Batch:
             raise ValueError(f"batch shape {tuple(d.batch_shape)} does not fit {template}")
         if g.role == "prior":
             x = self._stacked(list(g.members), own[0], values, event_dims)
+            lp = log_prob_in_support(d, x)  # a wider proposal's samples: -inf outside the prior's support
         else:
             e = first.event_dim
             if len(d.event_shape) != e:
                 raise ValueError("event dims differ from the declaration")
             x = torch.stack(torch.broadcast_tensors(*[values[m] for m in g.members]))
-        lp = d.log_prob(x)
+            owner = f"observations {g.members[0]!r}..{g.members[-1]!r}"
+            lp, support = observed_log_prob(owner, d, x, layout.index_dims, self.checks)
+            if support is not None:
+                self.supports.update(dict.fromkeys(g.members, support))
         lp = lp.reshape((1,) * (len(template) - lp.dim()) + tuple(lp.shape)).expand(template)
         nb = len(layout.batch)
         slots = [1 + nb + layout.ndim + layout.index_pos[i] for i in own + pidx]

@@ -9,9 +9,10 @@ import torch
 from torch.distributions import Distribution
 
 from ..errors import TMCError
-from ..layout import Layout, check_proposal, data_batch_shape
+from ..layout import Layout, data_batch_shape
 from ..model import Model
 from ..resampling import SCHEMES, gather, resample
+from ..support import Checks, check_proposal, log_prob_in_support, observed_log_prob
 from .base import PARTICLES, check_k
 
 __all__ = ["smc"]
@@ -65,6 +66,7 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
         parents = model.sites[n].parents
         last[n] = max(parents, key=position.__getitem__) if parents else None
     log_z: Optional[torch.Tensor] = None
+    checks = Checks()
 
     def weigh(name: str, owner: str, lp: torch.Tensor, plates) -> torch.Tensor:
         f = layout.to_factor(lp, owner, [PARTICLES], plates)  # (*b, *plates, K)
@@ -76,7 +78,7 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
     for n in pending:  # observations with no latent parent: a constant factor
         site = model.sites[n]
         d = density(f"observation {n!r} likelihood", site.fn, [], site.plates)
-        lp = d.log_prob(values[n])
+        lp, _ = observed_log_prob(f"observation {n!r}", d, values[n], layout.index_dims, checks)
         c = layout.to_factor(lp, f"observation {n!r}", [], site.plates)
         c = c.reshape(tuple(c.shape[: c.dim() - len(site.plates)]) + (-1,)).sum(-1) if site.plates else c
         log_z = c.expand(batch) if log_z is None else log_z + c
@@ -91,21 +93,24 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
                 v = v.expand(layout.template([PARTICLES], model.sites[p].plates) + tuple(v.shape[v.dim() - e:]))
                 values[p] = gather(v, anc)  # the particle dim follows the batch dims
         prior = density(f"{owner} prior", site.fn, site.parents, site.plates)
+        masked = False
         if proposal == "bootstrap":
             q = prior
         else:
             assert site.proposal is not None  # a sampled latent always has one
             q = density(f"{owner} proposal", site.proposal, site.proposal_parents, site.plates)
-            check_proposal(name, prior, q)
+            masked = check_proposal(name, prior, q, checks)
         z = q.rsample() if q.has_rsample else q.sample()
         values[name] = z
         event_dims[name] = len(q.event_shape)
-        inc = weigh(name, owner, prior.log_prob(z) - q.log_prob(z), site.plates) if q is not prior else None
+        lp = log_prob_in_support(prior, z) if masked else prior.log_prob(z)
+        inc = weigh(name, owner, lp - q.log_prob(z), site.plates) if q is not prior else None
         for n in model.observations():
             if last[n] == name:
                 obs = model.sites[n]
                 d = density(f"observation {n!r} likelihood", obs.fn, obs.parents, obs.plates)
-                f = weigh(n, f"observation {n!r}", d.log_prob(values[n]), obs.plates)
+                lp, _ = observed_log_prob(f"observation {n!r}", d, values[n], layout.index_dims, checks)
+                f = weigh(n, f"observation {n!r}", lp, obs.plates)
                 inc = f if inc is None else inc + f
         if inc is None:
             inc = torch.zeros(batch + (K,), dtype=z.dtype, device=z.device)

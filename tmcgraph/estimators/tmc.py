@@ -6,13 +6,13 @@ import math
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-from torch.distributions import Distribution
+from torch.distributions import Distribution, constraints
 
 from ..compiled import compile_function
 from ..compiled import program as compiled_program
 from ..distributed import Shard
 from ..errors import TMCError
-from ..layout import Layout
+from ..layout import Layout, as_data
 from ..model import Model
 from ..plan import Plan
 from ..trace import Trace, trace
@@ -49,6 +49,7 @@ class TMC(GraphEstimator):
             self._rng = lambda name: shard.stream(shared=plate not in model.sites[name].plates)
         self._shard_norms: Dict[tuple, float] = {}
         self._objectives: Dict[tuple, tuple] = {}  # data layout -> compiled objective (backend="compiled")
+        self._supports: Dict[tuple, Dict[str, constraints.Constraint]] = {}  # data layout -> observed supports
         sampled = [n for n in latents if not model.sites[n].enumerate]
         if isinstance(K, Mapping):
             unknown = [n for n in K if n not in latents]
@@ -89,30 +90,49 @@ class TMC(GraphEstimator):
         """:meth:`log_marginal` with sampling, factors and contraction as one ``torch.compile``'d program.
 
         The first evaluation per data layout runs eagerly (every check, the layout probes and the
-        verification of batched site groups); later ones run the program, compiled on first use.  Its
-        underflow flag is an output, checked once: where a shifted sum lost precision (or a NaN or
-        ``+inf`` appeared), the same draw's factors are contracted again by the exact eager evaluator,
-        which also names a bad factor."""
+        verification of batched site groups); later ones run the program, compiled on first use.  Every
+        call checks the data before the program runs, eagerly and with one host sync: names, NaN and
+        infinite values (:func:`~tmcgraph.layout.data_batch_shape`), and each observed value against the
+        support its likelihood had at the first evaluation.  The program returns three flags, checked
+        together after it: the underflow flag of the contraction (where a shifted sum lost precision, or a
+        NaN or ``+inf`` appeared, the same draw's factors are contracted again by the exact eager
+        evaluator), the value checks made inside it (proposal supports with tensor bounds, supports of
+        the data now), and whether it raised; when a check failed or a function raised, the evaluation
+        runs again eagerly, which raises the eager error, naming the site."""
         layout = self._layout(data)
-        key = (layout.batch, tuple(sorted((n, tuple(torch.as_tensor(v).shape), torch.as_tensor(v).dtype)
-                                          for n, v in data.items())))
+        key = (layout.batch, tuple(sorted((n, tuple(v.shape), v.dtype, v.device)
+                                          for n, v in ((n, as_data(n, v)) for n, v in data.items()))))
         entry = self._objectives.get(key)
         if entry is None:  # first evaluation of this layout: eager, with every check
             self._objectives[key] = ()
-            tr, plan, norm = self._trace(data)
-            return plan.log_sum(tr.factors) - norm
+            return self._eager_log_marginal(data, key)
         if not entry:
             entry = self._objectives[key] = self._build_objective(layout)
         fn, plan, norm, names = entry
+        if not _in_support(layout, data, self._supports[key]):
+            return self._eager_log_marginal(data, key)  # raises the eager error, naming the observation
         validate = Distribution._validate_args
         Distribution.set_default_validate_args(False)  # traced code must not sync on argument checks
         try:
-            result, ok, factors = fn(dict(data))
+            result, ok, checked, factors = fn(dict(data))
+        except Exception as err:  # a user function raised: the eager evaluation names the site
+            Distribution.set_default_validate_args(validate)
+            self._eager_log_marginal(data, key)
+            raise err  # the eager evaluation succeeded: the compiled program failed in its own right
         finally:
             Distribution.set_default_validate_args(validate)
-        if not bool(ok):  # the one host sync: redo the contraction of this draw exactly, eagerly
-            result = plan.log_sum(dict(zip(names, factors))) - norm
+        if not bool(torch.stack([ok, checked]).all()):  # the one host sync after the program
+            if not bool(checked):
+                return self._eager_log_marginal(data, key)  # raises, naming the site
+            result = plan.log_sum(dict(zip(names, factors))) - norm  # this draw, contracted exactly
         return result
+
+    def _eager_log_marginal(self, data: Mapping[str, object], key: tuple) -> torch.Tensor:
+        """The eager evaluation behind the compiled objective; records the supports the data are checked
+        against on later calls."""
+        tr, plan, norm = self._trace(data)
+        self._supports[key] = dict(tr.supports)
+        return plan.log_sum(tr.factors) - norm
 
     def _build_objective(self, layout: Layout) -> tuple:
         plan, norm = self._plan_for(tuple(layout.index_sizes.items()))
@@ -120,12 +140,16 @@ class TMC(GraphEstimator):
         run = compiled_program(plan.stages, [spec.labels for spec in plan.inputs], plan.output_labels, plan.constant)
         model, groups = self.model, self._groups
 
-        def objective(data: Dict[str, object]) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        def objective(data: Dict[str, object]
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
             tr = trace(model, layout, data, groups=groups)
             factors = [tr.factors[name] for name in names]
             result, flag = run(factors)
             bad = torch.isnan(result).any() | (result == math.inf).any()
-            return result - norm, (flag >= math.sqrt(torch.finfo(result.dtype).tiny)) & ~bad, factors
+            passed = tr.checks.passed()
+            checked = passed if passed is not None else torch.ones((), dtype=torch.bool, device=result.device)
+            ok = (flag >= math.sqrt(torch.finfo(result.dtype).tiny)) & ~bad
+            return result - norm, ok, checked, factors
 
         return compile_function(objective, "objective"), plan, norm, names
 
@@ -235,6 +259,12 @@ class TMC(GraphEstimator):
 
     def __repr__(self) -> str:
         return f"TMC(K={self.K}, plan={self.plan if self._plans else 'built at first evaluation'})"
+
+
+def _in_support(layout: Layout, data: Mapping[str, object], supports: Mapping[str, constraints.Constraint]) -> bool:
+    """Whether every observed value lies in the support recorded for it (one host sync)."""
+    flags = [c.check(layout.data_value(n, data[n])).all() for n, c in supports.items()]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def _check_shard(model: Model, shard: Optional[Shard], backend: str) -> Optional[Shard]:
