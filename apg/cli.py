@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from tmcgraph.cli import HelpFormatter, non_negative_int, positive_float, positive_int
+from tmcgraph.cli import HelpFormatter, non_negative_int, output_dir, positive_float, positive_int
 
 from . import models
 from .errors import APGError
@@ -46,7 +46,7 @@ def _add_train(sub: argparse._SubParsersAction, problem: models.Problem) -> None
     methods = list(problem.methods)
     p.add_argument("--method", choices=methods, default=methods[0],
                    help="; ".join(f"{m.name}: {m.description}" for m in problem.methods.values()))
-    p.add_argument("--out", required=True, metavar="DIR",
+    p.add_argument("--out", required=True, type=output_dir, metavar="DIR",
                    help="run directory (config.json, checkpoint.pt, metrics.csv, proposals.pt)")
 
     def method_default(flag: str, key: str, kind, help_text: str, metavar: str) -> None:
@@ -131,7 +131,8 @@ def _add_evaluate(sub: argparse._SubParsersAction, problem: models.Problem) -> N
                    help=f"directory with run directories ({', '.join(problem.methods)}) or "
                         f"{problem.name}-METHOD.pt files (default: the checkpoints shipped in the package)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--plots", default=None, metavar="DIR", help="write the figures here (needs matplotlib)")
+    p.add_argument("--plots", type=output_dir, default=None, metavar="DIR",
+                   help="write the figures here (needs matplotlib)")
     p.add_argument("--threads", type=non_negative_int, default=0, metavar="T", help="torch threads (0: default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     problem.add_evaluate_arguments(p)

@@ -39,6 +39,7 @@ from apg.models import gmm
 from apg.objectives import phi_loss
 from apg.resampling import resample
 from apg.sampler import run
+from tmcgraph.cli import output_file
 
 
 def _log_joint(x, mu, tau, c, cfg):
@@ -139,7 +140,7 @@ def main() -> None:
     ap.add_argument("--particles", type=int, default=10)
     ap.add_argument("--sweeps", type=int, default=10)
     ap.add_argument("--compiled", action="store_true", help="also time ours under torch.compile(fullgraph=True)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=output_file, default=None)
     args = ap.parse_args()
     cfg = gmm.GMMConfig()
     torch.manual_seed(0)

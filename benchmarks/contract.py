@@ -33,6 +33,7 @@ from opt_einsum import get_symbol
 
 import tmcgraph
 from tmcgraph import paths
+from tmcgraph.cli import output_file
 
 
 def chain(n: int = 20, k: int = 64) -> tmcgraph.FactorGraph:
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cotengra", action="store_true")
     parser.add_argument("--compiled", action="store_true",
                         help="also time backend='compiled' (and report its cold first calls, which compile)")
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--json", type=output_file, default=None, help="write the results here")
     args = parser.parse_args(argv)
     with_pyro = not args.no_pyro
     try:

@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 from torch.distributions import Normal
 
 import tmcgraph
+from tmcgraph.cli import output_file
 from tmcgraph.distributed import Shard
 
 
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--K", type=int, default=32)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians over rounds)")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", type=output_file, default=None, help="write the results here")
     args = p.parse_args(argv)
     results = {}
     for _ in range(args.rounds):  # interleave the configurations: the machine is shared and noisy

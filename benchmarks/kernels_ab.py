@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from contract import GRAPHS  # noqa: E402
 
 import tmcgraph._program as program  # noqa: E402
+from tmcgraph.cli import output_file  # noqa: E402
 from tmcgraph.testing import random_factors  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=list(GRAPHS))
-    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--json", type=output_file, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     rows = []
     print(f"torch {torch.__version__}, float32, medians of {args.repeats} interleaved repeats")

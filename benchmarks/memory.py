@@ -22,6 +22,8 @@ import sys
 
 from _util import write_json  # benchmarks/, the script's directory
 
+from tmcgraph.cli import output_file
+
 GRAPH_NAMES = ["chain n=20 K=64", "global+local N=1000 K=64", "appendix H N=100 K=64", "grid 6x6 K=16"]
 
 
@@ -67,7 +69,7 @@ def measure(name: str, mode: str, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", type=output_file, default=None)
     parser.add_argument("--one", nargs=2, metavar=("GRAPH", "MODE"), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.one:

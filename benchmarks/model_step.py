@@ -31,6 +31,7 @@ from _util import write_json  # benchmarks/, the script's directory
 from torch.distributions import Normal
 
 import tmcgraph
+from tmcgraph.cli import output_file
 
 
 def chain(T):
@@ -39,11 +40,13 @@ def chain(T):
     m = tmcgraph.Model()
     sd = math.sqrt(1 - 0.81)
     m.latent("z0", prior=lambda: Normal(0.0, 1.0), proposal=lambda: Normal(loc[0], log_scale[0].exp()))
-    for t in range(1, T):
-        m.latent(f"z{t}", prior=lambda prev: Normal(0.9 * prev, sd),
-                 proposal=lambda t=t: Normal(loc[t], log_scale[t].exp()), parents=[f"z{t - 1}"], proposal_parents=[])
-    for t in range(T):
-        m.observe(f"x{t}", lambda z: Normal(z, 1.0), parents=[f"z{t}"])
+    with m.batch_sites():  # the loops' functions broadcast: TMC evaluates each loop in one call
+        for t in range(1, T):
+            m.latent(f"z{t}", prior=lambda prev: Normal(0.9 * prev, sd),
+                     proposal=lambda t=t: Normal(loc[t], log_scale[t].exp()), parents=[f"z{t - 1}"],
+                     proposal_parents=[])
+        for t in range(T):
+            m.observe(f"x{t}", lambda z: Normal(z, 1.0), parents=[f"z{t}"])
     x = torch.randn(T)
     data = {f"x{t}": x[t] for t in range(T)}
     return m, data, (loc, log_scale), x
@@ -192,7 +195,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--Ks", type=int, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", type=output_file, default=None)
     parser.add_argument("--compiled", action="store_true",
                         help="also time model.compile(backend='compiled'): the whole objective compiled")
     args = parser.parse_args()

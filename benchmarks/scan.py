@@ -19,6 +19,7 @@ import torch
 from _util import write_json  # benchmarks/, the script's directory
 
 import tmcgraph
+from tmcgraph.cli import output_file
 from tmcgraph.stages import ScanStage
 
 
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--ns", type=int, nargs="+", default=[20, 50, 200])
     parser.add_argument("--Ks", type=int, nargs="+", default=[4, 16, 32, 64])
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", type=output_file, default=None)
     args = parser.parse_args()
     rows = []
     for threads in args.threads:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -261,6 +262,49 @@ positive_float = _number(float, lambda v: v > 0, "a positive number")
 probability = _number(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 
 
+def at_least(n: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``n``."""
+    return _number(int, lambda v: v >= n, f"an integer of at least {n}")
+
+
+def _nearest_existing(path: str) -> str:
+    """``path`` itself if it exists, else its nearest existing ancestor ('.' for a relative path)."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file to write (``--plot``); its folder must exist and be writable, and the path must
+    not be a folder, so a bad path is a usage error before any work is done."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected a file path such as {text.rstrip('/')}/x.png")
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.lexists(folder) else "does not exist"
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {folder!r} {what}")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {folder!r} is not writable")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """An argparse type: a folder to write into (``--plots``, ``--out``), created if missing; it must be a
+    folder if it exists, and otherwise creatable (its nearest existing ancestor a writable folder)."""
+    existing = _nearest_existing(text)
+    if os.path.lexists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    if not os.path.isdir(existing):
+        raise argparse.ArgumentTypeError(f"cannot create the folder {text!r}: {existing!r} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {text!r}: {existing!r} is not writable")
+    return text
+
+
 def list_of(item: Callable[[str], Any], what: str) -> Callable[[str], List[Any]]:
     """An argparse type: a comma-separated list of ``item`` values."""
 
@@ -329,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--sweep", action="store_true", help="vary p (and so the tree-width)")
     tw.add_argument("--ps", type=_probabilities, default=None, metavar="P,P,...",
                     help="with --sweep: the values of p (default " + ",".join(map(str, SWEEP_PS)) + ")")
-    tw.add_argument("--plot", default=None, metavar="PNG",
+    tw.add_argument("--plot", type=output_file, default=None, metavar="PNG",
                     help="with --sweep: write error and time against tree-width here (needs matplotlib)")
     tw.set_defaults(func=_treewidth)
 
@@ -343,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--seed", type=int, default=0, help="seed for the data and the samples")
     ga.add_argument("--repeats", type=positive_int, default=3, help="runs per point")
     ga.add_argument("--threads", type=positive_int, default=1, help="torch threads")
-    ga.add_argument("--plot", default=None, metavar="PNG",
+    ga.add_argument("--plot", type=output_file, default=None, metavar="PNG",
                     help="write the four panels of Fig. 7 here (needs matplotlib)")
     ga.set_defaults(func=_gaussian)
 
@@ -353,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--seed", type=int, default=0, help="seed for the data and the samples")
     dr.add_argument("--Ks", type=_positive_ints, default=None, metavar="K,K,...",
                     help="values of K for the SNR (default 1,2,4,...,64)")
-    dr.add_argument("--draws", type=positive_int, default=2000, help="gradients drawn per SNR point")
+    dr.add_argument("--draws", type=at_least(2), default=2000,
+                    help="gradients drawn per SNR point (at least 2: the SNR needs a standard deviation)")
     dr.add_argument("--at", type=probability, default=0.5,
                     help="where the SNR is measured: 0 = proposals at the prior, 1 = at the posterior marginals")
     dr.add_argument("--K", type=positive_int, default=8, help="samples per latent for training")
@@ -361,10 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--batch", type=positive_int, default=16, help="draws averaged per step")
     dr.add_argument("--lr", type=positive_float, default=0.02, help="Adam learning rate")
     dr.add_argument("--eval-every", type=positive_int, default=100, help="evaluate every this many steps")
-    dr.add_argument("--eval-draws", type=positive_int, default=2000, help="draws per evaluation")
+    dr.add_argument("--eval-draws", type=at_least(2), default=2000,
+                    help="draws per evaluation (at least 2: each mean comes with its standard error)")
     dr.add_argument("--threads", type=positive_int, default=1, help="torch threads")
-    dr.add_argument("--plot", default=None, metavar="PNG", help="write the SNR and training panels here "
-                    "(needs matplotlib)")
+    dr.add_argument("--plot", type=output_file, default=None, metavar="PNG",
+                    help="write the SNR and training panels here (needs matplotlib)")
     dr.set_defaults(func=_dregs)
     return parser
 

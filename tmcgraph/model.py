@@ -296,7 +296,8 @@ class Model:
         (data batch shape, index sizes, the data's dtypes and devices) computes every group both
         site by site and batched, and a disagreement beyond float rounding, or a batched call that
         fails, is a :class:`TMCError` naming the sites; ``verify=False`` trusts the promise from the
-        first evaluation on (no double work, as for :meth:`markov` families).
+        first evaluation on (no double work, as for :meth:`markov` families, and none of the checks
+        made site by site, such as the proposal-support rule, for the batched roles).
 
         Args:
             verify: check each new input layout once (see above).

@@ -44,6 +44,11 @@ class _Range:
     upper: _Bound
 
 
+def _dependent(c: constraints.Constraint) -> bool:
+    """``constraints.is_dependent``, which torch.compile does not trace."""
+    return isinstance(c, constraints._Dependent)
+
+
 def _unwrap(c: constraints.Constraint) -> constraints.Constraint:
     while isinstance(c, constraints.independent):
         c = c.base_constraint
@@ -92,7 +97,10 @@ def _same(a: constraints.Constraint, b: constraints.Constraint) -> Union[bool, t
     for k in va:
         x, y = va[k], vb[k]
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            verdict = verdict & (torch.as_tensor(x).detach() == torch.as_tensor(y).detach()).all()
+            try:
+                verdict = verdict & (torch.as_tensor(x).detach() == torch.as_tensor(y).detach()).all()
+            except RuntimeError:  # shapes that do not broadcast: not the same set
+                return False
         elif isinstance(x, constraints.Constraint) and isinstance(y, constraints.Constraint):
             verdict = verdict & _same(x, y)
         elif x != y:
@@ -162,7 +170,7 @@ def check_proposal(name: str, prior: Distribution, proposal: Distribution, check
         inner, outer = prior.support, proposal.support
     except NotImplementedError:
         return True
-    if inner is None or outer is None or constraints.is_dependent(inner) or constraints.is_dependent(outer):
+    if inner is None or outer is None or _dependent(inner) or _dependent(outer):
         return True
     if inner is outer:
         return False
@@ -188,10 +196,12 @@ def check_proposal(name: str, prior: Distribution, proposal: Distribution, check
 @contextlib.contextmanager
 def unvalidated(d: Distribution) -> Iterator[None]:
     """Within the block, ``d`` (and the distributions it wraps) skip torch's argument validation of values."""
-    touched = []
+    touched: List[Tuple[Distribution, object]] = []
     stack = [d]
     while stack:
         x = stack.pop()
+        if any(x is y for y, _ in touched):
+            continue
         touched.append((x, x.__dict__.get("_validate_args", _MISSING)))
         x._validate_args = False
         stack.extend(v for v in vars(x).values() if isinstance(v, Distribution))
@@ -202,7 +212,7 @@ def unvalidated(d: Distribution) -> Iterator[None]:
             if old is _MISSING:
                 del x._validate_args
             else:
-                x._validate_args = old
+                x._validate_args = bool(old)
 
 
 _MISSING = object()
@@ -215,7 +225,7 @@ def log_prob_in_support(d: Distribution, value: torch.Tensor) -> torch.Tensor:
         support = d.support
     except NotImplementedError:
         support = None
-    if support is None or constraints.is_dependent(support):
+    if support is None or _dependent(support):
         return d.log_prob(value)
     inside = support.check(value)
     with unvalidated(d):
@@ -234,7 +244,7 @@ def observed_support(d: Distribution, index_dims: List[int]) -> Optional[constra
         support = d.support
     except NotImplementedError:
         return None
-    if support is None or constraints.is_dependent(support):
+    if support is None or _dependent(support):
         return None
     base = _unwrap(support)
     e = len(d.event_shape)

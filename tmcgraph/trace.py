@@ -277,9 +277,9 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
                     f"{owner}: the likelihood has event shape {tuple(d.event_shape)} ({len(d.event_shape)} dims) "
                     f"but the observation was declared with event_dim={site.event_dim}"
                 )
-            lp, support = observed_log_prob(owner, d, values[name], layout.index_dims, checks)
-            if support is not None:
-                supports[name] = support
+            lp, checked = observed_log_prob(owner, d, values[name], layout.index_dims, checks)
+            if checked is not None:
+                supports[name] = checked
             factors[name] = layout.to_factor(lp, owner, idx, site.plates)
             if batch is not None and batch.mode("likelihood", name) == "verify":
                 verify["likelihood"][name] = factors[name]

@@ -46,18 +46,25 @@ def test_values_and_gradients_equal_eager_and_brute_force(graph):
 
 
 def test_underflow_falls_back_to_the_exact_eager_evaluation():
-    """float32 with log-factors of magnitude 1e3: the fast path underflows; the flag sends it to eager."""
+    """float32, the maxima of the two operands at different positions of the summed index: every shifted sum
+    is ``2 exp(-200)``, zero in float32, so the compiled program's own value is wrong; its flag sends the
+    evaluation to the exact eager kernels."""
     g = tmcgraph.FactorGraph()
     for name in ("i", "j", "k"):
-        g.index(name, 4)
+        g.index(name, 3 if name != "j" else 2)
     g.factor("f", ["i", "j"]).factor("h", ["j", "k"])
     plan = g.compile()
     gen = torch.Generator().manual_seed(0)
-    factors = {"f": 1000 * torch.randn(4, 4, generator=gen), "h": 1000 * torch.randn(4, 4, generator=gen)}
+    f = torch.tensor([0.0, -200.0]).expand(3, 2) + 0.1 * torch.randn(3, 2, generator=gen)
+    h = torch.tensor([[-200.0], [0.0]]).expand(2, 3) + 0.1 * torch.randn(2, 3, generator=gen)
+    factors = {"f": f, "h": h}
     exact = brute_force_log_sum(g, {k: v.double() for k, v in factors.items()})
     got = plan.log_sum(factors, backend="compiled")
+    assert abs(got.item() - exact.item()) < 1e-5 * abs(exact.item())
     assert torch.equal(got, plan.log_sum(factors))
-    assert abs(got.item() - exact.item()) < 1e-3 * abs(exact.item())
+    # power: the compiled program alone (no fallback) is far off and its flag is below the threshold
+    value, flag = plan._compiled._fn([f, h])
+    assert flag < math.sqrt(torch.finfo(torch.float32).tiny) and abs(value.item() - exact.item()) > 50
 
 
 def test_backend_errors():
@@ -155,3 +162,67 @@ def test_the_compiled_objective_falls_back_to_the_exact_contraction_of_the_same_
     finally:
         del plan.log_sum
     assert calls  # the flag tripped and the draw's factors were contracted exactly
+
+
+def _bernoulli_model():
+    from torch.distributions import Bernoulli, Normal
+
+    m = tmcgraph.Model()
+    m.latent("z", prior=lambda: Normal(0.0, 1.0), proposal=lambda: Normal(0.0, 2.0))
+    m.observe("x", lambda z: Bernoulli(logits=z))
+    return m
+
+
+def test_the_compiled_objective_checks_the_data_on_every_call():
+    """The first call per layout runs eagerly; the data of every later call are checked too (outside the
+    program), with the eager error naming the observation."""
+    est = _bernoulli_model().compile(K=4, backend="compiled")
+    assert torch.isfinite(est.log_marginal({"x": torch.tensor(1.0)}))
+    assert torch.isfinite(est.log_marginal({"x": torch.tensor(0.0)}))  # compiled
+    for bad in (0.5, 2.0, -1.0):
+        with pytest.raises(TMCError, match=r"observation 'x': the value lies outside the support \(integers in "
+                           r"\[0, 1\]\) of its likelihood Bernoulli"):
+            est.log_marginal({"x": torch.tensor(bad)})
+    for bad, what in ((math.nan, "NaN"), (math.inf, "an infinite value")):
+        with pytest.raises(TMCError, match=f"observation\\(s\\) \\['x'\\]: the observed value contains {what}"):
+            est.log_marginal({"x": torch.tensor(bad)})
+    assert torch.isfinite(est.log_marginal({"x": torch.tensor(1.0)}))  # still compiled, still right
+
+
+def test_a_user_function_that_raises_inside_the_program_gives_the_eager_error():
+    from torch.distributions import Normal
+
+    state = {"fail": False}
+
+    def likelihood(z):
+        if state["fail"]:
+            raise RuntimeError("the sensor is offline")
+        return Normal(z, 1.0)
+
+    m = tmcgraph.Model()
+    m.latent("z", prior=lambda: Normal(0.0, 1.0))
+    m.observe("x", likelihood)
+    est = m.compile(K=4, backend="compiled")
+    for _ in range(2):
+        assert torch.isfinite(est.log_marginal({"x": torch.tensor(0.3)}))
+    state["fail"] = True
+    with pytest.raises(TMCError, match="observation 'x' likelihood: the function raised RuntimeError: the sensor is "
+                       "offline"):
+        est.log_marginal({"x": torch.tensor(0.3)})
+
+
+def test_a_proposal_narrower_than_its_prior_is_refused_by_the_compiled_program_too():
+    """Tensor bounds are compared inside the program (no host sync there); a failed check sends the call to
+    the eager evaluation, which raises naming the latent."""
+    from torch.distributions import Normal, Uniform
+
+    hi = torch.tensor(2.0)
+    m = tmcgraph.Model()
+    m.latent("z", prior=lambda: Uniform(0.0, 1.0), proposal=lambda: Uniform(torch.tensor(0.0), hi))
+    m.observe("x", lambda z: Normal(z, 1.0))
+    est = m.compile(K=4, backend="compiled")
+    for _ in range(2):
+        assert torch.isfinite(est.log_marginal({"x": torch.tensor(0.5)}))
+    hi.fill_(0.5)  # the proposal now misses (0.5, 1]
+    with pytest.raises(TMCError, match="latent 'z': the proposal's support .* does not contain the prior's"):
+        est.log_marginal({"x": torch.tensor(0.5)})

@@ -143,6 +143,12 @@ def test_readme_quick_start_runs():
     (["treewidth", "--plot", "out.png"], "--plot draws the tree-width sweep: add --sweep"),
     (["treewidth", "--ps", "0.1"], "--ps gives the values of p for --sweep"),
     (["dregs", "--at", "2"], "expected a probability in [0, 1]"),
+    (["dregs", "--draws", "1"], "argument --draws: expected an integer of at least 2, got '1'"),
+    (["dregs", "--eval-draws", "1"], "argument --eval-draws: expected an integer of at least 2, got '1'"),
+    (["gaussian", "--plot", "/nonexistent-folder/x.png"], "cannot write '/nonexistent-folder/x.png': "
+     "'/nonexistent-folder' does not exist"),
+    (["gaussian", "--plot", "/dev/null/x.png"], "'/dev/null' is not a folder"),
+    (["dregs", "--plot", "/"], "'/' is a folder; expected a file path"),
 ])
 def test_bad_values_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -160,3 +166,19 @@ def test_version_and_demo_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] and abs(out["small"]["log_sum"] - out["small"]["brute_force"]) < 1e-9
     assert set(out["model"]["estimates"]) == {"tmc", "iwae", "smc"}
+
+
+@pytest.mark.parametrize("flag", ["--plots", "--out"])
+def test_apg_output_folders_are_checked_before_any_work(flag, tmp_path, capsys, monkeypatch):
+    from apg import cli as apg_cli
+
+    monkeypatch.setattr(apg_cli, "_evaluate", lambda args: pytest.fail("evaluated despite a bad path"))
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    command = ["evaluate", "gmm"] if flag == "--plots" else ["train", "gmm"]
+    for path, message in ((afile, "exists and is not a folder"), ("/dev/null/x", "'/dev/null' is not a folder"),
+                          (afile / "sub", "is not a folder")):
+        with pytest.raises(SystemExit) as stop:
+            apg_cli.main(command + [flag, str(path)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"argument {flag}" in err and message in err and "Traceback" not in err

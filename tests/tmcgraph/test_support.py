@@ -9,8 +9,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.distributions import (Bernoulli, Beta, Binomial, Categorical, Exponential, Gamma, HalfNormal,
-                                 Independent, LogNormal, Normal, Poisson, Uniform)
+from torch.distributions import (
+    Bernoulli,
+    Beta,
+    Binomial,
+    Categorical,
+    Exponential,
+    Gamma,
+    HalfNormal,
+    Independent,
+    LogNormal,
+    Normal,
+    Poisson,
+    Uniform,
+)
 
 import tmcgraph
 from tmcgraph import TMCError
@@ -26,8 +38,8 @@ def _uniform_model(prior, proposal):
 
 def _p_x_uniform(x, hi):
     """p(x) = int_0^hi U(z; 0, hi) N(x; z, 1) dz."""
-    n = Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
-    return ((n.cdf(torch.tensor(x, dtype=torch.float64)) - n.cdf(torch.tensor(x - hi, dtype=torch.float64))) / hi).item()
+    cdf = Normal(torch.tensor(0.0, dtype=torch.float64), 1.0).cdf
+    return ((cdf(torch.tensor(x, dtype=torch.float64)) - cdf(torch.tensor(x - hi, dtype=torch.float64))) / hi).item()
 
 
 def _ratio(est, x, p, n=40000):

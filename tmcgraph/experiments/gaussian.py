@@ -28,11 +28,12 @@ def chain_model(N: int, *, a: float = 0.9, obs_sd: float = 1.0) -> Model:
     m = Model()
     sd = math.sqrt(1 - a * a)
     m.latent("z0", prior=lambda: Normal(0.0, 1.0))
-    for t in range(1, N):
-        m.latent(f"z{t}", prior=lambda prev: Normal(a * prev, sd), proposal=lambda: Normal(0.0, 1.0),
-                 parents=[f"z{t - 1}"], proposal_parents=[])
-    for t in range(N):
-        m.observe(f"x{t}", lambda z: Normal(z, obs_sd), parents=[f"z{t}"])
+    with m.batch_sites():  # these functions broadcast over leading dims: TMC evaluates each loop in one call
+        for t in range(1, N):
+            m.latent(f"z{t}", prior=lambda prev: Normal(a * prev, sd), proposal=lambda: Normal(0.0, 1.0),
+                     parents=[f"z{t - 1}"], proposal_parents=[])
+        for t in range(N):
+            m.observe(f"x{t}", lambda z: Normal(z, obs_sd), parents=[f"z{t}"])
     return m
 
 

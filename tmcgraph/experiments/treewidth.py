@@ -6,6 +6,7 @@ and serialises them.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Dict
@@ -51,16 +52,21 @@ def sparse_problem(N: int = 100, p: float = 0.01, *, seed: int = 0, noise: float
     return SparseProblem(C, x, noise, exact)
 
 
-def sparse_model(problem: SparseProblem, dtype: torch.dtype = torch.float32) -> Model:
-    """The appendix H model: one latent per column, one observation per row; proposal = prior."""
+def sparse_model(problem: SparseProblem, dtype: torch.dtype = torch.float32, *, batch: str = "no") -> Model:
+    """The appendix H model: one latent per column, one observation per row; proposal = prior.
+
+    ``batch``: ``"no"`` declares the sites one by one; ``"verify"`` / ``"trust"`` declares them in
+    :meth:`Model.batch_sites` with ``verify=True`` / ``False`` (the likelihoods of observations with the
+    same number of parents are then evaluated in one call)."""
     m = Model()
     zero, one = torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype)
     N = problem.C.shape[1]
-    for j in range(N):
-        m.latent(f"z{j}", prior=lambda: Normal(zero, one))
-    for i in range(problem.C.shape[0]):
-        parents = [f"z{j}" for j in torch.nonzero(problem.C[i]).flatten().tolist()]
-        m.observe(f"x{i}", lambda *zs: Normal(sum(zs, zero), problem.noise), parents=parents)
+    with m.batch_sites(verify=batch == "verify") if batch != "no" else contextlib.nullcontext():
+        for j in range(N):
+            m.latent(f"z{j}", prior=lambda: Normal(zero, one))
+        for i in range(problem.C.shape[0]):
+            parents = [f"z{j}" for j in torch.nonzero(problem.C[i]).flatten().tolist()]
+            m.observe(f"x{i}", lambda *zs: Normal(sum(zs, zero), problem.noise), parents=parents)
     return m
 
 
