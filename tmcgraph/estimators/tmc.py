@@ -96,9 +96,9 @@ class TMC(GraphEstimator):
         support its likelihood had at the first evaluation.  The program returns three flags, checked
         together after it: the underflow flag of the contraction (where a shifted sum lost precision, or a
         NaN or ``+inf`` appeared, the same draw's factors are contracted again by the exact eager
-        evaluator), the value checks made inside it (proposal supports with tensor bounds, supports of
-        the data now), and whether it raised; when a check failed or a function raised, the evaluation
-        runs again eagerly, which raises the eager error, naming the site."""
+        evaluator) and the value checks made inside it (a proposal's support against its prior's, when
+        their bounds are tensors).  When a check failed or a function raised inside the program, the
+        evaluation runs again eagerly, which raises the eager error, naming the site."""
         layout = self._layout(data)
         key = (layout.batch, tuple(sorted((n, tuple(v.shape), v.dtype, v.device)
                                           for n, v in ((n, as_data(n, v)) for n, v in data.items()))))
