@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from . import models
 from .errors import APGError
+from .trained import load_proposals
 
 __all__ = ["SHIPPED", "evaluate", "find_checkpoint", "find_metrics"]
 
@@ -65,6 +66,12 @@ def evaluate(model: str, *, checkpoint: Optional[str] = None, options: Optional[
             if m not in problem.optional_methods:
                 raise
     metrics = {m: find_metrics(checkpoint, model, m) for m in problem.methods}
+    trained = {}
+    for m, path in checkpoints.items():
+        t = load_proposals(path)
+        if t.problem.name != model:
+            raise APGError(f"{path} holds {t.problem.name} networks, not {model} ones")
+        trained[m] = t
     if plots is not None:
         os.makedirs(plots, exist_ok=True)
-    return problem.evaluate(checkpoints, dict(options or {}), plots=plots, metrics=metrics, progress=progress)
+    return problem.evaluate(trained, dict(options or {}), plots=plots, metrics=metrics, progress=progress)

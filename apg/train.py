@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ from .errors import APGError
 from .models.base import Problem
 from .objectives import phi_loss, theta_loss
 from .sampler import Result, run
+from .trained import Trained, load_proposals
 
 __all__ = ["FLAGS", "TrainConfig", "Trained", "load_proposals", "train"]
 
@@ -128,45 +129,6 @@ class TrainConfig:
         if unknown:
             raise APGError(f"unknown training settings {unknown}")
         return cls(model=model, method=method, **{**defaults, **settings})
-
-
-class Trained(NamedTuple):
-    """Networks loaded by :func:`load_proposals`."""
-
-    problem: Problem
-    method: str
-    proposals: nn.Module
-    model: nn.Module
-
-
-def load_proposals(path: str) -> Trained:
-    """Networks saved by :func:`train`: ``DIR/proposals.pt`` (a finished run) or ``DIR/checkpoint.pt``
-    (an unfinished one; its model and method are read from ``DIR/config.json``).  ``shipped:NAME`` is the
-    checkpoint ``NAME.pt`` shipped in ``apg/checkpoints``."""
-    if path.startswith("shipped:"):
-        path = os.path.join(os.path.dirname(__file__), "checkpoints", path[len("shipped:"):] + ".pt")
-    if not os.path.exists(path):
-        raise APGError(f"no such checkpoint: {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if "state_dict" in blob:  # a proposals file (files written before models had names hold a "gmm" config)
-        name = blob.get("model", "gmm")
-        problem = models.get(name).with_config(blob.get("config", blob.get("gmm", {})))
-        method, proposal_state, model_state = blob["method"], blob["state_dict"], blob.get("model_state_dict")
-    else:
-        with open(os.path.join(os.path.dirname(path), "config.json")) as f:
-            saved = json.load(f)
-        problem = models.get(saved.get("model", "gmm"))
-        problem_path = os.path.join(os.path.dirname(path), "problem.json")
-        if os.path.exists(problem_path):
-            with open(problem_path) as f:
-                problem = problem.with_config(json.load(f))
-        method, proposal_state, model_state = saved["method"], blob["proposals"], blob.get("model")
-    proposals = problem.make_proposals(method)
-    proposals.load_state_dict(proposal_state)
-    model = problem.make_model()
-    if model_state:
-        model.load_state_dict(model_state)
-    return Trained(problem, method, proposals, model)
 
 
 def _batch(data: torch.Tensor, cfg: TrainConfig, t: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ import torch
 from opt_einsum import get_symbol
 
 from ._kernels import _plain_pair, _scratch, align, log_contract_pair, log_reduce
+from ._runners import run_scan
 from .stages import InputSpec, ProductStage, ScanStage, Stage
 
 __all__ = ["StepProgram", "lowerable"]
@@ -186,7 +187,7 @@ class _State:
 
 @dataclass(frozen=True)
 class _Scan:
-    """A scan stage (:func:`tmcgraph.plan.run_scan`, exact kernels) on inputs ``srcs`` laid out as ``targets``
+    """A scan stage (:func:`tmcgraph._runners.run_scan`, exact kernels) on inputs ``srcs`` laid out as ``targets``
     (the data-batch labels first)."""
 
     stage: ScanStage
@@ -195,8 +196,6 @@ class _Scan:
     targets: Tuple[str, ...]
 
     def run(self, env: List, tensors: Sequence[torch.Tensor], k: int, st: "_State") -> torch.Tensor:
-        from .plan import run_scan
-
         operands = [align(env[src], lab, target) for src, lab, target in zip(self.srcs, self.labels, self.targets)]
         return run_scan(self.stage, operands)
 

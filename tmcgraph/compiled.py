@@ -29,8 +29,8 @@ import torch
 from torch.distributions import Distribution
 
 from ._kernels import align, log_product, log_reduce, shifted_sum
+from ._runners import run_scan, run_steps
 from .errors import TMCError
-from .plan import run_scan, run_steps
 from .stages import EinsumStage, ProductStage, ScanStage, Stage
 
 __all__ = ["BACKENDS", "CompiledProgram", "check_backend", "compile_function", "program"]

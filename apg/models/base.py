@@ -21,7 +21,7 @@ from ..errors import APGError
 from ..sampler import Result, Sampler
 
 if TYPE_CHECKING:
-    from ..train import Trained
+    from ..trained import Trained
 
 __all__ = ["Method", "Problem"]
 
@@ -126,12 +126,13 @@ class Problem(ABC):
         """Add the model's ``apg evaluate NAME`` options."""
 
     @abstractmethod
-    def evaluate(self, checkpoints: Dict[str, str], options: Mapping[str, Any], *, plots: Optional[str],
+    def evaluate(self, trained: Dict[str, "Trained"], options: Mapping[str, Any], *, plots: Optional[str],
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
         """Evaluate trained proposals.
 
         Args:
-            checkpoints: method -> proposals file.
+            trained: method -> its loaded networks (:func:`apg.trained.load_proposals`; each of this
+                model, checked by the caller).
             options: the model's evaluation options (``apg evaluate NAME`` flags,
                 by their ``dest``; missing ones take their defaults).
             plots: a directory for figures, or ``None``.

@@ -139,7 +139,7 @@ def test_evaluation_plots(tmp_path):
     problem = _problem()
     run_dir = tmp_path / "apg"
     train(str(run_dir), _cfg(iterations=2, log_every=1), progress=False, problem=problem)
-    out = evaluate_bmnist({"apg": str(run_dir / "proposals.pt")},
+    out = evaluate_bmnist({"apg": load_proposals(str(run_dir / "proposals.pt"))},
                           {"frames": [3, 5], "digits": [2], "videos": 2, "particles": 2, "sweeps": [1, 2]},
                           plots=str(tmp_path / "figs"), metrics={"apg": str(run_dir / "metrics.csv")},
                           progress=False)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from ..errors import TMCError
-from ..model import Model
 from .base import PARTICLES, GraphEstimator, check_k, enumerated_size
+
+if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
+    from ..model import Model
 
 __all__ = ["IWAE", "iwae"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch.distributions import Distribution, constraints
@@ -13,12 +13,14 @@ from ..compiled import program as compiled_program
 from ..distributed import Shard
 from ..errors import TMCError
 from ..layout import Layout, as_data
-from ..model import Model
 from ..plan import Plan
 from ..trace import Trace, trace
 from . import dregs
 from .base import GraphEstimator, check_k, enumerated_size
 from .posterior import Posterior
+
+if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
+    from ..model import Model
 
 __all__ = ["TMC"]
 

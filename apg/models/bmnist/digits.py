@@ -15,13 +15,13 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ...errors import APGError
 
-__all__ = ["MNIST_FILES", "load_digits", "mnist", "read_idx", "sklearn_digits"]
+__all__ = ["MNIST_FILES", "load_digits", "mnist", "read_idx", "sklearn_digits", "split_digits"]
 
 #: the standard names of MNIST's training images, in the order they are looked for
 MNIST_FILES = ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "train-images.idx3-ubyte")
@@ -85,3 +85,9 @@ def load_digits(size: int, mnist_dir: Optional[str] = None) -> torch.Tensor:
         images = torch.nn.functional.interpolate(images.unsqueeze(1), size=(size, size), mode="bilinear",
                                                  align_corners=False, antialias=True).squeeze(1).clamp(0, 1)
     return images.contiguous()
+
+
+def split_digits(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(train, test)``: the digit images without and with their last sixth (held out for evaluation)."""
+    n_test = max(1, images.shape[0] // 6)
+    return images[:-n_test], images[-n_test:]

@@ -2,11 +2,11 @@
 paper (Wu et al., ICML 2020), on videos longer and with more digits than in training.
 
 For every video length T and digit count D asked for, ``num_videos`` held-out videos are simulated from
-the held-out digit images (:func:`.problem.split_digits`) with ``seed``; the APG sampler runs ``max(sweeps)``
+the held-out digit images (:func:`.digits.split_digits`) with ``seed``; the APG sampler runs ``max(sweeps)``
 sweeps with L particles, and after each sweep K in ``sweeps`` the reconstruction is scored:
 
 * ``mse``: the mean over videos, frames and pixels of ``(x - x_hat)^2``, where ``x_hat`` is the
-  posterior-mean reconstruction (:func:`.problem.posterior_reconstruction`: the particles' Bernoulli
+  posterior-mean reconstruction (:func:`.model.posterior_reconstruction`: the particles' Bernoulli
   means averaged with their normalised weights after sweep K; K = 1 is the one-shot proposal).
 * ``mse_blank``: the same for an empty reconstruction (``x_hat = 0``, i.e. the mean of ``x^2``): a scale
   for ``mse`` (a sampler that explains nothing scores about this).
@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,9 +30,14 @@ from tmcgraph.plots import pyplot
 from ...errors import APGError
 from ...sampler import run
 from ..common import option, save_figure, training_curves
-from .model import DigitDecoder
+from .digits import split_digits
+from .model import DigitDecoder, posterior_reconstruction
 from .networks import BMNISTProposals
 from .simulate import simulate
+
+if TYPE_CHECKING:
+    from ...trained import Trained
+    from .problem import BMNISTProblem
 
 __all__ = ["EvalConfig", "add_arguments", "evaluate_bmnist", "format_table", "mse_rows"]
 
@@ -81,8 +86,6 @@ def mse_rows(problem: Any, nets: BMNISTProposals, decoder: DigitDecoder, frames:
              one_shot: bool = False) -> Tuple[List[Dict[str, Any]], Any]:
     """MSE after each sweep count in ``sweeps`` on ``frames (B, T, H, H)``: rows
     ``{"sweeps", "mse", "mse_blank"}`` and the :class:`apg.sampler.Result` (states after every sweep)."""
-    from .problem import posterior_reconstruction
-
     T = frames.shape[-3]
     sampler = problem.sampler(nets, decoder, num_digits=num_digits, num_frames=T, one_shot=one_shot)
     K = 1 if one_shot else max(sweeps)
@@ -101,12 +104,13 @@ def mse_rows(problem: Any, nets: BMNISTProposals, decoder: DigitDecoder, frames:
     return rows, res
 
 
-def evaluate_bmnist(checkpoints: Dict[str, str], options: Mapping[str, Any], *, plots: Optional[str],
+def evaluate_bmnist(trained: Dict[str, "Trained"], options: Mapping[str, Any], *, plots: Optional[str],
                     metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
     """Fig. 4's MSE table (and Figs. 3-4 as PNGs when ``plots`` names a directory).
 
     Args:
-        checkpoints: method (``"apg"``, optionally ``"rws"``) -> proposals file.
+        trained: method (``"apg"``, optionally ``"rws"``) -> its loaded bmnist networks
+            (:func:`apg.trained.load_proposals`).
         options: ``apg evaluate bmnist``'s options by ``dest`` (see :func:`add_arguments`).
         plots: a directory for ``fig4.png``, ``fig3-D{D}.png`` and ``training.png``.
         metrics: method -> its training metrics.csv (for the training curves).
@@ -118,19 +122,11 @@ def evaluate_bmnist(checkpoints: Dict[str, str], options: Mapping[str, Any], *, 
     """
     from tqdm.auto import tqdm
 
-    from ...train import load_proposals
-    from .problem import BMNISTProblem, split_digits
-
-    trained = {}
-    for method, path in checkpoints.items():
-        t = load_proposals(path)
-        if not isinstance(t.problem, BMNISTProblem):
-            raise APGError(f"{path} holds {t.problem.name} networks, not bmnist ones")
+    for t in trained.values():
         assert isinstance(t.proposals, BMNISTProposals) and isinstance(t.model, DigitDecoder)
-        trained[method] = t
     if "apg" not in trained:
         raise APGError("no apg checkpoint to evaluate")
-    problem: BMNISTProblem = trained["apg"].problem  # type: ignore[assignment]
+    problem: "BMNISTProblem" = trained["apg"].problem  # type: ignore[assignment]
     mnist_dir = option(options, "mnist_dir", None)
     if mnist_dir is not None:
         problem = problem.with_config({**problem.config(), "mnist_dir": mnist_dir})

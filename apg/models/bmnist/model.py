@@ -28,9 +28,11 @@ from torch.distributions import Bernoulli, Independent, Normal
 
 from tmcgraph import JointDensity, Model
 
+from ...sampler import Result
 from .simulate import BMNISTConfig, place
 
 __all__ = ["BMNISTDensity", "DigitDecoder", "WHAT_DIM", "WHERE_STEP", "bmnist_model", "frames_to_data",
+           "posterior_reconstruction",
            "log_joint", "reconstruct"]
 
 #: the digit code's size (appendix E)
@@ -169,3 +171,15 @@ class BMNISTDensity:
         if key not in self._blankets:
             self._blankets[key] = d.blanket([variable])
         return d.log_prob(self._state(state), self._frames(frames), sites=self._blankets[key])
+
+
+def posterior_reconstruction(decoder: DigitDecoder, result: Result, canvas: int) -> torch.Tensor:
+    """The frames' reconstruction ``(*B, T, H, H)`` under the final particles of ``result``: each particle's
+    Bernoulli means averaged with its normalised importance weight (a posterior mean; the official code
+    averages resampled particles, the same in expectation)."""
+    state = result.state
+    w = torch.softmax(result.log_weights, -1)  # (*B, L)
+    with torch.no_grad():
+        where = state["where"].transpose(-2, -3)  # (*B, L, T, D, 2)
+        recon = reconstruct(decoder, state["what"].unsqueeze(-3), where, canvas)  # (*B, L, T, H, H)
+    return (w[..., None, None, None] * recon).sum(-4)

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ...sampler import Result, Sampler
 from ..base import Method, Problem
-from .digits import load_digits
-from .model import DigitDecoder, reconstruct
+from .digits import load_digits, split_digits
+from .model import DigitDecoder, posterior_reconstruction
 from .networks import BMNISTProposals
 from .sampler import apg_sampler
 from .simulate import CPU, PROFILES, BMNISTConfig, Videos
+
+if TYPE_CHECKING:
+    from ...trained import Trained
 
 __all__ = ["BMNISTProblem", "BMNISTSettings", "CPU_TRAIN", "posterior_reconstruction", "split_digits"]
 
@@ -57,24 +60,6 @@ class BMNISTSettings:
         return cls(profile=BMNISTConfig(**d.get("profile", {})), mnist_dir=d.get("mnist_dir", ""),
                    proposal_hidden=tuple(d.get("proposal_hidden", (200, 100))),  # type: ignore[arg-type]
                    decoder_hidden=tuple(d.get("decoder_hidden", (100, 200))))  # type: ignore[arg-type]
-
-
-def split_digits(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(train, test)``: the digit images without and with their last sixth (held out for evaluation)."""
-    n_test = max(1, images.shape[0] // 6)
-    return images[:-n_test], images[-n_test:]
-
-
-def posterior_reconstruction(decoder: DigitDecoder, result: Result, canvas: int) -> torch.Tensor:
-    """The frames' reconstruction ``(*B, T, H, H)`` under the final particles of ``result``: each particle's
-    Bernoulli means averaged with its normalised importance weight (a posterior mean; the official code
-    averages resampled particles, the same in expectation)."""
-    state = result.state
-    w = torch.softmax(result.log_weights, -1)  # (*B, L)
-    with torch.no_grad():
-        where = state["where"].transpose(-2, -3)  # (*B, L, T, D, 2)
-        recon = reconstruct(decoder, state["what"].unsqueeze(-3), where, canvas)  # (*B, L, T, H, H)
-    return (w[..., None, None, None] * recon).sum(-4)
 
 
 class BMNISTProblem(Problem):
@@ -158,11 +143,11 @@ class BMNISTProblem(Problem):
 
         add_arguments(parser)
 
-    def evaluate(self, checkpoints: Dict[str, str], options: Mapping[str, Any], *, plots: Optional[str],
+    def evaluate(self, trained: Dict[str, "Trained"], options: Mapping[str, Any], *, plots: Optional[str],
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
         from .evaluation import evaluate_bmnist
 
-        return evaluate_bmnist(checkpoints, options, plots=plots, metrics=metrics, progress=progress)
+        return evaluate_bmnist(trained, options, plots=plots, metrics=metrics, progress=progress)
 
     def format(self, out: Dict[str, Any]) -> str:
         from .evaluation import format_table

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from typing import Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
 from tmcgraph.cli import positive_int
 
-from ...errors import APGError
 from ...sampler import Result, Sampler
 from ..base import Method, Problem
+
+if TYPE_CHECKING:
+    from ...trained import Trained
 from ..common import add_sampler_arguments, option
 from .data import PAPER, DGMMConfig, simulate
 from .model import DGMMDensity, LocalKernel, MuKernel, apg_sampler, dgmm_model, exact_sampler, log_joint, pick
@@ -99,19 +101,15 @@ class DGMMProblem(Problem):
         parser.add_argument("--points", type=positive_int, default=d.num_points, metavar="N",
                             help="points per test dataset")
 
-    def evaluate(self, checkpoints: Dict[str, str], options: Mapping[str, Any], *, plots: Optional[str],
+    def evaluate(self, trained: Dict[str, "Trained"], options: Mapping[str, Any], *, plots: Optional[str],
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
-        from ...train import load_proposals
         from .evaluation import EvalConfig, evaluate_dgmm
 
         d = EvalConfig()
-        trained = {}
-        for method, path in checkpoints.items():
-            t = load_proposals(path)
-            if t.problem.name != "dgmm":
-                raise APGError(f"{path} holds {t.problem.name} networks, not dgmm ones")
+        nets = {}
+        for method, t in trained.items():
             assert isinstance(t.proposals, DGMMProposals) and isinstance(t.model, Decoder)
-            trained[method] = (t.proposals, t.model)
+            nets[method] = (t.proposals, t.model)
 
         def get(key: str, default: Any) -> Any:
             return option(options, key, default)
@@ -120,7 +118,7 @@ class DGMMProblem(Problem):
                          apg_particles=get("particles", d.apg_particles),
                          rws_particles=get("rws_particles", d.rws_particles), sweeps=tuple(get("sweeps", d.sweeps)),
                          num_points=get("points", d.num_points))
-        return evaluate_dgmm(trained, cfg, plots=plots, metrics=metrics, progress=progress)
+        return evaluate_dgmm(nets, cfg, plots=plots, metrics=metrics, progress=progress)
 
     def format(self, out: Dict[str, Any]) -> str:
         from .evaluation import format_table

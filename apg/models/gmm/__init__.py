@@ -26,7 +26,7 @@ from tmcgraph.cli import positive_float, positive_int
 from ...errors import APGError
 
 if TYPE_CHECKING:
-    from ...train import Trained
+    from ...trained import Trained
 from ...sampler import Result, Sampler
 from ..base import Method, Problem
 from ..common import add_sampler_arguments, option
@@ -157,10 +157,8 @@ class GMMProblem(Problem):
                             help="with --plots: the values of K in Fig. 2 (default "
                                  f"{' '.join(map(str, d.budget_sweeps))})")
 
-    def evaluate(self, checkpoints: Dict[str, str], options: Mapping[str, Any], *, plots: Optional[str],
+    def evaluate(self, trained: Dict[str, "Trained"], options: Mapping[str, Any], *, plots: Optional[str],
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
-        from ...train import load_proposals
-
         d = EvalConfig()
         if plots is None:
             given = [flag for flag, key in (("--budget", "budget"), ("--budget-sweeps", "budget_sweeps"))
@@ -168,8 +166,8 @@ class GMMProblem(Problem):
             if given:
                 raise APGError(f"{' and '.join(given)} set(s) up Fig. 2, which is drawn only with --plots DIR")
         nets = {}
-        for method, path in checkpoints.items():
-            loaded = load_proposals(path).proposals
+        for method, t in trained.items():
+            loaded = t.proposals
             assert isinstance(loaded, GMMProposals)
             nets[method] = loaded
 
