@@ -17,13 +17,12 @@ import importlib.util
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
-import torch
-
-from . import plots
-from .graph import FactorGraph
-from .testing import brute_force_log_sum, random_factors
+# torch and the engine are imported by the commands that use them: `tmcgraph --help` and the argparse
+# types that apg shares load neither
+if TYPE_CHECKING:
+    from .graph import FactorGraph
 
 __all__ = ["HelpFormatter", "build_parser", "demo", "demo_graph", "list_of", "main", "non_negative_int",
            "positive_float", "positive_int", "probability"]
@@ -36,6 +35,8 @@ def demo_graph(*, num_data: int, num_theta: int, num_z: int, num_loop: int) -> F
     a likelihood factor per data point), plus a loop of three latents a-b-c that
     all depend on theta (a Fig. 5 style loopy factor graph).
     """
+    from .graph import FactorGraph
+
     g = FactorGraph()
     g.plate("N", num_data)
     g.index("theta", num_theta)
@@ -53,6 +54,10 @@ def demo_graph(*, num_data: int, num_theta: int, num_z: int, num_loop: int) -> F
 def demo(*, seed: int = 0, scale: float = 3.0, num_data: int = 1000, K: int = 64) -> Dict[str, Any]:
     """The demo's numbers: a small graph against brute force, the same structure at scale, and a declared
     model's TMC / IWAE / SMC estimates and posterior mean against the closed form."""
+    import torch
+
+    from .testing import brute_force_log_sum, random_factors
+
     torch.manual_seed(seed)
     small = demo_graph(num_data=3, num_theta=4, num_z=3, num_loop=3)
     factors = random_factors(small, seed=seed, scale=scale)
@@ -75,6 +80,7 @@ def demo(*, seed: int = 0, scale: float = 3.0, num_data: int = 1000, K: int = 64
 
 def _demo_model(seed: int) -> Dict[str, Any]:
     """A declared model (global mu, local z_i, x_i): TMC, IWAE and SMC against the closed form."""
+    import torch
     from torch.distributions import MultivariateNormal, Normal
 
     from .estimators import iwae, smc
@@ -131,6 +137,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _threads(n: int) -> None:
+    import torch
+
     torch.set_num_threads(n)
 
 
@@ -173,13 +181,16 @@ def _treewidth(args: argparse.Namespace) -> int:
             tmc_s = "" if r["tmc"] is None else f"{r['tmc_seconds']:.2f}"
             print(f"{r['p']:>6} {r['treewidth']:>3} {r['exact']:>9.2f} {tmc:>9} {tmc_s:>7} {r['iwae']:>11.2f} "
                   f"{r['iwae_seconds']:>7.2f}")
-    _maybe_plot(plots.plot_sweep, rows, args)
+    _maybe_plot("plot_sweep", rows, args)
     return 0
 
 
-def _maybe_plot(draw, results, args: argparse.Namespace) -> None:
+def _maybe_plot(draw: str, results, args: argparse.Namespace) -> None:
+    """``tmcgraph.plots.<draw>(results, args.plot)`` when ``--plot`` was given."""
     if args.plot:
-        draw(results, args.plot)
+        from . import plots
+
+        getattr(plots, draw)(results, args.plot)
         if not args.json:
             print(f"plot written to {args.plot}")
 
@@ -201,7 +212,7 @@ def _gaussian(args: argparse.Namespace) -> int:
                 print(f"{r['N']:>5} {r['K']:>5} {r['exact']:>10.2f} {r['tmc']:>10.2f} {r['smc']:>10.2f} "
                       f"{r['iwae']:>10.2f} {r['tmc_seconds']:>8.4f} {r['smc_seconds']:>8.4f} "
                       f"{r['iwae_seconds']:>8.4f}")
-    _maybe_plot(plots.plot_gaussian, out, args)
+    _maybe_plot("plot_gaussian", out, args)
     return 0
 
 
@@ -231,7 +242,7 @@ def _dregs(args: argparse.Namespace) -> int:
         print(f"{'gradient':<16}" + "".join(f"{'step ' + str(s):>16}" for s in steps))
         for name, curve in out["training"].items():
             print(f"{name:<16}" + "".join(f"{c['log_marginal']:>9.3f} +-{c['log_marginal_se']:.3f}" for c in curve))
-    _maybe_plot(plots.plot_dregs, out, args)
+    _maybe_plot("plot_dregs", out, args)
     return 0
 
 

@@ -182,3 +182,24 @@ def test_apg_output_folders_are_checked_before_any_work(flag, tmp_path, capsys, 
             apg_cli.main(command + [flag, str(path)])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and f"argument {flag}" in err and message in err and "Traceback" not in err
+
+
+def test_help_does_not_import_torch():
+    """``tmcgraph --help`` (and ``--version``, and a usage error) answer without importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tmcgraph.cli import main\nfor argv in (['--help'], ['treewidth', '--help'], "
+            "['--version'], ['gaussian', '--K', '0']):\n    try:\n        main(argv)\n    except SystemExit:\n"
+            "        pass\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_public_names_load_on_first_use():
+    import tmcgraph
+
+    assert set(tmcgraph.__all__) <= set(dir(tmcgraph))
+    assert tmcgraph.Model is tmcgraph.model.Model and tmcgraph.testing.brute_force_log_sum
+    with pytest.raises(AttributeError, match="module 'tmcgraph' has no attribute 'nothing'"):
+        tmcgraph.nothing  # noqa: B018
