@@ -19,7 +19,8 @@ does not depend on values:
   operands sit at far-apart positions) is one reduction per step whose results are
   checked together, once per evaluation.  When it trips, the evaluation is rerun with
   the exact, repairing kernels of :mod:`tmcgraph._kernels` from the first affected step
-  on (and those steps stay exact for the next few evaluations), so results are exact;
+  on (and, for a caller that passes a :class:`RunState`, those steps stay exact for its
+  next few evaluations), so results are exact;
   A slice that is ``-inf`` throughout (a structural zero) trips it too;
 * with autograd, the whole program is one :class:`torch.autograd.Function`
   (:class:`_PlanFunction`): its forward saves each step's exponential blocks, its backward
@@ -31,6 +32,7 @@ does not depend on values:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -41,7 +43,7 @@ from ._kernels import _plain_pair, _scratch, align, log_contract_pair, log_reduc
 from ._runners import run_scan
 from .stages import InputSpec, ProductStage, ScanStage, Stage
 
-__all__ = ["StepProgram", "lowerable"]
+__all__ = ["RunState", "StepProgram", "lowerable"]
 
 _BATCH_SYMBOL_BASE = 300_000  # labels of data-batch dims (the compiler's labels are far below)
 #: no-grad steps write the exponentials of operands at least this large (32 MB in float32) into reused
@@ -340,8 +342,39 @@ class _PlanFunction(torch.autograd.Function):
         return (None, *program._backward(grad, tensors, needed, ctx.saved))
 
 
+class RunState:
+    """The eager evaluator's adaptive state, owned by the caller (an estimator holds one), not by a plan.
+
+    After an evaluation of a step program tripped the underflow check, the next evaluations of that program
+    by the same caller (``_EXACT_STICKY`` of them) run the affected steps exactly from the start, which saves
+    the fast pass that would trip again.  Plans and their programs are shared (the compiler caches plans by
+    structure), so this state lives with the caller: which kernels run never depends on another model's
+    evaluations.  The results are exact either way; only the work differs.
+    """
+
+    def __init__(self) -> None:
+        self._sticky: "weakref.WeakKeyDictionary[StepProgram, List[int]]" = weakref.WeakKeyDictionary()
+
+    def exact_from(self, program: "StepProgram") -> Optional[int]:
+        """The first pair ``program`` runs exactly in this evaluation (``None``: the fast path); counts it."""
+        entry = self._sticky.get(program)
+        if entry is None or entry[1] <= 0:
+            return None
+        entry[1] -= 1
+        return entry[0]
+
+    def tripped(self, program: "StepProgram", first: int) -> None:
+        """``program`` tripped at pair ``first``: run from there exactly for the next evaluations."""
+        self._sticky[program] = [first, _EXACT_STICKY]
+
+    def left(self, program: "StepProgram") -> int:
+        """How many more evaluations of ``program`` start exactly."""
+        entry = self._sticky.get(program)
+        return 0 if entry is None else max(entry[1], 0)
+
+
 class StepProgram:
-    """A plan's stages lowered for one tuple of input shapes (see the module docstring).
+    """A plan's stages lowered for one tuple of input shapes (see the module docstring); immutable once built.
 
     Args:
         stages: the plan's stages (:func:`lowerable`).
@@ -466,8 +499,6 @@ class StepProgram:
         self._whole_plan = not any(isinstance(instr, _Scan) for instr in program)  # scans: per-step autograd
         self._shapes = [tuple(sizes[c] for c in lab) for lab in labels]
         self._uses = self._last_uses()
-        self._exact_from: Optional[int] = None  # first pair run exactly (after a trip), and for how long
-        self._exact_left = 0
 
     def _last_uses(self) -> List[Tuple[int, ...]]:
         """Per instruction, the values it consumes for the last time (freed right after it)."""
@@ -478,11 +509,12 @@ class StepProgram:
                 last[src] = k
         return [tuple(src for src in ss if last[src] == k) for k, ss in enumerate(srcs)]
 
-    def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The plan's value, exact (see the module docstring); ``(*batch, *output)``."""
-        exact_from = self._exact_from if self._exact_left > 0 else None
-        if exact_from is not None:
-            self._exact_left -= 1
+    def __call__(self, tensors: Sequence[torch.Tensor], state: Optional["RunState"] = None) -> torch.Tensor:
+        """The plan's value, exact (see the module docstring); ``(*batch, *output)``.
+
+        ``state``: the caller's :class:`RunState` (which steps to run exactly after a trip); ``None``: this
+        evaluation decides alone."""
+        exact_from = state.exact_from(self) if state is not None else None
         if (exact_from is None and self._whole_plan and torch.is_grad_enabled()
                 and any(t.requires_grad for t in tensors)):
             value, flags = _PlanFunction.apply(self, *tensors)
@@ -495,7 +527,8 @@ class StepProgram:
             bad = ~(flags >= math.sqrt(torch.finfo(result.dtype).tiny))
             if bool(bad.any()):  # the one host sync per evaluation
                 first = int(bad.nonzero()[0, 0])
-                self._exact_from, self._exact_left = first, _EXACT_STICKY
+                if state is not None:
+                    state.tripped(self, first)
                 result, _ = self._evaluate(tensors, first)
         return result
 

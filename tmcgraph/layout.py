@@ -317,19 +317,25 @@ def data_batch_shape(model: Model, data: Mapping[str, object]) -> Tuple[int, ...
     if unknown:
         raise TMCError(f"value(s) given for {unknown}, which are not observations; observations: {obs}")
     shapes: List[Tuple[int, ...]] = []
-    flags: List[Tuple[str, torch.Tensor]] = []
+    floating: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
     for n in obs:
         site = model.sites[n]
         v = as_data(n, data[n])
         shapes.append(tuple(v.shape[: max(0, v.dim() - len(site.plates) - site.event_dim)]))
         if v.is_floating_point() or v.is_complex():
-            flags.append((n, ~torch.isfinite(v).all()))
-    # one sync for all of them; skipped inside torch.compile'd code (the compiled objective checks the data
-    # before it runs the program)
-    checked = flags and not torch.compiler.is_compiling()
-    if checked and bool(torch.stack([f.to("cpu") for _, f in flags]).any()):
-        bad = [n for n, f in flags if bool(f)]
-        what = ["NaN" if bool(torch.isnan(as_data(n, data[n])).any()) else "an infinite value" for n in bad]
+            floating.setdefault((v.dtype, v.device), []).append(v.reshape(-1))
+    # all values of one dtype and device in one isfinite, and one sync for all of them; skipped inside
+    # torch.compile'd code (the compiled objective checks the data before it runs the program)
+    if floating and not torch.compiler.is_compiling():
+        finite = [torch.isfinite(torch.cat(vs) if len(vs) > 1 else vs[0]).all().cpu() for vs in floating.values()]
+        ok = bool(torch.stack(finite).all()) if len(finite) > 1 else bool(finite[0])
+    else:
+        ok = True
+    if not ok:
+        values = {n: as_data(n, data[n]) for n in obs}
+        bad = [n for n, v in values.items() if (v.is_floating_point() or v.is_complex())
+               and not bool(torch.isfinite(v).all())]
+        what = ["NaN" if bool(torch.isnan(values[n]).any()) else "an infinite value" for n in bad]
         raise TMCError(f"observation(s) {bad}: the observed value contains {' or '.join(sorted(set(what)))}; a "
                        "missing observation must be removed from the data, not marked with NaN, and an observed "
                        "value must be finite")

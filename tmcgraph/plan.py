@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -17,12 +18,12 @@ import torch
 from opt_einsum import paths as oe_paths
 
 from ._kernels import log_product, log_reduce
-from ._program import StepProgram, lowerable
+from ._program import RunState, StepProgram, lowerable
 from ._runners import run_scan, run_steps
 from .errors import TMCError
 from .stages import EinsumStage, InputSpec, ProductStage, ScanStage, Stage
 
-__all__ = ["Plan", "StepInfo", "check_operands", "check_result", "run_scan", "run_steps"]
+__all__ = ["Plan", "RunState", "StepInfo", "check_operands", "check_result", "run_scan", "run_steps"]
 
 _STACK_LABEL = opt_einsum.get_symbol(100_000)
 _MAX_PROGRAMS = 64  # step programs kept per plan (one per distinct input shapes)
@@ -115,7 +116,8 @@ class Plan:
         self._slicer = slicer  # batch elements -> stages sliced for memory_limit (the compiler's planner)
         self._compiled: Optional[Callable[[Sequence[torch.Tensor]], Optional[torch.Tensor]]] = None
         self._lowerable = lowerable(stages)
-        self._programs: Dict[Tuple[Tuple[int, ...], ...], StepProgram] = {}  # per input shapes
+        # the lowered programs, per input shapes: pure functions of the structure and the shapes (no state)
+        self._programs: "OrderedDict[Tuple[Tuple[int, ...], ...], StepProgram]" = OrderedDict()
         self._input_index = {spec.name: k for k, spec in enumerate(inputs)}
         self.steps, self.path = self._trace()
         self.flops = sum(step.flops for step in self.steps)
@@ -237,8 +239,11 @@ class Plan:
         raise TMCError(f"plate {plate!r} is not in this plan; its plates and indices: {sorted(self._names.values())}")
 
     def run(self, tensors: Sequence[torch.Tensor], *,
-            plate_reduce: Optional[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = None) -> torch.Tensor:
+            plate_reduce: Optional[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = None,
+            state: Optional[RunState] = None) -> torch.Tensor:
         """Evaluate on already validated tensors, in input order (no checks).
+
+        ``state``: the caller's :class:`~tmcgraph._program.RunState` (see :meth:`log_sum`).
 
         ``plate_reduce=(plate, fn)`` applies ``fn`` to every value right after
         ``plate`` has been multiplied out of it (a plate product: a sum of
@@ -249,10 +254,12 @@ class Plan:
             key = tuple(tuple(t.shape) for t in tensors)
             program = self._programs.get(key)
             if program is None:
-                if len(self._programs) >= _MAX_PROGRAMS:
-                    self._programs.clear()
+                if len(self._programs) >= _MAX_PROGRAMS:  # least recently used first
+                    self._programs.popitem(last=False)
                 program = self._programs[key] = StepProgram(self.stages, self.inputs, self.output_labels, key)
-            value = program(tensors)
+            else:
+                self._programs.move_to_end(key)
+            value = program(tensors, state)
             return value + self.constant if self.constant else value
         values: List[torch.Tensor] = list(tensors)
         batch = torch.broadcast_shapes(*(t.shape[: t.dim() - len(s.labels)] for t, s in zip(tensors, self.inputs)))
@@ -280,7 +287,8 @@ class Plan:
         return result + self.constant if self.constant else result
 
     def log_sum(self, factors: Mapping[str, torch.Tensor], *, backend: str = "eager",
-                plate_reduce: Optional[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = None) -> torch.Tensor:
+                plate_reduce: Optional[Tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = None,
+                state: Optional[RunState] = None) -> torch.Tensor:
         """``log sum_{index copies} exp(sum of factor copies)``.
 
         Args:
@@ -292,6 +300,11 @@ class Plan:
                 where precision could be lost).
             plate_reduce: ``(plate, fn)``: apply ``fn`` to every value right after
                 ``plate`` is multiplied out of it (see :meth:`run`; eager only).
+            state: a :class:`~tmcgraph._program.RunState` the caller keeps across its
+                evaluations (eager only): after the fast path lost precision on one, the
+                next few start with the exact kernels where it did.  ``None``: every
+                evaluation decides alone.  The values are exact either way, and a plan
+                (shared by every graph of its structure) holds no such state.
 
         Returns:
             tensor ``(*batch,)``: differentiable, ``-inf`` where every term has zero
@@ -318,11 +331,14 @@ class Plan:
         tensors = check_operands(tensors, self.inputs)
         if plate_reduce is not None and backend == "compiled":
             raise TMCError("plate_reduce (sharded evaluation) runs on the eager backend only")
-        result = self._run_compiled(tensors) if backend == "compiled" else self.run(tensors, plate_reduce=plate_reduce)
+        if backend == "compiled":
+            result = self._run_compiled(tensors, state)
+        else:
+            result = self.run(tensors, plate_reduce=plate_reduce, state=state)
         check_result(result, tensors, self.inputs)
         return result
 
-    def _run_compiled(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _run_compiled(self, tensors: Sequence[torch.Tensor], state: Optional[RunState] = None) -> torch.Tensor:
         if self.memory_limit is not None:
             raise TMCError("backend='compiled' evaluates unsliced: compile the plan without memory_limit")
         if self._compiled is None:
@@ -331,7 +347,7 @@ class Plan:
             self._compiled = CompiledProgram(self.stages, [s.labels for s in self.inputs], self.output_labels,
                                              self.constant)
         result = self._compiled(tensors)
-        return self.run(tensors) if result is None else result
+        return self.run(tensors, state=state) if result is None else result
 
 
 def check_operands(tensors: Sequence[torch.Tensor], specs: Sequence[InputSpec]) -> List[torch.Tensor]:

@@ -166,6 +166,9 @@ class Batch:
     def __init__(self, model: Model, layout: Layout, groups: Sequence[Group], state: Groups, key: tuple) -> None:
         self.model, self.layout, self.state, self.key = model, layout, state, key
         self.of: Dict[Tuple[str, str], Tuple[Group, int]] = {}
+        # per group (by identity): batched in this evaluation (trusted, or verified on this layout) or verified now
+        self._batched = {id(g): g.mode == "trust" or state.verified.get((g.role, g.members, key), False)
+                         for g in groups}
         for g in groups:
             for k, m in enumerate(g.members):
                 self.of[(g.role, m)] = (g, k)
@@ -180,11 +183,7 @@ class Batch:
         hit = self.of.get((role, name))
         if hit is None:
             return None
-        return "batched" if hit[0].mode == "trust" or self.verified(hit[0]) else "verify"
-
-    def verified(self, g: Group) -> bool:
-        """Whether ``g`` was verified on this evaluation's input layout."""
-        return self.state.verified.get((g.role, g.members, self.key), False)
+        return "batched" if self._batched[id(hit[0])] else "verify"
 
     def group(self, role: str, name: str) -> Group:
         return self.of[(role, name)][0]

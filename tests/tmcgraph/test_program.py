@@ -90,15 +90,48 @@ def _program_of(ops):
 
 def test_underflow_trips_once_and_the_result_is_exact():
     ops, _, want = _far_apart()
-    tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])._programs.clear()
-    got = tmcgraph.log_einsum(_EQ, *ops)
+    plan = tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])
+    plan._programs.clear()
+    state = _program.RunState()
+    got = plan.run(ops, state=state)
     program = _program_of(ops)
-    assert program._exact_left == _program._EXACT_STICKY  # the check tripped
+    assert state.left(program) == _program._EXACT_STICKY  # the check tripped
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
-    # the next evaluations start exactly at the affected step, and stay exact
+    # the caller's next evaluations start exactly at the affected step, and stay exact
     for _ in range(3):
-        torch.testing.assert_close(tmcgraph.log_einsum(_EQ, *ops).double(), want, rtol=1e-6, atol=0)
-    assert program._exact_left == _program._EXACT_STICKY - 3
+        torch.testing.assert_close(plan.run(ops, state=state).double(), want, rtol=1e-6, atol=0)
+    assert state.left(program) == _program._EXACT_STICKY - 3
+    # without a state every evaluation decides alone, and is exact too
+    torch.testing.assert_close(tmcgraph.log_einsum(_EQ, *ops).double(), want, rtol=1e-6, atol=0)
+
+
+def test_the_adaptive_state_belongs_to_the_caller_not_to_the_shared_plan():
+    """Two callers of one plan (the compiler shares plans between graphs of one structure): one's trip
+    changes nothing for the other, and a plan or program holds no such state."""
+    ops, _, want = _far_apart()
+    plan = tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])
+    a, b = _program.RunState(), _program.RunState()
+    plan.run(ops, state=a)
+    program = _program_of(ops)
+    assert a.left(program) == _program._EXACT_STICKY and b.left(program) == 0
+    calm = [torch.zeros_like(o) for o in ops]  # nothing to trip on
+    for _ in range(2):
+        plan.run(calm, state=b)
+    assert b.left(program) == 0 and a.left(program) == _program._EXACT_STICKY
+    assert not [k for k in vars(program) if "exact" in k] and not [k for k in vars(plan) if "exact" in k]
+
+
+def test_estimators_of_one_structure_share_the_plan_but_not_the_state():
+    from torch.distributions import Normal
+
+    def model():
+        m = tmcgraph.Model()
+        m.latent("z", prior=lambda: Normal(0.0, 1.0))
+        m.observe("x", lambda z: Normal(z, 1.0))
+        return m
+
+    one, two = model().compile(K=3), model().compile(K=3)
+    assert one.plan is two.plan and one._run_state is not two._run_state
 
 
 def test_the_underflow_check_has_power(monkeypatch):

@@ -10,7 +10,7 @@ from ..compiled import check_backend
 from ..errors import TMCError
 from ..graph import FactorGraph
 from ..layout import Layout, build_graph, call_site_fn, data_batch_shape, index_slots
-from ..plan import Plan
+from ..plan import Plan, RunState
 from ..trace import Trace, trace
 from ..vectorise import Groups
 
@@ -45,6 +45,7 @@ class GraphEstimator:
         self._slots = index_slots(model, index_of)
         self._probed: set = set()  # layout checks already made (Layout.density)
         self._groups = Groups(model)  # sites sharing a function, batched once verified (tmcgraph.vectorise)
+        self._run_state = RunState()  # this estimator's adaptive state of the eager evaluator (not the plan's)
         self._version = model.version
         if compile_now and all(s is not None for s in sizes.values()):
             self._plan_for(tuple(sizes.items()))

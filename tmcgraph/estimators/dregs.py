@@ -12,7 +12,7 @@ import torch
 
 from ..errors import TMCError
 from ..layout import factor_indices
-from ..plan import Plan
+from ..plan import Plan, RunState
 from ..trace import Trace
 
 if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
@@ -81,11 +81,12 @@ def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequenc
     return value + (path - path.detach())
 
 
-def paper_surrogate(tr: Trace, plan: Plan) -> torch.Tensor:
-    """Appendix F's eq. 60 on a trace made with ``dregs=True`` (biased for more than one latent)."""
+def paper_surrogate(tr: Trace, plan: Plan, *, state: Optional[RunState] = None) -> torch.Tensor:
+    """Appendix F's eq. 60 on a trace made with ``dregs=True`` (biased for more than one latent);
+    ``state``: the estimator's :class:`~tmcgraph._program.RunState`."""
     assert tr.hat_factors is not None
     with torch.no_grad():
-        log_w = plan.log_sum({n: f.detach() for n, f in tr.factors.items()})
-        log_w2 = plan.log_sum({n: 2 * f.detach() for n, f in tr.factors.items()})
+        log_w = plan.log_sum({n: f.detach() for n, f in tr.factors.items()}, state=state)
+        log_w2 = plan.log_sum({n: 2 * f.detach() for n, f in tr.factors.items()}, state=state)
         ratio = torch.exp(log_w2 - 2 * log_w)
-    return 0.5 * ratio * plan.log_sum({n: 2 * f for n, f in tr.hat_factors.items()})
+    return 0.5 * ratio * plan.log_sum({n: 2 * f for n, f in tr.hat_factors.items()}, state=state)

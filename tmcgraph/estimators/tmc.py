@@ -126,7 +126,7 @@ class TMC(GraphEstimator):
         if not bool(torch.stack([ok, checked]).all()):  # the one host sync after the program
             if not bool(checked):
                 return self._eager_log_marginal(data, key)  # raises, naming the site
-            result = plan.log_sum(dict(zip(names, factors))) - norm  # this draw, contracted exactly
+            result = plan.log_sum(dict(zip(names, factors)), state=self._run_state) - norm  # this draw, exactly
         return result
 
     def _eager_log_marginal(self, data: Mapping[str, object], key: tuple) -> torch.Tensor:
@@ -134,7 +134,7 @@ class TMC(GraphEstimator):
         against on later calls."""
         tr, plan, norm = self._trace(data)
         self._supports[key] = dict(tr.supports)
-        return plan.log_sum(tr.factors) - norm
+        return plan.log_sum(tr.factors, state=self._run_state) - norm
 
     def _build_objective(self, layout: Layout) -> tuple:
         plan, norm = self._plan_for(tuple(layout.index_sizes.items()))
@@ -181,11 +181,11 @@ class TMC(GraphEstimator):
         (``share=True``: divided by the world size, see :mod:`tmcgraph.distributed`)."""
         shard = self.shard
         if shard is None:
-            return plan.log_sum(factors, backend=self.backend)
+            return plan.log_sum(factors, backend=self.backend, state=self._run_state)
         if share:
             factors = {n: f if shard.plate in self.model.sites[n].plates else shard.replicated_share(f)
                        for n, f in factors.items()}
-        return plan.log_sum(factors, plate_reduce=(shard.plate, shard.all_reduce))
+        return plan.log_sum(factors, plate_reduce=(shard.plate, shard.all_reduce), state=self._run_state)
 
     def dregs_surrogate(self, data: Mapping[str, object], *, form: str = "tmc") -> torch.Tensor:
         """A surrogate whose gradient w.r.t. the proposal parameters is the DReGs estimator.
@@ -230,14 +230,15 @@ class TMC(GraphEstimator):
             if self.shard is not None:
                 raise TMCError("form='paper' is not available sharded; use form='tmc'")
             tr, plan, _ = self._trace(data, dregs=True)
-            return dregs.paper_surrogate(tr, plan)
+            return dregs.paper_surrogate(tr, plan, state=self._run_state)
         if form != "tmc":
             raise TMCError(f"form must be 'tmc' or 'paper', got {form!r}")
         dregs.check_factorised(self.model, self._sampled)
         tr, plan, norm = self._trace(data, detach_samples=True)
         shard = self.shard
         if shard is None:
-            return dregs.surrogate(self.model, tr, plan, norm, self._sampled, backend=self.backend)
+            return dregs.surrogate(self.model, tr, plan, norm, self._sampled,
+                                   log_sum=lambda fs: self._log_sum(plan, fs, share=True))
         model = self.model
         return dregs.surrogate(model, tr, plan, norm, self._sampled,
                                log_sum=lambda fs: self._log_sum(plan, fs, share=True),
@@ -246,7 +247,7 @@ class TMC(GraphEstimator):
 
     # kept for the tests that check each form against its formula
     def _paper_dregs_from_trace(self, tr: Trace, plan: Plan) -> torch.Tensor:
-        return dregs.paper_surrogate(tr, plan)
+        return dregs.paper_surrogate(tr, plan, state=self._run_state)
 
     def posterior(self, data: Mapping[str, object]) -> "Posterior":
         """Draw samples, contract, and return posterior summaries over them.
