@@ -396,7 +396,7 @@ def _compiled_loss(sampler: Any, problem: Problem, cfg: TrainConfig, theta: bool
     builds what the model caches (its layouts), with the random state restored afterwards, so the traced
     program has none of that Python in it; graph breaks are allowed (a model may have some), and
     ``torch.distributions`` validation is off inside, as the traced code cannot sync."""
-    from torch.distributions import Distribution
+    from tmcgraph.compiled import distribution_validation
 
     def iteration_loss(x: torch.Tensor) -> torch.Tensor:
         res = run(sampler, x, cfg.num_particles, cfg.num_sweeps, objective=True,
@@ -410,12 +410,8 @@ def _compiled_loss(sampler: Any, problem: Problem, cfg: TrainConfig, theta: bool
     fn = torch.compile(iteration_loss, dynamic=False)
 
     def call(x: torch.Tensor) -> torch.Tensor:
-        validate = Distribution._validate_args
-        Distribution.set_default_validate_args(False)
-        try:
+        with distribution_validation(False):  # traced code must not sync on argument checks
             return fn(x)
-        finally:
-            Distribution.set_default_validate_args(validate)
 
     return call
 

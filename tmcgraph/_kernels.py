@@ -67,7 +67,10 @@ def release_scratch() -> None:
     _scratch_pool.buffers = {}
 
 
-def _threshold(dtype: torch.dtype) -> float:
+def underflow_threshold(dtype: torch.dtype) -> float:
+    """The one underflow threshold of the fast paths, ``sqrt(tiny)`` of ``dtype`` (appendix E of Aitchison,
+    NeurIPS 2019): a shifted sum below it may have lost precision, so its step is redone exactly.  Every
+    evaluator (eager kernels, step programs, scans, compiled programs and objectives) checks against it."""
     return math.sqrt(torch.finfo(dtype).tiny)
 
 
@@ -207,7 +210,7 @@ def _fast_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str, *,
     The exponentials and the shifted sum are returned for :class:`_LogContractPair`'s
     backward; with ``inplace`` the sum is overwritten by the result."""
     ea, eb, total, sa, sb = shifted_sum(a, la, b, lb, out, scratch=inplace)
-    thr = _threshold(total.dtype)
+    thr = underflow_threshold(total.dtype)
     needs_repair = total.numel() > 0 and bool(total.amin() < thr)
     flagged = total < thr if needs_repair else None
     tiny = torch.finfo(total.dtype).tiny

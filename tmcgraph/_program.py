@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from opt_einsum import get_symbol
 
-from ._kernels import _plain_pair, _scratch, align, log_contract_pair, log_reduce
+from ._kernels import _plain_pair, _scratch, align, log_contract_pair, log_reduce, underflow_threshold
 from ._runners import run_scan
 from .stages import InputSpec, ProductStage, ScanStage, Stage
 
@@ -524,7 +524,7 @@ class StepProgram:
             flags = torch.stack(st.flags) if st.flags else None
         if flags is not None:
             # NaN (a structural zero, see _exponentials) counts as tripped
-            bad = ~(flags >= math.sqrt(torch.finfo(result.dtype).tiny))
+            bad = ~(flags >= underflow_threshold(result.dtype))
             if bool(bad.any()):  # the one host sync per evaluation
                 first = int(bad.nonzero()[0, 0])
                 if state is not None:

@@ -7,12 +7,11 @@ with its own pairwise kernel; this module imports none of them.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._kernels import align, log_contract, log_contract_pair
+from ._kernels import align, log_contract, log_contract_pair, underflow_threshold
 from .stages import EinsumStage, ScanStage
 
 __all__ = ["Contract", "Pair", "run_scan", "run_steps"]
@@ -75,7 +74,7 @@ def run_scan(stage: ScanStage, operands: Sequence[torch.Tensor], contract: Optio
         return value
 
     result = _rounds(stack, fast)
-    if flags and not bool(torch.stack(flags).min() >= math.sqrt(torch.finfo(stack.dtype).tiny)):  # one sync
+    if flags and not bool(torch.stack(flags).min() >= underflow_threshold(stack.dtype)):  # one sync
         result = _rounds(stack, log_contract_pair)
     return result
 

@@ -20,20 +20,21 @@ plans with a ``memory_limit`` (sliced stages) are refused.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import types
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.distributions import Distribution
 
-from ._kernels import align, log_product, log_reduce, shifted_sum
+from ._kernels import align, log_product, log_reduce, shifted_sum, underflow_threshold
 from ._runners import run_scan, run_steps
 from .errors import TMCError
 from .stages import EinsumStage, ProductStage, ScanStage, Stage
 
-__all__ = ["BACKENDS", "CompiledProgram", "check_backend", "compile_function", "program"]
+__all__ = ["BACKENDS", "CompiledProgram", "check_backend", "compile_function", "distribution_validation", "program"]
 
 #: the evaluation backends of :meth:`tmcgraph.Plan.log_sum`
 BACKENDS = ("eager", "compiled")
@@ -110,6 +111,20 @@ def program(stages: Sequence[Stage], input_labels: Sequence[str], output_labels:
     return _program(stages, input_labels, output_labels, constant)
 
 
+@contextlib.contextmanager
+def distribution_validation(enabled: bool) -> Iterator[None]:
+    """``torch.distributions`` argument validation set to ``enabled`` within the block, and the caller's setting
+    restored after it.  The setting is process-wide (torch has no other); compiled code runs with validation
+    off (its checks would sync inside the traced program), and torch.compile's first use in a process turns
+    it off for good (TorchPatcher), which the restore undoes."""
+    before = Distribution._validate_args
+    Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(before)
+
+
 def compile_function(fn: Callable, name: str) -> Callable:
     """``torch.compile(fn, dynamic=False, fullgraph=True)`` under a code object of its own.
 
@@ -119,11 +134,8 @@ def compile_function(fn: Callable, name: str) -> Callable:
     ``torch.compile`` of a process turns it off)."""
     code = fn.__code__.replace(co_name=f"tmcgraph_{name}_{next(_PROGRAM_IDS)}")
     fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-    validate = Distribution._validate_args
-    try:
+    with distribution_validation(Distribution._validate_args):
         return torch.compile(fn, dynamic=False, fullgraph=True)
-    finally:
-        Distribution.set_default_validate_args(validate)
 
 
 class CompiledProgram:
@@ -140,11 +152,8 @@ class CompiledProgram:
     def __call__(self, tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
         # torch.compile's first use turns off torch.distributions argument validation for the whole process
         # (TorchPatcher); our programs trace no distribution, so keep the user's setting
-        validate = Distribution._validate_args
-        try:
+        with distribution_validation(Distribution._validate_args):
             result, flag = self._fn(list(tensors))
-        finally:
-            Distribution.set_default_validate_args(validate)
-        if bool(flag < math.sqrt(torch.finfo(result.dtype).tiny)):  # the one host sync
+        if bool(flag < underflow_threshold(result.dtype)):  # the one host sync
             return None
         return result

@@ -6,9 +6,10 @@ import math
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-from torch.distributions import Distribution, constraints
+from torch.distributions import constraints
 
-from ..compiled import compile_function
+from .._kernels import underflow_threshold
+from ..compiled import compile_function, distribution_validation
 from ..compiled import program as compiled_program
 from ..distributed import Shard
 from ..errors import TMCError
@@ -113,16 +114,12 @@ class TMC(GraphEstimator):
         fn, plan, norm, names = entry
         if not _in_support(layout, data, self._supports[key]):
             return self._eager_log_marginal(data, key)  # raises the eager error, naming the observation
-        validate = Distribution._validate_args
-        Distribution.set_default_validate_args(False)  # traced code must not sync on argument checks
         try:
-            result, ok, checked, factors = fn(dict(data))
+            with distribution_validation(False):  # traced code must not sync on argument checks
+                result, ok, checked, factors = fn(dict(data))
         except Exception as err:  # a user function raised: the eager evaluation names the site
-            Distribution.set_default_validate_args(validate)
             self._eager_log_marginal(data, key)
             raise err  # the eager evaluation succeeded: the compiled program failed in its own right
-        finally:
-            Distribution.set_default_validate_args(validate)
         if not bool(torch.stack([ok, checked]).all()):  # the one host sync after the program
             if not bool(checked):
                 return self._eager_log_marginal(data, key)  # raises, naming the site
@@ -150,7 +147,7 @@ class TMC(GraphEstimator):
             bad = torch.isnan(result).any() | (result == math.inf).any()
             passed = tr.checks.passed()
             checked = passed if passed is not None else torch.ones((), dtype=torch.bool, device=result.device)
-            ok = (flag >= math.sqrt(torch.finfo(result.dtype).tiny)) & ~bad
+            ok = (flag >= underflow_threshold(result.dtype)) & ~bad
             return result - norm, ok, checked, factors
 
         return compile_function(objective, "objective"), plan, norm, names
