@@ -1,17 +1,17 @@
 """apg: amortized population Gibbs samplers (Wu et al., ICML 2020) built on tmcgraph.
 
-* :mod:`apg.sampler`: the functional APG core (Algorithms 1-3): :func:`~apg.sampler.init`,
-  :func:`~apg.sampler.sweep` and :func:`~apg.sampler.run` over NamedTuple particles and
+* `apg.sampler`: the functional APG core (Algorithms 1-3): `init`,
+  `sweep` and `run` over NamedTuple particles and
   infos, with an explicit ``torch.Generator``; blocks, eq. 9 incremental weights,
   resampling before every block, per-element weights for blocks local to a plate;
-  :func:`~apg.sampler.joint_block`.
-* :mod:`apg.objectives`: the surrogate losses of eqs. 5 (proposals) and 6 (model).
-* :mod:`apg.metrics`: ESS, log-mean-exp, weighted means.
-* :mod:`apg.proposals`: exponential-family proposals from prior parameters plus
+  `joint_block`.
+* `apg.objectives`: the surrogate losses of eqs. 5 (proposals) and 6 (model).
+* `apg.metrics`: ESS, log-mean-exp, weighted means.
+* `apg.proposals`: exponential-family proposals from prior parameters plus
   neural sufficient statistics (Normal-Gamma, Normal, Categorical) and their KLs.
-* :mod:`apg.resampling`: multinomial and systematic resampling from log-weights.
-* :mod:`apg.models`: the registry of models (``"gmm"``: section 5.1).
-* :mod:`apg.train`, :mod:`apg.evaluate`, :mod:`apg.cli`: generic training
+* `apg.resampling`: multinomial and systematic resampling from log-weights.
+* `apg.models`: the registry of models (``"gmm"``: section 5.1).
+* `apg.train`, `apg.evaluate`, `apg.cli`: generic training
   (checkpoints, resume) and evaluation, ``apg train MODEL`` / ``apg evaluate MODEL``.
 """
 

@@ -1,13 +1,13 @@
 """Surrogate losses of the APG objectives (Wu et al., ICML 2020, eqs. 5 and 6), from a run's steps.
 
-* :func:`phi_loss` (eq. 5): ``-sum_steps mean_batch sum_l wbar_l log q_phi(z_b^l | x, z_-b^l)``.
+* `phi_loss` (eq. 5): ``-sum_steps mean_batch sum_l wbar_l log q_phi(z_b^l | x, z_-b^l)``.
   Its gradient is minus the self-normalised estimate of the inclusive-KL
   gradient for the proposal parameters phi, summed over the one-shot step, the
   blocks and the sweeps.  A block local to a plate weighs each element by its
   own self-normalised incremental weight.
-* :func:`theta_loss` (eq. 6): ``-sum_steps mean_batch sum_l wbar_l log p_theta(x, z^l)``.
+* `theta_loss` (eq. 6): ``-sum_steps mean_batch sum_l wbar_l log p_theta(x, z^l)``.
   Its gradient is minus the estimate of ``grad_theta log p_theta(x)``
-  (needs ``learn_model=True`` in :func:`apg.sampler.run`).
+  (needs ``learn_model=True`` in `apg.sampler.run`).
 
 The weights ``wbar`` are the steps' incremental weights, detached.  Example::
 

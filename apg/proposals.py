@@ -7,17 +7,17 @@ proposal sharpens with the amount of data as the exact conditional does::
 
     q(z_b | x, z_-b) = p(z_b | lambda + sum_n T_phi(x_n, z_-b,n))          (eq. 10)
 
-* :class:`NormalGamma`: the distribution (independent per element) with
-  ``sample`` and ``log_prob``; :func:`normal_gamma_update` is the conjugate
+* `NormalGamma`: the distribution (independent per element) with
+  ``sample`` and ``log_prob``; `normal_gamma_update` is the conjugate
   update of a Normal-Gamma prior by (possibly soft, possibly learned)
   statistics ``(s0, s1, s2)``.
-* :class:`NeuralNormalGamma`: per point, a soft assignment ``gamma_n =
+* `NeuralNormalGamma`: per point, a soft assignment ``gamma_n =
   softmax(FC(f_n))`` over the ``I`` components and a feature ``t_n = FC(f_n)``;
   statistics ``s0 = sum_n gamma_n``, ``s1 = sum_n gamma_n t_n``, ``s2 = sum_n
   gamma_n t_n^2`` (appendix E, GMM).
-* :class:`NeuralNormal`: a Normal whose precision and precision-weighted mean
+* `NeuralNormal`: a Normal whose precision and precision-weighted mean
   are the prior's plus per-point contributions summed over the plate.
-* :class:`NeuralCategorical`: logits = prior logits + an MLP score per
+* `NeuralCategorical`: logits = prior logits + an MLP score per
   (element, option) (appendix E, ``q(c | x, mu, tau)``).
 
 Shapes: ``...`` are any leading dims (batch, particles); ``N`` the plate; ``I``
@@ -61,7 +61,7 @@ class NormalGamma:
     """Independent Normal-Gamma distributions; densities summed over the last two dims ``(I, D)``.
 
     Args:
-        params: :class:`NormalGammaParams`, each ``(..., I, D)``.
+        params: `NormalGammaParams`, each ``(..., I, D)``.
     """
 
     def __init__(self, params: NormalGammaParams) -> None:
@@ -140,7 +140,7 @@ class NeuralNormalGamma(nn.Module):
 
     Per element ``n`` of the plate: ``gamma_n = softmax(FC_I(f_n))`` (a soft
     assignment to the ``I`` components) and ``t_n = FC_D(f_n)``; the statistics
-    ``(sum gamma, sum gamma t, sum gamma t^2)`` feed :func:`normal_gamma_update`.
+    ``(sum gamma, sum gamma t, sum gamma t^2)`` feed `normal_gamma_update`.
     With ``gamma_n`` the one-hot assignment and ``t_n = x_n`` this is the exact
     conditional of the GMM, so the family contains the target.
 

@@ -1,8 +1,8 @@
-"""Resampling from log-weights (the implementation lives in :mod:`tmcgraph.resampling`).
+"""Resampling from log-weights (the implementation lives in `tmcgraph.resampling`).
 
 ``resample(log_weights, scheme, generator=g)`` -> ancestors ``(*batch, L)``;
 ``gather(values, ancestors)``; ``SCHEMES`` lists ``"multinomial"`` and ``"systematic"``.
-Errors are :class:`tmcgraph.TMCError` (a ``ValueError``, like :class:`apg.APGError`).
+Errors are `tmcgraph.TMCError` (a ``ValueError``, like `apg.APGError`).
 """
 
 from tmcgraph.resampling import SCHEMES, gather, multinomial, resample, systematic

@@ -1,21 +1,21 @@
 """The APG sampler as a functional core (Algorithms 1-3 of Wu et al., ICML 2020).
 
 An APG sampler is a one-shot proposal ``q(z | x)``, an ordered list of
-:class:`Block` kernels ``q(z_b | x, z_-b)`` and the log joint ``log p(x, z)``
-(:class:`Sampler`).  Particles are a dict of tensors ``(*batch, L, ...)`` with
-log-weights ``(*batch, L)`` (:class:`Particles`).  The algorithm is three pure
+`Block` kernels ``q(z_b | x, z_-b)`` and the log joint ``log p(x, z)``
+(`Sampler`).  Particles are a dict of tensors ``(*batch, L, ...)`` with
+log-weights ``(*batch, L)`` (`Particles`).  The algorithm is three pure
 functions, each taking an explicit ``torch.Generator``:
 
-* :func:`init`: draw L particles from the one-shot proposal and weigh them,
+* `init`: draw L particles from the one-shot proposal and weigh them,
   ``w = p(x, z) / q(z | x)``;
-* :func:`sweep`: one Gibbs sweep; each block update resamples (the weights
+* `sweep`: one Gibbs sweep; each block update resamples (the weights
   become their average, Algorithm 2), proposes the block from its kernel given
   the rest, and multiplies the weight by the incremental weight of eq. 9, in
   which the same kernel evaluated at the old value is the reverse kernel::
 
       v = p(x, z_b', z_-b) q(z_b | x, z_-b) / (p(x, z_b, z_-b) q(z_b' | x, z_-b))
 
-* :func:`run`: Algorithm 3, :func:`init` then ``num_sweeps - 1`` sweeps.
+* `run`: Algorithm 3, `init` then ``num_sweeps - 1`` sweeps.
 
 Only the factors of the joint that touch the block (its Markov blanket) enter
 ``v``: the others cancel.  A block local to a plate (the GMM assignments, whose
@@ -27,7 +27,7 @@ incremental weight (the paper's local-variable treatment).
 ``log mean_l w_l`` after any step is the sampler's running estimate of
 ``log p(x)`` (the product of average weights of the SMC sampler).  With
 ``objective=True`` every step also records what the surrogate losses of eqs. 5
-and 6 need (:class:`Step`); :mod:`apg.objectives` turns them into losses.
+and 6 need (`Step`); `apg.objectives` turns them into losses.
 
 Example::
 
@@ -151,7 +151,7 @@ class SweepInfo(NamedTuple):
         log_v: block name -> ``(*batch, L)`` incremental log-weights.
         log_joint: ``(*batch, L)`` ``log p(x, z)`` after the sweep, and
             ``log_weights`` the particles' log-weights (``None`` unless recorded).
-        steps: the objectives' terms, one :class:`Step` per step (empty unless
+        steps: the objectives' terms, one `Step` per step (empty unless
             ``objective=True``).
     """
 
@@ -170,11 +170,11 @@ class SweepInfo(NamedTuple):
 
 
 class Result(NamedTuple):
-    """The output of :func:`run`.
+    """The output of `run`.
 
     Attributes:
         state: final particle values; ``log_weights``: their log-weights ``(*batch, L)``.
-        sweeps: one :class:`SweepInfo` per sweep (``num_sweeps`` in all).
+        sweeps: one `SweepInfo` per sweep (``num_sweeps`` in all).
         trajectory: the state after every sweep (``record_states=True``), else ``None``.
     """
 
@@ -206,11 +206,11 @@ def init(sampler: Sampler, x: Any, num_particles: int, *, generator: Optional[to
     """Draw ``num_particles`` particles per batch element from the one-shot proposal and weigh them.
 
     Args:
-        sampler: the :class:`Sampler`.
+        sampler: the `Sampler`.
         x: the data (whatever the sampler's functions take), batch ``(*batch, ...)``.
         num_particles: L.
         generator: the source of randomness (torch's default if ``None``).
-        objective: record the :class:`Step` the objectives need (with autograd).
+        objective: record the `Step` the objectives need (with autograd).
         learn_model: also keep ``log p(x, z)`` differentiable (eq. 6).
         record_log_joint: store ``log p(x, z)`` and the log-weights in the info.
 
@@ -286,17 +286,17 @@ def sweep(sampler: Sampler, x: Any, particles: Particles, *, generator: Optional
     """One Gibbs sweep: every block in turn resampled, proposed and reweighed (eq. 9).
 
     Args:
-        sampler: the :class:`Sampler`.
+        sampler: the `Sampler`.
         x: the data.
-        particles: the current :class:`Particles`.
+        particles: the current `Particles`.
         generator: the source of randomness.
-        blocks: these blocks instead of ``sampler.blocks`` (e.g. a :func:`joint_block`).
+        blocks: these blocks instead of ``sampler.blocks`` (e.g. a `joint_block`).
         scheme: resampling scheme (``apg.resampling.SCHEMES``).
-        objective: as in :func:`init`.
-        learn_model: as in :func:`init`; ``"sweep"`` records the eq. 6 term after the sweep's last block
+        objective: as in `init`.
+        learn_model: as in `init`; ``"sweep"`` records the eq. 6 term after the sweep's last block
             only (one log joint per sweep instead of one per block: for a model whose log joint costs
             O(T), e.g. T frames, a sweep of T blocks then costs O(T), not O(T^2), in eq. 6).
-        record_log_joint: as in :func:`init`.
+        record_log_joint: as in `init`.
 
     Returns:
         ``(particles, info)``.
@@ -332,13 +332,13 @@ def run(sampler: Sampler, x: Any, num_particles: int, num_sweeps: int, *,
     """Run the APG sampler (Algorithm 3): a one-shot proposal, then ``num_sweeps - 1`` sweeps.
 
     Args:
-        sampler: the :class:`Sampler`.
+        sampler: the `Sampler`.
         x: the data, batch ``(*batch, ...)``.
         num_particles: L.
         num_sweeps: K (K = 1 is the one-shot proposal alone, i.e. RWS).
         generator: the source of randomness (torch's default if ``None``).
         scheme: resampling scheme.
-        objective: record the terms of the surrogate losses (see :mod:`apg.objectives`).
+        objective: record the terms of the surrogate losses (see `apg.objectives`).
         learn_model: add the eq. 6 terms (needs a differentiable ``log_joint``): ``True`` (or ``"step"``)
             after every step, ``"sweep"`` after the one-shot step and each sweep's last block.
         record_log_joint: store ``log p(x, z)`` and the log-weights after every sweep.
@@ -346,7 +346,7 @@ def run(sampler: Sampler, x: Any, num_particles: int, num_sweeps: int, *,
         blocks: use these blocks instead of ``sampler.blocks``.
 
     Returns:
-        a :class:`Result`.
+        a `Result`.
     """
     _check_count("num_sweeps", num_sweeps, "--sweeps")
     _check_count("num_particles", num_particles, "--particles")
@@ -366,7 +366,7 @@ def run(sampler: Sampler, x: Any, num_particles: int, num_sweeps: int, *,
 
 
 class _JointKernel:
-    """Sequential composition of block kernels (see :func:`joint_block`)."""
+    """Sequential composition of block kernels (see `joint_block`)."""
 
     def __init__(self, blocks: Sequence[Block], x: Any, state: State) -> None:
         self.blocks, self.x, self.state = blocks, x, state

@@ -1,11 +1,11 @@
 """Generic training of APG samplers: proposals (phi) and model parameters (theta), with checkpoints and resume.
 
-One loop serves every registered model (:mod:`apg.models`).  Each iteration
+One loop serves every registered model (`apg.models`).  Each iteration
 runs the sampler on a batch of training datasets (Algorithm 3 of Wu et al.,
 ICML 2020) and takes one step of each optimizer: Adam on the proposal
-parameters with eq. 5's gradient (:func:`apg.objectives.phi_loss`), and, when
+parameters with eq. 5's gradient (`apg.objectives.phi_loss`), and, when
 the model has learned parameters, Adam on them with eq. 6's
-(:func:`apg.objectives.theta_loss`).  Both learning rates decay exponentially
+(`apg.objectives.theta_loss`).  Both learning rates decay exponentially
 from ``lr`` to ``lr_final``.
 
 A run lives in one directory::
@@ -65,7 +65,7 @@ class TrainConfig:
     The defaults are those of the shipped GMM APG checkpoint (batch 20, K=10, L=10,
     20,000 datasets as in the paper; Adam with the learning rate decaying from
     2e-3 to 1e-4 over 32,000 iterations, one thread); ``apg train`` takes each
-    method's own defaults from its model (:class:`apg.models.Method`).
+    method's own defaults from its model (`apg.models.Method`).
     ``num_sweeps`` is 1 for one-shot (RWS) methods.
     """
 
@@ -179,7 +179,7 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         on_step: called with the iteration number after every step (tests use
             it to interrupt a run).
         problem: the model with its settings (default: ``cfg.model``'s defaults); its
-            :meth:`~apg.models.base.Problem.config` is written to ``DIR/problem.json`` and a
+            `config` is written to ``DIR/problem.json`` and a
             resumed run must have the same.
 
     Raises:

@@ -1,9 +1,9 @@
-"""Trained networks on disk: :func:`load_proposals` reads what :func:`apg.train.train` writes.
+"""Trained networks on disk: `load_proposals` reads what `apg.train.train` writes.
 
 A run directory holds ``proposals.pt`` (a finished run) or ``checkpoint.pt`` (an unfinished one, with
 ``config.json`` beside it); the package ships finished ones in ``apg/checkpoints`` (``shipped:NAME``).
-Loading builds the networks through the model's :class:`~apg.models.base.Problem`, found by name in the
-registry; the models themselves never load files (:func:`apg.evaluate.evaluate` hands them the loaded
+Loading builds the networks through the model's `Problem`, found by name in the
+registry; the models themselves never load files (`apg.evaluate.evaluate` hands them the loaded
 networks).
 """
 
@@ -24,7 +24,7 @@ __all__ = ["Trained", "load_proposals"]
 
 
 class Trained(NamedTuple):
-    """Networks loaded by :func:`load_proposals`."""
+    """Networks loaded by `load_proposals`."""
 
     problem: Problem
     method: str
@@ -33,7 +33,7 @@ class Trained(NamedTuple):
 
 
 def load_proposals(path: str) -> Trained:
-    """Networks saved by :func:`train`: ``DIR/proposals.pt`` (a finished run) or ``DIR/checkpoint.pt``
+    """Networks saved by `train`: ``DIR/proposals.pt`` (a finished run) or ``DIR/checkpoint.pt``
     (an unfinished one; its model and method are read from ``DIR/config.json``).  ``shipped:NAME`` is the
     checkpoint ``NAME.pt`` shipped in ``apg/checkpoints``."""
     if path.startswith("shipped:"):

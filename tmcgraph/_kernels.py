@@ -3,12 +3,12 @@
 Every tensor handled here has leading *batch* dims (broadcast like torch) followed
 by *labelled* dims, one per character of a label string.  The kernels are
 
-* :func:`log_reduce`: ``log(sum(exp(x)))`` over some labelled dims (stable, exact);
-* :func:`log_contract_pair`: ``log(einsum(exp(a), exp(b)))`` for two operands, by
+* `log_reduce`: ``log(sum(exp(x)))`` over some labelled dims (stable, exact);
+* `log_contract_pair`: ``log(einsum(exp(a), exp(b)))`` for two operands, by
   the fast path of appendix E (per-operand max shift, ``exp``, BLAS einsum,
   ``log``) followed by a *repair* of the entries where that fast path lost
   precision (they are recomputed with a gathered, blocked logsumexp);
-* :func:`log_product`: the plate product, i.e. a plain sum of log-factors over dims.
+* `log_product`: the plate product, i.e. a plain sum of log-factors over dims.
 
 ``-inf`` (zero probability) is a first-class value: results are ``-inf`` exactly
 where every term is ``-inf`` and gradients stay finite (zero for terms of zero
@@ -46,7 +46,7 @@ def _scratch(slot: int, x: torch.Tensor, shift: torch.Tensor) -> Optional[torch.
 
     Fresh allocations of large tensors page-fault on first touch, which costs more than the shift
     itself; the no-grad path writes into one growing buffer per slot and thread instead.  The buffers
-    live until :func:`release_scratch`.
+    live until `release_scratch`.
     """
     shape = x.shape  # shift is x's own max with keepdim: x - shift has x's shape
     numel = x.numel()
@@ -151,7 +151,7 @@ def log_contract_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: s
     each operand by its max over its summed labels, so every exponential is <= 1
     and the BLAS sum cannot overflow; entries whose sum fell below ``sqrt(tiny)``
     (maxima of the two operands at different, far-apart positions) are detected
-    and recomputed exactly by :func:`_repair`.
+    and recomputed exactly by `_repair`.
 
     Args:
         a: ``(*batch_a, *la)``; b: ``(*batch_b, *lb)``.
@@ -207,7 +207,7 @@ def _fast_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str, *,
                inplace: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """The fast path with repair: ``(result, exp(a - shift_a), exp(b - shift_b), total, repaired)``.
 
-    The exponentials and the shifted sum are returned for :class:`_LogContractPair`'s
+    The exponentials and the shifted sum are returned for `_LogContractPair`'s
     backward; with ``inplace`` the sum is overwritten by the result."""
     ea, eb, total, sa, sb = shifted_sum(a, la, b, lb, out, scratch=inplace)
     thr = underflow_threshold(total.dtype)
@@ -231,7 +231,7 @@ def _fast_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str, *,
 
 
 class _LogContractPair(torch.autograd.Function):
-    """:func:`log_contract_pair` with a backward that reuses the forward's exponentials.
+    """`log_contract_pair` with a backward that reuses the forward's exponentials.
 
     With ``EA = exp(a - s_a)``, ``EB = exp(b - s_b)`` and ``T = einsum(EA, EB)``, the
     result is ``R = log T + s_a + s_b`` and its gradient is a softmax-weighted

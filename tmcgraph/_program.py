@@ -1,6 +1,6 @@
 """The eager evaluator's step programs: a plan lowered once per input shapes.
 
-:class:`tmcgraph.Plan` evaluates through a :class:`StepProgram` built on first use for
+`tmcgraph.Plan` evaluates through a `StepProgram` built on first use for
 the input shapes at hand (cached per plan).  Lowering does, once, everything that
 does not depend on values:
 
@@ -18,15 +18,15 @@ does not depend on values:
   shifted sum of an entry can fall below ``sqrt(tiny)`` when the maxima of the two
   operands sit at far-apart positions) is one reduction per step whose results are
   checked together, once per evaluation.  When it trips, the evaluation is rerun with
-  the exact, repairing kernels of :mod:`tmcgraph._kernels` from the first affected step
-  on (and, for a caller that passes a :class:`RunState`, those steps stay exact for its
+  the exact, repairing kernels of `tmcgraph._kernels` from the first affected step
+  on (and, for a caller that passes a `RunState`, those steps stay exact for its
   next few evaluations), so results are exact;
   A slice that is ``-inf`` throughout (a structural zero) trips it too;
-* with autograd, the whole program is one :class:`torch.autograd.Function`
-  (:class:`_PlanFunction`): its forward saves each step's exponential blocks, its backward
+* with autograd, the whole program is one `torch.autograd.Function`
+  (`_PlanFunction`): its forward saves each step's exponential blocks, its backward
   walks the steps in reverse (pairs: ``dR/da = EA * (g / T) @ EB^T``; reductions: the softmax;
   plate sums: broadcast).  Programs with a scan stage, and the steps that run exactly after a
-  trip, use one Function per pairwise step (:class:`_PairFunction`) and autograd instead.
+  trip, use one Function per pairwise step (`_PairFunction`) and autograd instead.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _EXACT_STICKY = 16
 
 
 def lowerable(stages: Sequence[Stage]) -> bool:
-    """Whether :class:`StepProgram` can run these stages (unsliced, at most pairwise steps)."""
+    """Whether `StepProgram` can run these stages (unsliced, at most pairwise steps)."""
     return all(
         isinstance(s, (ProductStage, ScanStage)) or (not s.slices and all(len(st.positions) <= 2 for st in s.steps))
         for s in stages
@@ -189,7 +189,7 @@ class _State:
 
 @dataclass(frozen=True)
 class _Scan:
-    """A scan stage (:func:`tmcgraph._runners.run_scan`, exact kernels) on inputs ``srcs`` laid out as ``targets``
+    """A scan stage (`tmcgraph._runners.run_scan`, exact kernels) on inputs ``srcs`` laid out as ``targets``
     (the data-batch labels first)."""
 
     stage: ScanStage
@@ -377,7 +377,7 @@ class StepProgram:
     """A plan's stages lowered for one tuple of input shapes (see the module docstring); immutable once built.
 
     Args:
-        stages: the plan's stages (:func:`lowerable`).
+        stages: the plan's stages (`lowerable`).
         inputs: the plan's input declarations.
         output_labels: the plan's result labels.
         shapes: the input tensors' full shapes ``(*batch_i, *declared)``.
@@ -512,7 +512,7 @@ class StepProgram:
     def __call__(self, tensors: Sequence[torch.Tensor], state: Optional["RunState"] = None) -> torch.Tensor:
         """The plan's value, exact (see the module docstring); ``(*batch, *output)``.
 
-        ``state``: the caller's :class:`RunState` (which steps to run exactly after a trip); ``None``: this
+        ``state``: the caller's `RunState` (which steps to run exactly after a trip); ``None``: this
         evaluation decides alone."""
         exact_from = state.exact_from(self) if state is not None else None
         if (exact_from is None and self._whole_plan and torch.is_grad_enabled()
@@ -550,7 +550,7 @@ class StepProgram:
 
     def _backward(self, grad: torch.Tensor, tensors: Sequence[torch.Tensor], needed: Sequence[bool],
                   saved: Dict[int, tuple]) -> List[Optional[torch.Tensor]]:
-        """Gradients of the inputs from the gradient of the program's last value (see :class:`_PlanFunction`)."""
+        """Gradients of the inputs from the gradient of the program's last value (see `_PlanFunction`)."""
         program = self._program
         needs = list(needed) + [False] * (len(program) - len(needed))
         for k in range(len(needed), len(program)):

@@ -1,7 +1,7 @@
 """The stage runners shared by every evaluator: an einsum stage's pairwise steps and a chain's parallel scan.
 
-:class:`tmcgraph.Plan` (eager), :mod:`tmcgraph._program` (the step programs' scan stages) and
-:mod:`tmcgraph.compiled` (``torch.compile``'d programs) all run stages through these two functions, each
+`tmcgraph.Plan` (eager), `tmcgraph._program` (the step programs' scan stages) and
+`tmcgraph.compiled` (``torch.compile``'d programs) all run stages through these two functions, each
 with its own pairwise kernel; this module imports none of them.
 """
 
@@ -52,7 +52,7 @@ def run_scan(stage: ScanStage, operands: Sequence[torch.Tensor], contract: Optio
     are stacked and multiplied pairwise in the log semiring by ``contract(a, "ij", b, "jk", "ik")``
     (the stack is the leading batch dim), halving the stack each round.  Without ``contract``,
     the rounds take the sync-free fast path and one check at the end: if any shifted sum lost
-    precision, the scan is redone with the exact kernel :func:`~tmcgraph._kernels.log_contract_pair`."""
+    precision, the scan is redone with the exact kernel `log_contract_pair`."""
     chain, batch = stage.chain, stage.batch
     n = len(chain) - 1
     links = [align(operands[k], stage.input_labels[k], batch + chain[k] + chain[k + 1]) for k in range(n)]

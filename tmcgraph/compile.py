@@ -1,9 +1,9 @@
 """Structure -> Plan.  Works on labels and sizes only; never touches a tensor.
 
-The compiler turns a :class:`~tmcgraph.FactorGraph` (or one einsum) into the
-stages of :mod:`tmcgraph.stages`, and owns the one decision made at run time:
+The compiler turns a `FactorGraph` (or one einsum) into the
+stages of `tmcgraph.stages`, and owns the one decision made at run time:
 how to slice einsum stages when a batch of a given size must respect a memory
-limit (:class:`Slicer`; the plan calls it and never plans itself).
+limit (`Slicer`; the plan calls it and never plans itself).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["SCAN_MODES", "Slicer", "check_memory_limit", "check_optimize", "check_scan", "compile_einsum",
            "compile_graph", "compile_stages", "find_chains", "label_treewidth", "make_plan"]
 
-#: ``scan=`` choices of :meth:`tmcgraph.FactorGraph.compile`: contract chains by a parallel scan where the
+#: ``scan=`` choices of `tmcgraph.FactorGraph.compile`: contract chains by a parallel scan where the
 #: cost model says it pays, always, or never
 SCAN_MODES = ("auto", "always", "never")
 # The cost model of "auto" (forward + backward, per batch element), in units of one sequential link
@@ -109,7 +109,7 @@ Chain = Tuple[List[int], str, List[Tuple[int, int]], str]
 
 
 def find_chains(terms: Sequence[str], output: str, sizes: Dict[str, int]) -> List[Chain]:
-    """Chains of pairwise terms that a :class:`~tmcgraph.stages.ScanStage` can contract.
+    """Chains of pairwise terms that a `ScanStage` can contract.
 
     A term is *pairwise* when exactly two of its labels are summed (not in ``output``), of one
     size; its other labels are its batch labels.  A summed label is a *link* when it is in
@@ -183,8 +183,8 @@ def _scan_pays(n: int, k: int, scan: str) -> bool:
 def compile_stages(inputs: Sequence[str], output: str, sizes: Dict[str, int], *, input_ids: Sequence[int],
                    first_value: int, optimize: str = "auto", memory_limit: Optional[int] = None,
                    scan: str = "auto") -> List[Stage]:
-    """Plan one log-einsum of values ``input_ids`` as stages: a :class:`~tmcgraph.stages.ScanStage` per
-    chain worth scanning (see :func:`find_chains`), then the einsum of what is left.  ``first_value`` is
+    """Plan one log-einsum of values ``input_ids`` as stages: a `ScanStage` per
+    chain worth scanning (see `find_chains`), then the einsum of what is left.  ``first_value`` is
     the value id the first returned stage will get."""
     stages: List[Stage] = []
     terms, ids = list(inputs), list(input_ids)
@@ -220,7 +220,7 @@ def label_treewidth(terms: Sequence[str]) -> int:
 
 
 class Slicer:
-    """The slicing planner a :class:`~tmcgraph.Plan` calls at run time.
+    """The slicing planner a `Plan` calls at run time.
 
     A memory limit counts elements of all batch elements together, so the
     slicing depends on the batch size, known only at evaluation: for a batch of
@@ -256,7 +256,7 @@ class Slicer:
 def make_plan(*, inputs: Tuple[InputSpec, ...], stages: Tuple[Stage, ...], label_names: Tuple[Tuple[str, str], ...],
               constant: float, treewidth: int, log10_naive_flops: float, optimize: str,
               memory_limit: Optional[int], output_labels: str = "") -> Plan:
-    """A :class:`~tmcgraph.Plan` over ``stages``, with a :class:`Slicer` when a memory limit applies."""
+    """A `Plan` over ``stages``, with a `Slicer` when a memory limit applies."""
     return Plan(inputs=inputs, stages=stages, output_labels=output_labels, label_names=label_names, constant=constant,
                 treewidth=treewidth, log10_naive_flops=log10_naive_flops, optimize=optimize,
                 memory_limit=memory_limit, slicer=None if memory_limit is None else Slicer(stages, memory_limit))
@@ -279,7 +279,7 @@ _CACHE_SIZE = 128
 
 def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit: Optional[int] = None,
                   scan: str = "auto") -> Plan:
-    """Compile a :class:`~tmcgraph.FactorGraph` into a :class:`~tmcgraph.Plan`; cached by structure.
+    """Compile a `FactorGraph` into a `Plan`; cached by structure.
 
     Plates are eliminated by tensor variable elimination (Obermeyer et al. 2019,
     as in Pyro's ``contract_tensor_tree``): take a maximal set of plates L
@@ -290,7 +290,7 @@ def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit:
     then contract what remains.  When L' = L the plates cannot be eliminated
     without unrolling, and compilation fails with an error naming the factors.
     Chains within an einsum are contracted by a parallel scan where ``scan`` says so
-    (:func:`compile_stages`).
+    (`compile_stages`).
     """
     check_optimize(optimize)
     check_memory_limit(memory_limit)

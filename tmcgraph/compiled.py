@@ -3,7 +3,7 @@
 ``plan.log_sum(factors, backend="compiled")`` runs the plan's stages as a single
 function compiled by ``torch.compile`` (``fullgraph=True``: no graph breaks, no host
 syncs inside).  Each pairwise step is the log-domain fast path of
-:mod:`tmcgraph._kernels` (shift by the max over the summed labels, exponentiate,
+`tmcgraph._kernels` (shift by the max over the summed labels, exponentiate,
 contract, log, restore the shift) without its data-dependent repair: instead, the
 program also returns the smallest shifted sum of any step (entries that are zero
 by structure excluded).  When that flag is below ``sqrt(tiny)`` some entry may have
@@ -36,13 +36,13 @@ from .stages import EinsumStage, ProductStage, ScanStage, Stage
 
 __all__ = ["BACKENDS", "CompiledProgram", "check_backend", "compile_function", "distribution_validation", "program"]
 
-#: the evaluation backends of :meth:`tmcgraph.Plan.log_sum`
+#: the evaluation backends of `tmcgraph.Plan.log_sum`
 BACKENDS = ("eager", "compiled")
 _PROGRAM_IDS = itertools.count()
 
 
 def check_backend(backend: str) -> str:
-    """``backend`` if it is one of :data:`BACKENDS`, else a :class:`TMCError` listing them."""
+    """``backend`` if it is one of `BACKENDS`, else a `TMCError` listing them."""
     if backend not in BACKENDS:
         raise TMCError(f"unknown backend={backend!r}; expected one of {list(BACKENDS)}")
     return backend
@@ -139,7 +139,7 @@ def compile_function(fn: Callable, name: str) -> Callable:
 
 
 class CompiledProgram:
-    """A plan's compiled program (built by :meth:`tmcgraph.Plan.log_sum` with ``backend="compiled"``).
+    """A plan's compiled program (built by `tmcgraph.Plan.log_sum` with ``backend="compiled"``).
 
     Calling it with validated input tensors returns the result, or ``None`` when the
     underflow flag tripped (the caller then evaluates eagerly, which is exact).

@@ -1,7 +1,7 @@
 """The joint density of a declared model at given particle values, factor by factor.
 
 TMC, IWAE and SMC draw their own samples.  Samplers that move particles
-themselves (MCMC, the APG samplers of :mod:`apg`) need the other half: the log
+themselves (MCMC, the APG samplers of `apg`) need the other half: the log
 joint ``log p(x, z)`` of given values, and, for a block update, only the factors
 of the compiled factor graph that touch the block (its Markov blanket).
 
@@ -10,7 +10,7 @@ Particle layout: every latent's value is ``(*batch, L, *its plates, *event)``
 order); observed values are ``(*batch, *plates, *event)`` as everywhere in
 tmcgraph.  Internally the particles are one shared sample index (the IWAE
 layout), so the user's functions see the usual positional layout of
-:mod:`tmcgraph.model`.
+`tmcgraph.model`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _PARTICLES = "particles"
 
 
 class JointDensity:
-    """``log p(x, z)`` of a :class:`~tmcgraph.Model` at given particle values.
+    """``log p(x, z)`` of a `Model` at given particle values.
 
     Example::
 
@@ -63,7 +63,7 @@ class JointDensity:
             raise TMCError("the model was edited after its JointDensity was built; build a new one")
 
     def _checked_batch(self, data: Mapping[str, object]) -> Tuple[int, ...]:
-        """:func:`data_batch_shape` (which checks the data, NaN included: a host sync), skipped when ``data``
+        """`data_batch_shape` (which checks the data, NaN included: a host sync), skipped when ``data``
         holds the very tensors of the previous call, unmodified (a sampler evaluates blankets dozens of times
         on one batch).  The cache keeps the tensors themselves, so an identity cannot be reused."""
         if torch.compiler.is_compiling():  # shapes only: traced code checks no values (see data_batch_shape)
@@ -132,7 +132,7 @@ class JointDensity:
         Args:
             values: every latent -> ``(*batch, L, *its plates, *event)``.
             data: every observation -> ``(*batch, *its plates, *event)``.
-            sites: the factors to sum (site names, e.g. from :meth:`blanket`).
+            sites: the factors to sum (site names, e.g. from `blanket`).
             keep_plates: plates not summed over; every site summed must be in
                 them (the per-element terms of a block local to a plate).
 

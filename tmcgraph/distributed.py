@@ -32,12 +32,12 @@ Gradients (autograd runs through the collective):
 * replicated tensors (global proposal and model parameters) get a *share*:
   the path through this shard's elements plus ``1 / world`` of the path
   through the factors outside ``P``.  Summing the shares over the processes
-  (:func:`all_reduce_grads`) gives the exact gradient.  (DDP averages instead:
+  (`all_reduce_grads`) gives the exact gradient.  (DDP averages instead:
   multiply the loss by the world size to use it.)
 
-:meth:`tmcgraph.TMC.posterior` gives the exact marginals of the global latents
+`tmcgraph.TMC.posterior` gives the exact marginals of the global latents
 on every process and those of this shard's local latents;
-:meth:`tmcgraph.TMC.dregs_surrogate` follows the gradient rule above.
+`tmcgraph.TMC.dregs_surrogate` follows the gradient rule above.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class Shard:
 
 def all_reduce_grads(params: Iterable[torch.Tensor], group=None) -> None:
     """Sum the ``.grad`` of replicated tensors over the processes (in place), making each the exact gradient
-    of a sharded objective (:class:`Shard`).  Tensors without a gradient are skipped."""
+    of a sharded objective (`Shard`).  Tensors without a gradient are skipped."""
     dist = _dist()
     for p in params:
         if p.grad is not None:

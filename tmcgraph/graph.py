@@ -61,7 +61,7 @@ def check_plate_list(owner: str, plates: Sequence[str], declared: Mapping[str, i
 
 class FactorGraph:
     """A factor graph over sample indices, with plates (conditionally independent
-    replication), compiled once into a :class:`~tmcgraph.Plan` that evaluates
+    replication), compiled once into a `Plan` that evaluates
 
     ``log_sum = log sum_{all index copies} exp(sum of all factor copies)``.
 
@@ -150,12 +150,12 @@ class FactorGraph:
 
     @property
     def indices(self) -> Mapping[str, IndexSpec]:
-        """Index name -> :class:`IndexSpec`."""
+        """Index name -> `IndexSpec`."""
         return MappingProxyType(self._indices)
 
     @property
     def factors(self) -> Mapping[str, FactorSpec]:
-        """Factor name -> :class:`FactorSpec`, in declaration order."""
+        """Factor name -> `FactorSpec`, in declaration order."""
         return MappingProxyType(self._factors)
 
     def factor_shape(self, name: str) -> Tuple[int, ...]:
@@ -172,7 +172,7 @@ class FactorGraph:
         )
 
     def compile(self, *, optimize: str = "auto", memory_limit: Optional[int] = None, scan: str = "auto") -> "Plan":
-        """Compile the structure into a reusable :class:`~tmcgraph.Plan` (cached).
+        """Compile the structure into a reusable `Plan` (cached).
 
         Args:
             optimize: path optimizer: ``"auto"`` (tree decomposition vs opt_einsum,
@@ -182,7 +182,7 @@ class FactorGraph:
             scan: ``"auto"`` (default), ``"always"`` or ``"never"``: contract chains of
                 pairwise factors (a Markov chain's transitions) by a parallel scan,
                 ``log2(length)`` batched steps instead of one per link
-                (:class:`tmcgraph.stages.ScanStage`); ``"auto"`` scans where a cost model
+                (`tmcgraph.stages.ScanStage`); ``"auto"`` scans where a cost model
                 of per-step dispatch against arithmetic says it pays (small ``K``).
 
         Raises:

@@ -1,13 +1,13 @@
 """The positional layout of one evaluation, and the checks on what user functions return.
 
-See :mod:`tmcgraph.model` for the layout a user's functions see::
+See `tmcgraph.model` for the layout a user's functions see::
 
     (*data_batch, *index dims, *plate dims, *event dims)
 
-:class:`Layout` places sample indices and plates in that layout, checks every
-distribution a site's function returns against it (:meth:`Layout.density`) and
+`Layout` places sample indices and plates in that layout, checks every
+distribution a site's function returns against it (`Layout.density`) and
 turns log-densities into factor tensors ``(*batch, *plates, *indices)``.
-:func:`build_graph` gives the :class:`~tmcgraph.FactorGraph` of a model under an
+`build_graph` gives the `FactorGraph` of a model under an
 index assignment.
 """
 
@@ -30,7 +30,7 @@ __all__ = ["Layout", "as_data", "build_graph", "call_site_fn", "data_batch_shape
 
 
 def call_site_fn(owner: str, fn: Callable, args: Sequence[torch.Tensor]) -> Distribution:
-    """``fn(*args)``; an exception it raises is re-raised as a :class:`TMCError` naming ``owner``."""
+    """``fn(*args)``; an exception it raises is re-raised as a `TMCError` naming ``owner``."""
     try:
         return fn(*args)
     except TMCError:
@@ -71,9 +71,9 @@ class Layout:
         index_sizes: index name -> size.
         batch: the data batch shape.
         slots: index name -> index dim (0 = leftmost); default
-            :func:`index_slots` (recycled dims).
+            `index_slots` (recycled dims).
         probed: a set shared across evaluations that records which functions'
-            coincidence check (:meth:`density`) has run.
+            coincidence check (`density`) has run.
     """
 
     def __init__(self, model: Model, index_of: Mapping[str, str], index_sizes: Mapping[str, int],

@@ -55,7 +55,7 @@ def _split_term(term: str, where: str) -> Tuple[str, bool]:
 
 @functools.lru_cache(maxsize=512)
 def parse_equation(equation: str, shapes: Tuple[Tuple[int, ...], ...]) -> ParsedEquation:
-    """Parse ``equation`` against operand ``shapes`` (see :class:`ParsedEquation`).
+    """Parse ``equation`` against operand ``shapes`` (see `ParsedEquation`).
 
     Raises:
         TMCError: no explicit ``->``, wrong number of operands, a term whose label
@@ -174,7 +174,7 @@ def _plan(parsed: ParsedEquation, optimize: str, memory_limit: Optional[int]) ->
 def log_einsum_plan(
     equation: str, *shapes: Sequence[int], optimize: str = "auto", memory_limit: Optional[int] = None
 ) -> Plan:
-    """The (cached) :class:`~tmcgraph.Plan` that :func:`log_einsum` would run for
+    """The (cached) `Plan` that `log_einsum` would run for
     operands of these shapes: inspect ``plan.describe()``, ``plan.flops``, ``plan.path``."""
     return _parse_and_plan(equation, tuple(tuple(int(d) for d in s) for s in shapes), optimize, memory_limit)[1]
 

@@ -1,6 +1,6 @@
 """Declared models: latents with priors and proposals, observations, plates.
 
-A :class:`Model` is declared once.  Its structure (who depends on whom, which
+A `Model` is declared once.  Its structure (who depends on whom, which
 plates) is resolved when an estimator is built; the distributions are built by
 the user's functions at every evaluation, from the samples of their parents.
 
@@ -66,7 +66,7 @@ class Site:
         proposal_parents: the sites ``proposal`` takes (latents or observations).
         enumerate: summed exactly over its support instead of sampled.
         event_dim: number of event dims of an observed value.
-        batch: ``"no"``, or how a site declared in :meth:`Model.batch_sites` is batched
+        batch: ``"no"``, or how a site declared in `Model.batch_sites` is batched
             with the sites that share its functions (``"verify"`` or ``"trust"``).
     """
 
@@ -84,7 +84,7 @@ class Site:
 
 @dataclass(frozen=True)
 class Family:
-    """A vectorised family of sites (:meth:`Model.markov`, :meth:`Model.observe_each`).
+    """A vectorised family of sites (`Model.markov`, `Model.observe_each`).
 
     Attributes:
         name: the family's name; its members are ``f"{name}_{t}"``.
@@ -280,8 +280,8 @@ class Model:
 
         Sites declared inside the block whose function (prior, proposal or likelihood) shares one
         code object, closure and defaults (``int`` defaults such as ``t=t`` of proposals may differ)
-        are evaluated by :class:`tmcgraph.TMC` in one call, their arguments stacked along a new
-        leftmost batch dim (:mod:`tmcgraph.vectorise`).  Sites declared anywhere else are evaluated
+        are evaluated by `tmcgraph.TMC` in one call, their arguments stacked along a new
+        leftmost batch dim (`tmcgraph.vectorise`).  Sites declared anywhere else are evaluated
         one by one, always.  Example::
 
             with m.batch_sites():
@@ -295,8 +295,8 @@ class Model:
         effects.  With ``verify=True`` (default) the first evaluation of every new input layout
         (data batch shape, index sizes, the data's dtypes and devices) computes every group both
         site by site and batched, and a disagreement beyond float rounding, or a batched call that
-        fails, is a :class:`TMCError` naming the sites; ``verify=False`` trusts the promise from the
-        first evaluation on (no double work, as for :meth:`markov` families, and none of the checks
+        fails, is a `TMCError` naming the sites; ``verify=False`` trusts the promise from the
+        first evaluation on (no double work, as for `markov` families, and none of the checks
         made site by site, such as the proposal-support rule, for the batched roles).
 
         Args:
@@ -315,7 +315,7 @@ class Model:
 
         ``name_0 ~ init()``, ``name_t ~ transition(name_{t-1})``, each member proposed from
         ``proposal()`` independently.  The members are ordinary latent sites (one sample index
-        each: children name them, every estimator accepts them), but :class:`tmcgraph.TMC`
+        each: children name them, every estimator accepts them), but `tmcgraph.TMC`
         evaluates the family in a few batched calls: ``proposal`` once for all steps,
         ``transition`` once for all ``length - 1`` transitions, whose log-factors are built as
         one tensor.  Site by site the same model costs ``length`` calls of each function.
@@ -366,11 +366,11 @@ class Model:
         The members ``name_0 ..`` are ordinary observed sites (their values are given one by one
         in the data mapping, ``data[f"{name}_{t}"]``); vectorised evaluation calls ``likelihood``
         once for all steps, with the step as the rightmost batch dim and the optional ``t`` as
-        in :meth:`markov`.
+        in `markov`.
 
         Args:
             name: the family's name (members are ``f"{name}_{t}"``).
-            of: a family declared by :meth:`markov`.
+            of: a family declared by `markov`.
             likelihood: ``f(z[, t]) -> Distribution``.
             event_dim: event dims of one observation.
         """
@@ -393,7 +393,7 @@ class Model:
 
     @property
     def families(self) -> Mapping[str, Family]:
-        """Family name -> :class:`Family`, in declaration order (a read-only view)."""
+        """Family name -> `Family`, in declaration order (a read-only view)."""
         return MappingProxyType(self._families)
 
     def _check_new(self, name: str) -> None:
@@ -439,7 +439,7 @@ class Model:
 
     @property
     def sites(self) -> Mapping[str, Site]:
-        """Site name -> :class:`Site` (frozen), in declaration order (a read-only view)."""
+        """Site name -> `Site` (frozen), in declaration order (a read-only view)."""
         return self._sites_view
 
     @property
@@ -505,23 +505,23 @@ class Model:
         Args:
             K: samples per latent: an int for all, or ``{latent: K}`` for every
                 sampled latent (enumerated latents use their support size).
-            optimize: the path optimizer, as in :meth:`tmcgraph.FactorGraph.compile`.
+            optimize: the path optimizer, as in `tmcgraph.FactorGraph.compile`.
             memory_limit: the largest intermediate in elements, as in
-                :meth:`tmcgraph.FactorGraph.compile`.
+                `tmcgraph.FactorGraph.compile`.
             backend: ``"eager"`` (default) or ``"compiled"``: ``log_marginal``
                 then runs the whole objective (sampling, factors, contraction) as
                 one ``torch.compile``'d program from the second evaluation of each
                 data layout on (the first runs eagerly, with every check; the
                 compile itself takes seconds to minutes on a CPU); other methods
-                compile the contraction only (:mod:`tmcgraph.compiled`).
+                compile the contraction only (`tmcgraph.compiled`).
             shard: evaluate with this plate split across the processes of a
-                ``torch.distributed`` group (:class:`tmcgraph.distributed.Shard`;
+                ``torch.distributed`` group (`tmcgraph.distributed.Shard`;
                 this model declares the plate with the size of this process's shard).
             scan: contract chains of factors by a parallel scan: ``"auto"``, ``"always"``
-                or ``"never"``, as in :meth:`tmcgraph.FactorGraph.compile`.
+                or ``"never"``, as in `tmcgraph.FactorGraph.compile`.
 
         Returns:
-            a :class:`tmcgraph.TMC` estimator.
+            a `tmcgraph.TMC` estimator.
         """
         from .estimators import TMC
 

@@ -3,11 +3,11 @@
 A *path* here is opt_einsum's linear format: a list of tuples of positions in the
 current operand list; the operands at those positions are removed and their
 contraction appended.  Every path is scored with the same cost model
-(:func:`path_cost`, opt_einsum's FLOP count: the product of the sizes of all
+(`path_cost`, opt_einsum's FLOP count: the product of the sizes of all
 labels a step touches, times the number of terms, plus one for an inner sum), so
 paths from different optimizers are comparable.
 
-``"tree"`` (:func:`tree_path`) is ours: a min-fill (and a min-degree) elimination
+``"tree"`` (`tree_path`) is ours: a min-fill (and a min-degree) elimination
 order of the interaction graph of the summed labels, turned into a pairwise path
 that contracts the tensors holding the next label pairwise (smallest result first)
 and drops every label as soon as no other tensor holds it (single-operand
@@ -239,7 +239,7 @@ def search(inputs: Sequence[str], output: str, sizes: Dict[str, int], optimize: 
     Args:
         inputs: label string of each operand; output: labels of the result.
         sizes: size of every label.
-        optimize: ``"auto"`` or a name from :data:`OPTIMIZERS`.
+        optimize: ``"auto"`` or a name from `OPTIMIZERS`.
 
     Raises:
         TMCError: unknown optimizer name (the message lists the valid ones).

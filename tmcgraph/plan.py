@@ -1,7 +1,7 @@
-"""Plan: runs compiled stages (:mod:`tmcgraph.stages`) on tensors and explains itself.
+"""Plan: runs compiled stages (`tmcgraph.stages`) on tensors and explains itself.
 
 It never parses and never plans: the stages, and the slicing of einsum stages for
-a batch size under a memory limit, come from the compiler (:mod:`tmcgraph.compile`).
+a batch size under a memory limit, come from the compiler (`tmcgraph.compile`).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def _run_sliced(stage: EinsumStage, operands: Sequence[torch.Tensor]) -> torch.T
 class Plan:
     """A compiled contraction: structure and sizes only, reused across evaluations.
 
-    Built by :meth:`tmcgraph.FactorGraph.compile` (or internally by
-    :func:`tmcgraph.log_einsum`).  Evaluate with :meth:`log_sum`.
+    Built by `tmcgraph.FactorGraph.compile` (or internally by
+    `tmcgraph.log_einsum`).  Evaluate with `log_sum`.
 
     Attributes:
         treewidth: upper bound on the tree-width of the interaction graph of the
@@ -243,12 +243,12 @@ class Plan:
             state: Optional[RunState] = None) -> torch.Tensor:
         """Evaluate on already validated tensors, in input order (no checks).
 
-        ``state``: the caller's :class:`~tmcgraph._program.RunState` (see :meth:`log_sum`).
+        ``state``: the caller's `RunState` (see `log_sum`).
 
         ``plate_reduce=(plate, fn)`` applies ``fn`` to every value right after
         ``plate`` has been multiplied out of it (a plate product: a sum of
         log-values over the plate's elements), expanded to the full batch shape.
-        Sharded evaluation (:mod:`tmcgraph.distributed`) passes an all-reduce here.
+        Sharded evaluation (`tmcgraph.distributed`) passes an all-reduce here.
         """
         if plate_reduce is None and self._slicer is None and self._lowerable:
             key = tuple(tuple(t.shape) for t in tensors)
@@ -295,12 +295,12 @@ class Plan:
             factors: factor name -> tensor ``(*batch, *plates, *indices)`` in the
                 factor's declared orders.  Batch shapes broadcast across factors.
             backend: ``"eager"`` (default) or ``"compiled"``: the whole plan as one
-                ``torch.compile``'d program (:mod:`tmcgraph.compiled`), compiled on
+                ``torch.compile``'d program (`tmcgraph.compiled`), compiled on
                 first use per input shapes; same results (it falls back to eager
                 where precision could be lost).
             plate_reduce: ``(plate, fn)``: apply ``fn`` to every value right after
-                ``plate`` is multiplied out of it (see :meth:`run`; eager only).
-            state: a :class:`~tmcgraph._program.RunState` the caller keeps across its
+                ``plate`` is multiplied out of it (see `run`; eager only).
+            state: a `RunState` the caller keeps across its
                 evaluations (eager only): after the fast path lost precision on one, the
                 next few start with the exact kernels where it did.  ``None``: every
                 evaluation decides alone.  The values are exact either way, and a plan

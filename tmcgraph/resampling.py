@@ -1,12 +1,12 @@
 """Resampling from log-weights: ancestor indices, batched over leading dims.
 
-Used by :func:`tmcgraph.smc` and re-exported as :mod:`apg.resampling`.
+Used by `tmcgraph.smc` and re-exported as `apg.resampling`.
 
 ``resample(log_w, scheme)`` takes log-weights ``(*batch, L)`` (any real
 numbers, ``-inf`` for zero weight; only their differences matter) and returns
 ancestor indices ``(*batch, L)`` (int64) such that ``P(a = l) = w_l / sum w``
 for every draw (multinomial), or with the low-variance systematic scheme.
-Use :func:`gather` to apply ancestors to particle tensors.  Randomness comes
+Use `gather` to apply ancestors to particle tensors.  Randomness comes
 from ``generator`` (torch's default generator when ``None``).
 
 Example:

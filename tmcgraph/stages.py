@@ -1,13 +1,13 @@
-"""The plan IR: what the compiler (:mod:`tmcgraph.compile`) produces and the evaluator
-(:class:`tmcgraph.Plan`) runs.  Plain frozen data over labels and sizes; no tensors.
+"""The plan IR: what the compiler (`tmcgraph.compile`) produces and the evaluator
+(`tmcgraph.Plan`) runs.  Plain frozen data over labels and sizes; no tensors.
 
 A plan is a sequence of stages over numbered values: the inputs are ``0..n-1``
 and every stage appends one value.
 
-* :class:`EinsumStage`: a log-domain einsum of some values, executed as a
+* `EinsumStage`: a log-domain einsum of some values, executed as a
   pairwise path (``steps``), optionally sliced to respect a memory limit;
-* :class:`ProductStage`: a plate product, i.e. a sum of log-factors over plate dims;
-* :class:`ScanStage`: a chain of pairwise values (a Markov chain's transitions) contracted
+* `ProductStage`: a plate product, i.e. a sum of log-factors over plate dims;
+* `ScanStage`: a chain of pairwise values (a Markov chain's transitions) contracted
   by a parallel scan, ``log2`` of its length batched steps instead of one step per link.
 """
 
@@ -38,7 +38,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class Step:
-    """One pairwise (or unary) contraction of an :class:`EinsumStage`.
+    """One pairwise (or unary) contraction of an `EinsumStage`.
 
     Attributes:
         positions: positions, in the stage's current operand list, of the operands

@@ -3,7 +3,7 @@
 Importance weights ``p(z) / q(z)`` are unbiased only if ``q`` puts mass everywhere ``p`` does, so the
 rule for a latent is *containment*: the proposal's support must contain the prior's.  A wider
 proposal is valid (``Normal`` for a ``HalfNormal`` prior, ``Uniform(0, 2)`` for ``Uniform(0, 1)``):
-the prior's log-density is ``-inf`` at samples outside its support (:func:`log_prob_in_support`),
+the prior's log-density is ``-inf`` at samples outside its support (`log_prob_in_support`),
 never an exception.  A narrower one is refused, naming the latent.
 
 Supports are compared as ranges: real intervals (``real``, ``positive``, ``nonnegative``,
@@ -14,7 +14,7 @@ lies within ``nonnegative`` and the other way round); integer ranges (``boolean`
 discrete proposal for a continuous prior (or the reverse) is refused: the weight would divide a
 mass by a density.  Other supports (``simplex``, ``positive_definite``, ...) must be equal.
 
-Checks on tensors go through :class:`Checks`: eagerly they raise at once; inside ``torch.compile``'d
+Checks on tensors go through `Checks`: eagerly they raise at once; inside ``torch.compile``'d
 code (no host sync there) they are collected as flags that the caller checks once, after the program.
 """
 
@@ -126,9 +126,9 @@ def describe(c: constraints.Constraint) -> str:
 class Checks:
     """The value checks of one evaluation.
 
-    :meth:`require` raises a :class:`TMCError` at once when a check fails, eagerly; inside
+    `require` raises a `TMCError` at once when a check fails, eagerly; inside
     ``torch.compile``'d code, where a host sync would break the graph, it records the check's flag
-    instead, and :meth:`passed` is then the conjunction (a 0-d bool tensor) for the caller to check
+    instead, and `passed` is then the conjunction (a 0-d bool tensor) for the caller to check
     after the program (and to evaluate eagerly again, which raises, when it is false)."""
 
     def __init__(self) -> None:
@@ -156,7 +156,7 @@ def check_proposal(name: str, prior: Distribution, proposal: Distribution, check
     """Check that ``proposal``'s support contains ``prior``'s (see the module docstring).
 
     Returns:
-        whether the prior's log-density must be masked (:func:`log_prob_in_support`): ``False`` only
+        whether the prior's log-density must be masked (`log_prob_in_support`): ``False`` only
         when the two supports are the same without looking at tensor values.
 
     Raises:
@@ -263,7 +263,7 @@ def observed_log_prob(owner: str, d: Distribution, value: torch.Tensor, index_di
     """The likelihood's log-density of an observed value, after checking the value.
 
     The value's event shape must be the likelihood's (nothing is broadcast into it), and a value outside a
-    support that does not depend on the samples (:func:`observed_support`) is an error naming the
+    support that does not depend on the samples (`observed_support`) is an error naming the
     observation; under a support that does, the log-density is ``-inf`` there.  A likelihood built with
     ``validate_args=False`` (or with torch's validation switched off) is taken at its word, as torch
     does: its value is not checked (a ``Bernoulli`` of grey levels in ``[0, 1]``, say).
@@ -273,7 +273,7 @@ def observed_log_prob(owner: str, d: Distribution, value: torch.Tensor, index_di
         d: its likelihood, in the layout.
         value: the value in the layout ``(*batch, *layout dims, *event)``.
         index_dims: the sample-index dims' positions from the right of the batch shape.
-        checks: where a check on values goes (:class:`Checks`).
+        checks: where a check on values goes (`Checks`).
 
     Returns:
         ``(log-density, the support checked or None)``.

@@ -1,6 +1,6 @@
 """The brute-force oracle and random factor graphs, public so users can check their own graphs.
 
-``brute_force_log_sum`` implements the plate semantics of :class:`~tmcgraph.FactorGraph`
+``brute_force_log_sum`` implements the plate semantics of `FactorGraph`
 literally: it unrolls every plate, materialises the log-weight of every joint
 assignment of every index copy in float64 and takes one logsumexp.  It shares no
 code with the compiler.  Cost: ``prod(K ** copies)``, so keep graphs tiny.
@@ -119,7 +119,7 @@ def random_factor_graph(
     num_indices: Optional[int] = None,
     max_size: int = 3,
 ) -> FactorGraph:
-    """A seeded random factor graph small enough for :func:`brute_force_log_sum`.
+    """A seeded random factor graph small enough for `brute_force_log_sum`.
 
     Args:
         seed: the graph is a function of the seed (and the other arguments).

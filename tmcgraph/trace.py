@@ -1,13 +1,13 @@
 """Sampling and factor building: one draw of every latent and the log-factors over sample indices.
 
-Every estimator builds on :func:`trace`: it visits the sites in topological
+Every estimator builds on `trace`: it visits the sites in topological
 order, draws each sampled latent from its proposal (a mixture over its latent
 parents' samples when they live on other indices, appendix C of the TMC paper),
 and turns prior, proposal and likelihood densities into log-factors
 ``(*batch, *plates, *indices)``.  What differs between estimators is the index
-assignment in the :class:`~tmcgraph.layout.Layout`.  :func:`site_density`, the
+assignment in the `Layout`.  `site_density`, the
 checked call of one site's prior or likelihood, is shared with
-:class:`~tmcgraph.JointDensity`, which evaluates given values instead of sampling.
+`JointDensity`, which evaluates given values instead of sampling.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Trace:
             the path through the reparameterised samples (appendix F's w-hat).
         samples: with ``detach_samples=True``, latent -> the reparameterised
             samples (``values`` then holds detached leaves of them).
-        checks: the value checks made (:class:`tmcgraph.support.Checks`); inside ``torch.compile``'d
+        checks: the value checks made (`tmcgraph.support.Checks`); inside ``torch.compile``'d
             code, their flags.
         supports: observation -> the support its value was checked against (when it does not
             depend on the samples).
@@ -96,7 +96,7 @@ def site_density(layout: Layout, model: Model, name: str, values: Mapping[str, t
 
     Calls the site's function with its parents' values (in the layout) and checks
     the distribution: it may vary along its parents' indices and its plates only
-    (:meth:`Layout.density`); errors name the site and the function.
+    (`Layout.density`); errors name the site and the function.
 
     Args:
         layout: the evaluation's layout.
@@ -105,7 +105,7 @@ def site_density(layout: Layout, model: Model, name: str, values: Mapping[str, t
         values: at least the site's parents -> values in the layout.
         event_dims: the same keys -> number of event dims.
         sample_index: expand the result along this index as well (e.g. the
-            particle index of :class:`~tmcgraph.JointDensity`).
+            particle index of `JointDensity`).
 
     Returns:
         the distribution, expanded to the layout.
@@ -234,8 +234,8 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         rng: ``rng(name)`` is a context manager entered around the random draws
             of sampled latent ``name`` (sharded evaluation switches between a
             stream shared by all processes and a per-process one).
-        groups: an estimator's batching state (:mod:`tmcgraph.vectorise`): sites declared in
-            :meth:`Model.batch_sites` that share a function are evaluated in one call.
+        groups: an estimator's batching state (`tmcgraph.vectorise`): sites declared in
+            `Model.batch_sites` that share a function are evaluated in one call.
     """
     layout = layout.copy()  # enumerated sizes are filled in on the copy, returned in the Trace
     values: Dict[str, torch.Tensor] = {}

@@ -1,8 +1,8 @@
-"""Sites declared in :meth:`Model.batch_sites` that share a function, evaluated in one batched call (TMC traces).
+"""Sites declared in `Model.batch_sites` that share a function, evaluated in one batched call (TMC traces).
 
 A chain written as ``for t in range(T): m.latent(f"z{t}", prior=lambda prev: Normal(0.9 * prev, s), ...)``
 creates ``T`` functions with one code object and one closure.  Under the layout contract of
-:mod:`tmcgraph.model` a site function broadcasts over leading data-batch dims, so such sites can be
+`tmcgraph.model` a site function broadcasts over leading data-batch dims, so such sites can be
 evaluated together: their arguments are stacked along a new leftmost batch dim (one per member),
 the function is called once, and the log-density is unbound into the members' factors.  Three roles
 are batched, each over sites without plates whose latents sit on indices of one size:
@@ -15,11 +15,11 @@ are batched, each over sites without plates whose latents sit on indices of one 
 
 Batching is an optimisation, never a change of meaning, and no check made on some inputs can prove
 that a function broadcasts on all of them (a function may read its argument's shape, branch on its
-values, or count its calls).  So only sites declared in :meth:`Model.batch_sites`, whose author promises
+values, or count its calls).  So only sites declared in `Model.batch_sites`, whose author promises
 that their functions follow the layout contract, are grouped; every other site is evaluated on its own.
 A declared group with ``verify=True`` is computed both ways at the first evaluation of every new input
 layout (data batch shape, index sizes, the data's dtypes and devices); a disagreement beyond float
-rounding, or a batched call that fails, is a :class:`TMCError` naming the sites, never a silent fallback.
+rounding, or a batched call that fails, is a `TMCError` naming the sites, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Group:
     """Sites whose function (of role ``role``) shares code, closure and defaults.
 
     ``varying``: names of ``int`` defaults that differ between members (proposals only);
-    ``mode``: ``"verify"`` or ``"trust"`` (:meth:`Model.batch_sites`)."""
+    ``mode``: ``"verify"`` or ``"trust"`` (`Model.batch_sites`)."""
 
     role: str
     members: Tuple[str, ...]
@@ -161,7 +161,7 @@ class Groups:
 
 
 class Batch:
-    """The batched groups of one evaluation (built by :meth:`Groups.active`)."""
+    """The batched groups of one evaluation (built by `Groups.active`)."""
 
     def __init__(self, model: Model, layout: Layout, groups: Sequence[Group], state: Groups, key: tuple) -> None:
         self.model, self.layout, self.state, self.key = model, layout, state, key

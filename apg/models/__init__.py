@@ -1,6 +1,6 @@
 """The models apg trains and evaluates, by name (``apg train NAME``, ``apg evaluate NAME``).
 
-Each model is a :class:`~apg.models.base.Problem`; :func:`get` looks one up and
+Each model is a `Problem`; `get` looks one up and
 lists the valid names when the name is unknown.
 """
 

@@ -1,9 +1,9 @@
-"""What a model gives the generic training and evaluation drivers: a :class:`Problem`.
+"""What a model gives the generic training and evaluation drivers: a `Problem`.
 
 A problem bundles a model (its generative model, with or without learned
 parameters theta), its training data, the proposal architectures (*methods*,
 e.g. APG and the RWS baselines) and how its results are evaluated.  The
-drivers (:func:`apg.train.train`, :func:`apg.evaluate.evaluate`, the ``apg``
+drivers (`apg.train.train`, `apg.evaluate.evaluate`, the ``apg``
 command line) only talk to this interface; models never train.
 """
 
@@ -34,7 +34,7 @@ class Method:
         name: e.g. ``"apg"``, ``"rws-mlp"``.
         description: one line for ``--help``.
         one_shot: trained and evaluated with ``num_sweeps = 1`` (RWS: no block kernels).
-        train_defaults: training settings (fields of :class:`apg.train.TrainConfig`)
+        train_defaults: training settings (fields of `apg.train.TrainConfig`)
             that reproduce the checkpoint shipped for this method.
     """
 
@@ -50,12 +50,12 @@ class Problem(ABC):
     Attributes:
         name: the registry name (``apg train NAME``).
         description: one line for ``--help``.
-        methods: method name -> :class:`Method`, the first being the default.
+        methods: method name -> `Method`, the first being the default.
         metric_fields: extra per-iteration training metrics (columns of metrics.csv).
         optional_methods: methods evaluated only when a checkpoint of theirs is found.
         theta_terms: where eq. 6 (the model's gradient) is recorded during training: ``"step"`` after
             every block update, ``"sweep"`` after each sweep's last block only (for models whose log
-            joint is costly, see :func:`apg.sampler.sweep`).
+            joint is costly, see `apg.sampler.sweep`).
     """
 
     name: str = ""
@@ -66,7 +66,7 @@ class Problem(ABC):
     theta_terms: str = "step"
 
     def method(self, name: str) -> Method:
-        """The :class:`Method` called ``name``; an error lists the valid ones."""
+        """The `Method` called ``name``; an error lists the valid ones."""
         if name not in self.methods:
             raise APGError(f"model {self.name!r} has no method {name!r}; valid: {sorted(self.methods)} (--method)")
         return self.methods[name]
@@ -76,15 +76,15 @@ class Problem(ABC):
         return {}
 
     def with_config(self, config: Dict[str, Any]) -> "Problem":
-        """The same problem with the settings of :meth:`config` (as stored with a checkpoint)."""
+        """The same problem with the settings of `config` (as stored with a checkpoint)."""
         return self
 
     def add_train_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add the model's own ``apg train NAME`` options (settings of :meth:`config`, e.g. a data source)."""
+        """Add the model's own ``apg train NAME`` options (settings of `config`, e.g. a data source)."""
         return None  # none by default
 
     def from_arguments(self, args: argparse.Namespace) -> "Problem":
-        """The problem with the settings of the options added by :meth:`add_train_arguments`."""
+        """The problem with the settings of the options added by `add_train_arguments`."""
         return self
 
     @abstractmethod
@@ -117,7 +117,7 @@ class Problem(ABC):
 
     def train_metrics(self, proposals: nn.Module, model: nn.Module, x: torch.Tensor,
                       result: Result) -> Dict[str, float]:
-        """Extra metrics of a training batch (keys from :attr:`metric_fields`)."""
+        """Extra metrics of a training batch (keys from `metric_fields`)."""
         return {}
 
     # -- evaluation --------------------------------------------------------------
@@ -131,7 +131,7 @@ class Problem(ABC):
         """Evaluate trained proposals.
 
         Args:
-            trained: method -> its loaded networks (:func:`apg.trained.load_proposals`; each of this
+            trained: method -> its loaded networks (`apg.trained.load_proposals`; each of this
                 model, checked by the caller).
             options: the model's evaluation options (``apg evaluate NAME`` flags,
                 by their ``dest``; missing ones take their defaults).
@@ -145,4 +145,4 @@ class Problem(ABC):
 
     @abstractmethod
     def format(self, out: Dict[str, Any]) -> str:
-        """The results of :meth:`evaluate` as text."""
+        """The results of `evaluate` as text."""

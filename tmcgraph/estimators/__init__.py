@@ -1,9 +1,9 @@
-"""Estimators on a declared :class:`~tmcgraph.Model`: TMC, IWAE, SMC, DReGs, posterior summaries.
+"""Estimators on a declared `Model`: TMC, IWAE, SMC, DReGs, posterior summaries.
 
-One estimator a module: :mod:`.tmc`, :mod:`.iwae`, :mod:`.smc`, :mod:`.dregs`, :mod:`.posterior`,
-over :mod:`.base`; sampling and factor building are :func:`tmcgraph.trace.trace`.
+One estimator a module: `.tmc`, `.iwae`, `.smc`, `.dregs`, `.posterior`,
+over `.base`; sampling and factor building are `tmcgraph.trace.trace`.
 
-All of them share one sampling routine, :func:`~tmcgraph.trace.trace`, that draws samples in
+All of them share one sampling routine, `trace`, that draws samples in
 topological order and turns prior, proposal and likelihood densities into
 log-factors over sample indices.  What differs is the index assignment:
 
@@ -15,7 +15,7 @@ log-factors over sample indices.  What differs is the index assignment:
 * Enumerated latents (``enumerate=True``) always get their own index over their
   support, with no proposal and no ``1/K`` (appendix D).
 
-The log-factors go into a :class:`~tmcgraph.FactorGraph` compiled once; the
+The log-factors go into a `FactorGraph` compiled once; the
 estimate is ``plan.log_sum(factors) - sum over sampled index copies of log K``.
 """
 

@@ -1,7 +1,7 @@
 """DReGs for TMC: the surrogate whose gradient w.r.t. proposal parameters is unbiased for
 ``grad E[log P_TMC]`` with per-sample weights, and the paper's eq. 60 (Aitchison, NeurIPS 2019,
 appendix F), which is biased for more than one latent.  The derivation is in
-``docs/estimators/dregs.md`` and in :meth:`tmcgraph.TMC.dregs_surrogate`.
+``docs/estimators/dregs.md`` and in `tmcgraph.TMC.dregs_surrogate`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def check_factorised(model: Model, sampled: Sequence[str]) -> None:
 def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequence[str], *,
               backend: str = "eager", log_sum: Optional[Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = None,
               marginal_scale: Optional[Callable[[str], float]] = None) -> torch.Tensor:
-    """The TMC DReGs surrogate of a trace made with ``detach_samples=True`` (see :meth:`TMC.dregs_surrogate`).
+    """The TMC DReGs surrogate of a trace made with ``detach_samples=True`` (see `TMC.dregs_surrogate`).
 
     Args:
         model: the model.
@@ -83,7 +83,7 @@ def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequenc
 
 def paper_surrogate(tr: Trace, plan: Plan, *, state: Optional[RunState] = None) -> torch.Tensor:
     """Appendix F's eq. 60 on a trace made with ``dregs=True`` (biased for more than one latent);
-    ``state``: the estimator's :class:`~tmcgraph._program.RunState`."""
+    ``state``: the estimator's `RunState`."""
     assert tr.hat_factors is not None
     with torch.no_grad():
         log_w = plan.log_sum({n: f.detach() for n, f in tr.factors.items()}, state=state)

@@ -20,7 +20,7 @@ __all__ = ["Posterior"]
 
 
 class Posterior:
-    """Posterior summaries of one TMC draw (built by :meth:`TMC.posterior`).
+    """Posterior summaries of one TMC draw (built by `TMC.posterior`).
 
     Attributes:
         log_marginal: ``(*batch,)`` log P_TMC of this draw.

@@ -27,7 +27,7 @@ __all__ = ["TMC"]
 
 
 class TMC(GraphEstimator):
-    """The Tensor Monte Carlo estimator of a model (built by :meth:`Model.compile`).
+    """The Tensor Monte Carlo estimator of a model (built by `Model.compile`).
 
     ``P_TMC = 1/prod(K) * sum over all combinations of sample indices of
     p(x, z^k) / prod_i Q(z_i^{k_i})``, an unbiased estimate of ``p(x)``, computed
@@ -35,11 +35,11 @@ class TMC(GraphEstimator):
 
     Attributes:
         K: samples per sampled latent.
-        plan: the compiled :class:`~tmcgraph.Plan` (``plan.treewidth``, ``plan.describe()``).
-        graph: the :class:`~tmcgraph.FactorGraph` of sample indices.
-        backend: ``"eager"`` or ``"compiled"``: how the plan runs (:meth:`Plan.log_sum`).
+        plan: the compiled `Plan` (``plan.treewidth``, ``plan.describe()``).
+        graph: the `FactorGraph` of sample indices.
+        backend: ``"eager"`` or ``"compiled"``: how the plan runs (`Plan.log_sum`).
         scan: whether chains of factors are contracted by a parallel scan (``"auto"``,
-            ``"always"``, ``"never"``; :meth:`tmcgraph.FactorGraph.compile`).
+            ``"always"``, ``"never"``; `tmcgraph.FactorGraph.compile`).
     """
 
     def __init__(self, model: Model, K: Union[int, Mapping[str, int]], *, optimize: str = "auto",
@@ -90,12 +90,12 @@ class TMC(GraphEstimator):
 
     # -- the compiled objective ------------------------------------------------------------
     def _compiled_log_marginal(self, data: Mapping[str, object]) -> torch.Tensor:
-        """:meth:`log_marginal` with sampling, factors and contraction as one ``torch.compile``'d program.
+        """`log_marginal` with sampling, factors and contraction as one ``torch.compile``'d program.
 
         The first evaluation per data layout runs eagerly (every check, the layout probes and the
         verification of batched site groups); later ones run the program, compiled on first use.  Every
         call checks the data before the program runs, eagerly and with one host sync: names, NaN and
-        infinite values (:func:`~tmcgraph.layout.data_batch_shape`), and each observed value against the
+        infinite values (`data_batch_shape`), and each observed value against the
         support its likelihood had at the first evaluation.  The program returns three flags, checked
         together after it: the underflow flag of the contraction (where a shifted sum lost precision, or a
         NaN or ``+inf`` appeared, the same draw's factors are contracted again by the exact eager
@@ -175,7 +175,7 @@ class TMC(GraphEstimator):
 
     def _log_sum(self, plan: Plan, factors: Mapping[str, torch.Tensor], *, share: bool) -> torch.Tensor:
         """``plan.log_sum``; sharded: all-reduced over the plate, replicated factors' gradients shared
-        (``share=True``: divided by the world size, see :mod:`tmcgraph.distributed`)."""
+        (``share=True``: divided by the world size, see `tmcgraph.distributed`)."""
         shard = self.shard
         if shard is None:
             return plan.log_sum(factors, backend=self.backend, state=self._run_state)
@@ -198,13 +198,13 @@ class TMC(GraphEstimator):
             grad = sum_i sum_k m_i(k) * d log P_TMC / d z_i^k * d z_i^k / d phi
 
         with ``m`` held fixed.  The surrogate's value is ``log P_TMC`` (the same
-        number :meth:`log_marginal` gives for this draw); its gradient is the
+        number `log_marginal` gives for this draw); its gradient is the
         sum above.  The weights ``m_i(k)`` and the derivatives ``d log P / dz``
         come from one backward pass through the plan.  Plates: one weight per
         plate element.  For one latent it is IWAE's DReGs (Tucker et al. 2019).
         Proposals must be reparameterised and *factorised*: a proposal with
         latent parents is a mixture over their samples, whose samples are not
-        independent, and is refused with a :class:`TMCError` naming the latent.
+        independent, and is refused with a `TMCError` naming the latent.
 
         ``form="paper"``: appendix F's eq. 60,
         ``1/2 * (sum w_bar^2 / (sum w_bar)^2) * log sum w_hat^2`` over all index
@@ -214,7 +214,7 @@ class TMC(GraphEstimator):
         per-sample ones the identity needs); kept to compare with the paper.
 
         Use the gradient w.r.t. proposal parameters only; for model parameters
-        use :meth:`log_marginal`.
+        use `log_marginal`.
 
         Args:
             data: observation name -> value ``(*batch, *plates, *event)``.
@@ -250,7 +250,7 @@ class TMC(GraphEstimator):
         """Draw samples, contract, and return posterior summaries over them.
 
         Returns:
-            a :class:`Posterior` with the per-latent marginal weights over
+            a `Posterior` with the per-latent marginal weights over
             samples (autodiff of ``log P_TMC``), posterior means and backward
             sampling through the contraction.
         """

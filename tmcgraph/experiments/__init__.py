@@ -1,8 +1,8 @@
 """The TMC paper's experiments, one module each, behind the ``tmcgraph`` command line.
 
-* :mod:`.treewidth`: appendix H (TMC vs IWAE on a random sparse linear-Gaussian model).
-* :mod:`.gaussian`: Fig. 7 (TMC, SMC, IWAE vs the Kalman filter on a chain).
-* :mod:`.dregs`: the DReGs surrogate (appendix F): gradient signal-to-noise ratio
+* `.treewidth`: appendix H (TMC vs IWAE on a random sparse linear-Gaussian model).
+* `.gaussian`: Fig. 7 (TMC, SMC, IWAE vs the Kalman filter on a chain).
+* `.dregs`: the DReGs surrogate (appendix F): gradient signal-to-noise ratio
   against K, and proposals trained with each gradient.
 """
 

@@ -7,8 +7,8 @@ This experiment measures the same for TMC (Aitchison, NeurIPS 2019, appendix F)
 on a plated global/local linear-Gaussian model, for three gradients of the
 proposal parameters:
 
-* ``reparameterised``: the gradient of :meth:`TMC.log_marginal` (unbiased);
-* ``dregs``: :meth:`TMC.dregs_surrogate` (per-sample weights; unbiased);
+* ``reparameterised``: the gradient of `TMC.log_marginal` (unbiased);
+* ``dregs``: `TMC.dregs_surrogate` (per-sample weights; unbiased);
 * ``dregs-paper``: the paper's eq. 54/60, ``form="paper"`` (biased for more
   than one latent).
 

@@ -1,6 +1,6 @@
 """Fig. 7 of the TMC paper: TMC, SMC and IWAE against the Kalman filter on a linear-Gaussian chain.
 
-The functions return plain dicts of numbers; :mod:`tmcgraph.cli` prints, plots
+The functions return plain dicts of numbers; `tmcgraph.cli` prints, plots
 and serialises them.
 """
 
@@ -38,7 +38,7 @@ def chain_model(N: int, *, a: float = 0.9, obs_sd: float = 1.0) -> Model:
 
 
 def kalman_log_marginal(x: torch.Tensor, *, a: float = 0.9, obs_sd: float = 1.0) -> float:
-    """Exact log p(x_1..x_N) of :func:`chain_model` by Kalman filtering (float64)."""
+    """Exact log p(x_1..x_N) of `chain_model` by Kalman filtering (float64)."""
     q, r = 1 - a * a, obs_sd**2
     mean, var, total = 0.0, 1.0, 0.0
     for t, xt in enumerate(x.double().tolist()):

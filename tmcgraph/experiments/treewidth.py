@@ -1,6 +1,6 @@
 """Appendix H of the TMC paper: TMC against IWAE on a random sparse linear-Gaussian model.
 
-The functions return plain dicts of numbers; :mod:`tmcgraph.cli` prints, plots
+The functions return plain dicts of numbers; `tmcgraph.cli` prints, plots
 and serialises them.
 """
 
@@ -56,7 +56,7 @@ def sparse_model(problem: SparseProblem, dtype: torch.dtype = torch.float32, *, 
     """The appendix H model: one latent per column, one observation per row; proposal = prior.
 
     ``batch``: ``"no"`` declares the sites one by one; ``"verify"`` / ``"trust"`` declares them in
-    :meth:`Model.batch_sites` with ``verify=True`` / ``False`` (the likelihoods of observations with the
+    `Model.batch_sites` with ``verify=True`` / ``False`` (the likelihoods of observations with the
     same number of parents are then evaluated in one call)."""
     m = Model()
     zero, one = torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype)

@@ -1,14 +1,14 @@
 """Bouncing MNIST (Wu et al., ICML 2020, section 5.5), registered as ``"bmnist"``.
 
-* :mod:`.digits`: digit images from MNIST's IDX files (``--mnist-dir``) or scikit-learn's
+* `.digits`: digit images from MNIST's IDX files (``--mnist-dir``) or scikit-learn's
   bundled 8x8 digits (no download).
-* :mod:`.simulate`: the spatial transformer (:func:`place`, :func:`crop`), the
+* `.simulate`: the spatial transformer (`place`, `crop`), the
   bouncing physics and the seeded video simulator, with the paper's and a CPU profile.
-* :mod:`.model`: the generative model as a tmcgraph ``Model`` (learned digit decoder,
+* `.model`: the generative model as a tmcgraph ``Model`` (learned digit decoder,
   Markov positions, Bernoulli frames) and its Markov blankets.
-* :mod:`.networks`: the proposals (positions by template correlation, digit by digit;
-  digits from spatial-transformer crops); :mod:`.sampler`: the APG sampler, T + 1 blocks.
-* :mod:`.problem`: the problem the generic drivers train and evaluate; :mod:`.evaluation`:
+* `.networks`: the proposals (positions by template correlation, digit by digit;
+  digits from spatial-transformer crops); `.sampler`: the APG sampler, T + 1 blocks.
+* `.problem`: the problem the generic drivers train and evaluate; `.evaluation`:
   Fig. 4 (reconstruction MSE against sweeps, for T and D beyond training) and Fig. 3.
 """
 

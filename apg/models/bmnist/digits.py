@@ -1,11 +1,11 @@
 """Digit images for bouncing MNIST, offline: MNIST from IDX files, or scikit-learn's bundled 8x8 digits.
 
-* :func:`read_idx`: an IDX image file (the MNIST format), gzipped or not.
-* :func:`mnist`: MNIST's training images from a directory holding the standard file
+* `read_idx`: an IDX image file (the MNIST format), gzipped or not.
+* `mnist`: MNIST's training images from a directory holding the standard file
   (``train-images-idx3-ubyte`` or ``train-images-idx3-ubyte.gz``); nothing is downloaded.
-* :func:`sklearn_digits`: the 1,797 8x8 digits that ship with scikit-learn
+* `sklearn_digits`: the 1,797 8x8 digits that ship with scikit-learn
   (``sklearn.datasets.load_digits``, no download; ``pip install -e ".[bmnist]"``).
-* :func:`load_digits`: one of them, optionally resized to the profile's digit size.
+* `load_digits`: one of them, optionally resized to the profile's digit size.
 
 Images are float32 tensors ``(n, h, w)`` with values in ``[0, 1]``.
 """
@@ -54,7 +54,7 @@ def read_idx(path: str) -> torch.Tensor:
 
 
 def mnist(directory: str) -> torch.Tensor:
-    """MNIST's training images ``(60000, 28, 28)`` in ``[0, 1]`` from ``directory`` (see :data:`MNIST_FILES`)."""
+    """MNIST's training images ``(60000, 28, 28)`` in ``[0, 1]`` from ``directory`` (see `MNIST_FILES`)."""
     for name in MNIST_FILES:
         path = os.path.join(directory, name)
         if os.path.exists(path):

@@ -2,11 +2,11 @@
 paper (Wu et al., ICML 2020), on videos longer and with more digits than in training.
 
 For every video length T and digit count D asked for, ``num_videos`` held-out videos are simulated from
-the held-out digit images (:func:`.digits.split_digits`) with ``seed``; the APG sampler runs ``max(sweeps)``
+the held-out digit images (`.digits.split_digits`) with ``seed``; the APG sampler runs ``max(sweeps)``
 sweeps with L particles, and after each sweep K in ``sweeps`` the reconstruction is scored:
 
 * ``mse``: the mean over videos, frames and pixels of ``(x - x_hat)^2``, where ``x_hat`` is the
-  posterior-mean reconstruction (:func:`.model.posterior_reconstruction`: the particles' Bernoulli
+  posterior-mean reconstruction (`.model.posterior_reconstruction`: the particles' Bernoulli
   means averaged with their normalised weights after sweep K; K = 1 is the one-shot proposal).
 * ``mse_blank``: the same for an empty reconstruction (``x_hat = 0``, i.e. the mean of ``x^2``): a scale
   for ``mse`` (a sampler that explains nothing scores about this).
@@ -85,7 +85,7 @@ def mse_rows(problem: Any, nets: BMNISTProposals, decoder: DigitDecoder, frames:
              particles: int, sweeps: Sequence[int], generator: torch.Generator,
              one_shot: bool = False) -> Tuple[List[Dict[str, Any]], Any]:
     """MSE after each sweep count in ``sweeps`` on ``frames (B, T, H, H)``: rows
-    ``{"sweeps", "mse", "mse_blank"}`` and the :class:`apg.sampler.Result` (states after every sweep)."""
+    ``{"sweeps", "mse", "mse_blank"}`` and the `apg.sampler.Result` (states after every sweep)."""
     T = frames.shape[-3]
     sampler = problem.sampler(nets, decoder, num_digits=num_digits, num_frames=T, one_shot=one_shot)
     K = 1 if one_shot else max(sweeps)
@@ -110,8 +110,8 @@ def evaluate_bmnist(trained: Dict[str, "Trained"], options: Mapping[str, Any], *
 
     Args:
         trained: method (``"apg"``, optionally ``"rws"``) -> its loaded bmnist networks
-            (:func:`apg.trained.load_proposals`).
-        options: ``apg evaluate bmnist``'s options by ``dest`` (see :func:`add_arguments`).
+            (`apg.trained.load_proposals`).
+        options: ``apg evaluate bmnist``'s options by ``dest`` (see `add_arguments`).
         plots: a directory for ``fig4.png``, ``fig3-D{D}.png`` and ``training.png``.
         metrics: method -> its training metrics.csv (for the training curves).
         progress: a progress bar on stderr (one step per (method, T, D)).

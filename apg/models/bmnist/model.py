@@ -8,8 +8,8 @@ Per video, D digits and T frames::
     x_t ~ Bernoulli(clamp(sum_d place(g_theta(what_d), where_{t,d}), eps, 1 - eps))
                                               observation "x_t", event (H, H)
 
-``g_theta`` (:class:`DigitDecoder`) maps a code to a digit image (appendix E: FC 200 ReLU, FC 400
-ReLU, sigmoid pixels); ``place`` is the spatial transformer of :mod:`.simulate`.  The likelihood is
+``g_theta`` (`DigitDecoder`) maps a code to a digit image (appendix E: FC 200 ReLU, FC 400
+ReLU, sigmoid pixels); ``place`` is the spatial transformer of `.simulate`.  The likelihood is
 the official code's Bernoulli log-likelihood of frames with values in ``[0, 1]``
 (``x log p + (1 - x) log(1 - p)``, not a normalised density for fractional ``x``, as in the paper's
 experiments).  The factor of ``x_t`` touches ``what`` and ``where_t`` only, so the Markov blanket of
@@ -86,7 +86,7 @@ def reconstruct(decoder: DigitDecoder, what: torch.Tensor, where: torch.Tensor, 
 def bmnist_model(cfg: BMNISTConfig, decoder: DigitDecoder, num_frames: Optional[int] = None,
                  num_digits: Optional[int] = None, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None) -> Model:
-    """The model as a :class:`tmcgraph.Model`: latents ``what``, ``where_1 .. where_T``; observations
+    """The model as a `tmcgraph.Model`: latents ``what``, ``where_1 .. where_T``; observations
     ``x_1 .. x_T`` (one frame each, event ``(H, H)``).  T and D default to the profile's."""
     T = cfg.num_frames if num_frames is None else num_frames
     D = cfg.num_digits if num_digits is None else num_digits
@@ -129,7 +129,7 @@ def log_joint(frames: torch.Tensor, what: torch.Tensor, where: torch.Tensor, dec
 
 class BMNISTDensity:
     """``log p_theta(x, z)`` and the Markov blankets of the blocks ``what`` and ``where_t``, from
-    :class:`tmcgraph.JointDensity` of :func:`bmnist_model` (one per T, D, dtype and device)."""
+    `tmcgraph.JointDensity` of `bmnist_model` (one per T, D, dtype and device)."""
 
     def __init__(self, cfg: BMNISTConfig, decoder: DigitDecoder) -> None:
         self.cfg, self.decoder = cfg, decoder
@@ -138,7 +138,7 @@ class BMNISTDensity:
         self._blankets: Dict[Tuple[JointDensity, str], Tuple[str, ...]] = {}
 
     def _frames(self, frames: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """:func:`frames_to_data`, the same dict for the same unmodified frames (so the density's data check
+        """`frames_to_data`, the same dict for the same unmodified frames (so the density's data check
         runs once per batch, not once per blanket)."""
         if self._data is None or self._data[0] is not frames or self._data[1] != frames._version:
             self._data = (frames, frames._version, frames_to_data(frames))
@@ -160,7 +160,7 @@ class BMNISTDensity:
         return out
 
     def log_joint(self, frames: torch.Tensor, state: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """``frames (*B, T, H, H)``, state as :meth:`_state` -> ``(*B, L)``."""
+        """``frames (*B, T, H, H)``, state as `_state` -> ``(*B, L)``."""
         d = self.density(frames.shape[-3], state["what"].shape[-2], frames)
         return d.log_prob(self._state(state), self._frames(frames))
 

@@ -147,7 +147,7 @@ class WhereKernel:
 
     def sample(self, generator: Optional[torch.Generator] = None):
         """Draw frame ``t``'s positions; the walk's density of the draw is kept (with autograd when it is
-        enabled) and returned by :meth:`log_prob` of the same values, so drawing and scoring cost one walk."""
+        enabled) and returned by `log_prob` of the same values, so drawing and scoring cost one walk."""
         if self.base is None:
             raise ValueError("WhereKernel.sample needs the other frames' positions (base)")
         w, lq = self._walk(None, generator)

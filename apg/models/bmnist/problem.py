@@ -1,14 +1,14 @@
-"""Bouncing MNIST for the generic drivers (:class:`apg.models.base.Problem`): ``apg train bmnist``,
+"""Bouncing MNIST for the generic drivers (`apg.models.base.Problem`): ``apg train bmnist``,
 ``apg evaluate bmnist``.
 
-Settings (stored with every checkpoint, see :class:`BMNISTSettings`): the video profile (canvas and
+Settings (stored with every checkpoint, see `BMNISTSettings`): the video profile (canvas and
 digit sizes, D and T of the training videos), the digits' source (scikit-learn's bundled 8x8 digits,
 or MNIST's IDX files from ``--mnist-dir``) and the networks' hidden sizes.  Digit images are split
 once: the last sixth is held out for evaluation, the rest renders the training videos.
 
 Methods: ``apg`` (the one-shot proposal, then T + 1 learned Gibbs blocks per sweep) and ``rws`` (the
 one-shot proposal alone, reweighted wake-sleep).  Each learns its own digit decoder (theta, eq. 6,
-recorded once per sweep: :attr:`theta_terms` ``"sweep"``).
+recorded once per sweep: `theta_terms` ``"sweep"``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class BMNISTSettings:
     """What a bmnist checkpoint was trained on.
 
     Attributes:
-        profile: canvas and digit sizes, D and T of the training videos (:data:`.simulate.PROFILES`).
+        profile: canvas and digit sizes, D and T of the training videos (`.simulate.PROFILES`).
         mnist_dir: MNIST's IDX files (``--mnist-dir``); empty: scikit-learn's bundled digits.
         proposal_hidden: hidden units of the crop MLP's two layers (the position MLP has ``[1]``).
         decoder_hidden: hidden units of the digit decoder's two layers.

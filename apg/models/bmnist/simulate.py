@@ -4,7 +4,7 @@ Coordinates: a digit's position ``where = (x, y)`` lies in ``[-1, 1]^2``; ``x`` 
 horizontal (columns, -1 = left), ``y`` vertical (rows, -1 = top).  A digit of
 ``h x h`` pixels at ``where`` covers the canvas pixels from offset
 ``o = (H - h) (1 + where) / 2`` on, so ``-1`` and ``1`` put it flush with the
-borders.  :func:`place` and :func:`crop` (the numbers of bilinear ``grid_sample`` on
+borders.  `place` and `crop` (the numbers of bilinear ``grid_sample`` on
 ``affine_grid``'s grid, computed as two interpolation matrices) use this one convention on both axes
 (the official code flips the x axis in one direction and the y axis in the
 other); a crop of a placed digit returns the digit exactly when the offset is a
@@ -110,7 +110,7 @@ def place(digits: torch.Tensor, where: torch.Tensor, canvas: int) -> torch.Tenso
 def crop(frames: torch.Tensor, where: torch.Tensor, size: int) -> torch.Tensor:
     """Windows of ``size x size`` cut from frames ``(..., H, H)`` at ``where (..., 2)``: ``(..., size, size)``.
 
-    The inverse of :func:`place` (same convention); leading dims broadcast.
+    The inverse of `place` (same convention); leading dims broadcast.
     """
     H = frames.shape[-1]
     # digit pixel v (normalised) samples the canvas at (h/H) v + where (H - h)/H
@@ -156,7 +156,7 @@ def _draw(num_images: int, seed: int, video: int, D: int, T: int, delta_t: float
 def simulate(num_videos: int, cfg: BMNISTConfig, digits: torch.Tensor, *, seed: int = 0,
              num_digits: Optional[int] = None, num_frames: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Videos of bouncing digits (float32).  Video ``i`` is a function of ``(seed, i)`` and ``digits`` alone,
-    so the first videos of a larger set are the same (see :class:`Videos`).
+    so the first videos of a larger set are the same (see `Videos`).
 
     Args:
         num_videos: B.

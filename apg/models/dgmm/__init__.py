@@ -1,12 +1,12 @@
 """The deep generative mixture of rings of the APG paper (Wu et al., ICML 2020, section 5.2), registered as
 ``"dgmm"``.
 
-* :mod:`.data`: settings (the paper's, and the official code's where the
+* `.data`: settings (the paper's, and the official code's where the
   paper is silent) and the seeded simulator.
-* :mod:`.networks`: the learned decoder ``g_theta`` and the proposals.
-* :mod:`.model`: the model declared with tmcgraph (Markov blankets from its
+* `.networks`: the learned decoder ``g_theta`` and the proposals.
+* `.model`: the model declared with tmcgraph (Markov blankets from its
   factor graph), the block kernels and the APG sampler.
-* :mod:`.evaluation`: Table 1b and Fig. 1b.
+* `.evaluation`: Table 1b and Fig. 1b.
 
 Methods: ``apg`` (one-shot encoder plus the kernels of ``{mu}`` and
 ``{c, alpha}``) and ``rws`` (the one-shot encoder alone, trained by reweighted
@@ -47,7 +47,7 @@ CPU_PROFILE = dict(batch_size=10, lr=1e-3, lr_final=1e-4, threads=1, checkpoint_
 
 
 class DGMMProblem(Problem):
-    """The DGMM for the generic drivers (see :class:`apg.models.base.Problem`).
+    """The DGMM for the generic drivers (see `apg.models.base.Problem`).
 
     Args:
         cfg: sizes, prior and noise (default: the paper's).

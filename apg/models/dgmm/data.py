@@ -7,7 +7,7 @@ The true generative process (unknown to the learner, who learns the decoder)::
     alpha_n ~ Uniform[-pi, pi)                      the angle on the ring
     x_n = mu_{c_n} + radius (cos alpha_n, sin alpha_n) + noise_n,   noise_n ~ Normal(0, sigma_eps^2 I)
 
-Choices, and where they come from (each is a :class:`DGMMConfig` field):
+Choices, and where they come from (each is a `DGMMConfig` field):
 
 * ``I = 4`` rings, ``N = 200`` points, ``sigma0 = 3.5`` and ``Sigma_eps = 0.2``: the
   paper.  We read ``Sigma_eps`` as the noise's standard deviation per

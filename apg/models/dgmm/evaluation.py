@@ -10,7 +10,7 @@ Table 1b columns, per method, on held-out datasets simulated with ``seed``
   centre within 0.5 of every true centre (not in the paper; it counts the
   datasets where the sampler found the right clustering).
 * ESS/L (eq. 11) of the last sweep: ``joint`` for ``{mu, c, alpha}`` updated as
-  one block (:func:`apg.sampler.joint_block`, one resampling per sweep; for RWS
+  one block (`apg.sampler.joint_block`, one resampling per sweep; for RWS
   the one-shot weights), ``globals`` for the ``{mu}`` block and ``locals`` for
   ``{c, alpha}`` in the blocked sampler.
 

@@ -51,7 +51,7 @@ def _pick_point(param: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def dgmm_model(cfg: DGMMConfig, decoder: AnyDecoder, num_points: Optional[int] = None,
                dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Model:
-    """The DGMM as a :class:`tmcgraph.Model` whose likelihood calls ``decoder`` (theta).
+    """The DGMM as a `tmcgraph.Model` whose likelihood calls ``decoder`` (theta).
 
     Latents ``mu`` (event ``(I, 2)``), ``c`` and ``alpha`` (plate ``N``);
     observation ``x`` (plate ``N``, event 2).  ``num_points`` overrides ``cfg.num_points``.
@@ -89,8 +89,8 @@ def log_joint(x: torch.Tensor, mu: torch.Tensor, c: torch.Tensor, alpha: torch.T
 
 
 class DGMMDensity:
-    """``log p_theta(x, z)`` and the blocks' Markov blankets, from :class:`tmcgraph.JointDensity` of
-    :func:`dgmm_model` (one per number of points, dtype and device, built on first use)."""
+    """``log p_theta(x, z)`` and the blocks' Markov blankets, from `tmcgraph.JointDensity` of
+    `dgmm_model` (one per number of points, dtype and device, built on first use)."""
 
     def __init__(self, cfg: DGMMConfig, decoder: AnyDecoder) -> None:
         self.cfg, self.decoder = cfg, decoder
@@ -190,7 +190,7 @@ def exact_sampler(nets: DGMMProposals, radius: float) -> Sampler:
     then the exact conditionals of ``{mu}`` and ``{c, alpha}`` (every incremental weight is 1).
 
     The block kernels are those of ``nets`` with their learned residuals removed (see
-    :class:`~apg.models.dgmm.networks.DGMMProposals`), with :class:`CircleDecoder` as the model.
+    `DGMMProposals`), with `CircleDecoder` as the model.
     """
     exact = copy.deepcopy(nets)
     with torch.no_grad():

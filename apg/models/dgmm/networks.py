@@ -30,7 +30,7 @@ The official architecture feeds raw ``[x_n, mu_i]`` and a Beta proposal on
 ``alpha / 2 pi``, which cannot put mass on both sides of the angle 0 (the
 posterior of a point there is split between the interval's ends); the von
 Mises lives on the circle.  Sampling uses torch's von Mises sampler, seeded
-from the sampler's generator (:func:`von_mises_sample`).
+from the sampler's generator (`von_mises_sample`).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Decoder(nn.Module):
 class CircleDecoder(nn.Module):
     """The true rings' decoder, ``g(alpha) = radius (cos alpha, sin alpha)`` (no learned parameters).
 
-    With it, the zero-residual proposals of a fresh :class:`DGMMProposals` are the
+    With it, the zero-residual proposals of a fresh `DGMMProposals` are the
     exact Gibbs conditionals (a test oracle; also the reference log joint of evaluation).
     """
 

@@ -1,11 +1,11 @@
 """The Gaussian mixture model of the APG paper (Wu et al., ICML 2020, section 5.1), registered as ``"gmm"``.
 
-* :mod:`.algebra`: the model's exact conjugate algebra, simulator and Gibbs sampler.
-* :mod:`.model`: the model declared with tmcgraph (Markov blankets from its
+* `.algebra`: the model's exact conjugate algebra, simulator and Gibbs sampler.
+* `.model`: the model declared with tmcgraph (Markov blankets from its
   factor graph), the block kernels, the exact and learned APG samplers, the
   inclusive KL of eq. 4.
-* :mod:`.networks`: the learned proposals (appendix E) and the RWS-LSTM encoder.
-* :mod:`.evaluation`: Table 1a, Figs. 1a and 2.
+* `.networks`: the learned proposals (appendix E) and the RWS-LSTM encoder.
+* `.evaluation`: Table 1a, Figs. 1a and 2.
 
 Methods: ``apg`` (one-shot encoder plus block kernels of the globals and the
 assignments, K sweeps), ``rws-mlp`` and ``rws-lstm`` (one-shot encoders trained
@@ -81,7 +81,7 @@ _RWS_DEFAULTS = dict(iterations=10000, num_particles=100, num_sweeps=1, lr=2e-3,
 
 
 class GMMProblem(Problem):
-    """The GMM for the generic drivers (see :class:`apg.models.base.Problem`).
+    """The GMM for the generic drivers (see `apg.models.base.Problem`).
 
     Args:
         cfg: sizes and Normal-Gamma hyperparameters (default: the paper's).

@@ -5,11 +5,11 @@ Table 1a columns, per method, on held-out datasets simulated with ``seed``:
 * ``delta_log_joint``: mean over datasets of ``E_w[log p(x, z)]`` (the
   self-normalised average over the final particles) minus the RWS-MLP row's.
 * ESS/L (eq. 11) of the last sweep: ``joint`` for ``{tau, mu, c}`` updated as one
-  block (:func:`apg.sampler.joint_block`, one resampling per sweep; for RWS the
+  block (`apg.sampler.joint_block`, one resampling per sweep; for RWS the
   one-shot weights), ``globals`` for the ``{tau, mu}`` block and
   ``assignments`` for ``{c}`` in the blocked sampler.
 * ``kl``: the inclusive KL of eq. 4 between the exact conditionals and the
-  learned kernels at the final particles (:func:`apg.models.gmm.inclusive_kl`).
+  learned kernels at the final particles (`apg.models.gmm.inclusive_kl`).
 
 All randomness comes from generators seeded with ``seed``.
 """

@@ -1,7 +1,7 @@
 """The GMM as a tmcgraph model, its Markov blankets, the APG block kernels and samplers, and the KL of eq. 4.
 
 The blocks' incremental weights use the Markov blankets of the compiled
-tmcgraph model (:func:`gmm_model`): ``{tau, mu, x}`` for the globals and
+tmcgraph model (`gmm_model`): ``{tau, mu, x}`` for the globals and
 ``{c, x}`` per point for the assignments.  APG state: ``mu, tau (*B, L, I, D)``,
 ``c (*B, L, N)``; data ``x (*B, N, D)``.
 """
@@ -33,7 +33,7 @@ def _pick(param: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def gmm_model(cfg: GMMConfig = PAPER, num_points: Optional[int] = None,
               dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Model:
-    """The GMM as a :class:`tmcgraph.Model`: latents ``tau``, ``mu`` (event ``(I, D)``), ``c`` (plate ``N``);
+    """The GMM as a `tmcgraph.Model`: latents ``tau``, ``mu`` (event ``(I, D)``), ``c`` (plate ``N``);
     observation ``x`` (plate ``N``, event ``D``).  ``num_points`` overrides ``cfg.num_points``; the
     prior's constants are made with ``dtype`` on ``device``."""
     shape = (cfg.num_clusters, cfg.dim)
@@ -159,7 +159,7 @@ def apg_sampler(nets: GMMProposals) -> Sampler:
 
     Data ``x (*B, N, D)``; state ``mu, tau (*B, L, I, D)``, ``c (*B, L, N)``.
     The blocks' incremental weights use the Markov blankets of the compiled
-    tmcgraph model (:func:`gmm_model`): ``{tau, mu, x}`` for the globals and
+    tmcgraph model (`gmm_model`): ``{tau, mu, x}`` for the globals and
     ``{c, x}`` per point for the assignments.
     """
     return _sampler(nets.oneshot_params, nets.global_params if nets.globals is not None else None,
