@@ -27,6 +27,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -35,7 +36,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -167,6 +168,203 @@ def _settings_clash(out_dir: str, saved: Dict[str, Any], cfg: TrainConfig) -> AP
                     "use another --out, or pass --restart to start over")
 
 
+@dataclass(frozen=True)
+class _RunFiles:
+    """The files of a run directory (see the module docstring)."""
+
+    out_dir: str
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    @property
+    def config(self) -> str:
+        return self.path("config.json")
+
+    @property
+    def problem(self) -> str:
+        return self.path("problem.json")
+
+    @property
+    def checkpoint(self) -> str:
+        return self.path("checkpoint.pt")
+
+    @property
+    def metrics(self) -> str:
+        return self.path("metrics.csv")
+
+    @property
+    def proposals(self) -> str:
+        return self.path("proposals.pt")
+
+
+def _check_resumable(files: _RunFiles, cfg: TrainConfig, problem: Problem) -> None:
+    """A run resumed from ``files`` must have the settings and the model settings it was started with."""
+    with open(files.config) as f:
+        saved = json.load(f)
+    saved = {**{k: v for k, v in asdict(TrainConfig(model=cfg.model, method=cfg.method)).items()
+                if k in ("streams", "device", "compile")}, **saved}  # runs from before these settings
+    if saved != asdict(cfg):
+        raise _settings_clash(files.out_dir, saved, cfg)
+    saved_problem = problem.config()  # runs from before problem.json: the default settings
+    if os.path.exists(files.problem):
+        with open(files.problem) as f:
+            saved_problem = json.load(f)
+    if saved_problem != json.loads(json.dumps(problem.config())):
+        raise APGError(f"{files.out_dir} holds a run of {cfg.model} with the model settings {saved_problem}, not "
+                       f"{problem.config()}; resume it with its own model options, use another --out, or "
+                       "pass --restart to start over")
+
+
+def _start_run(files: _RunFiles, cfg: TrainConfig, problem: Problem, fields_: List[str]) -> None:
+    """Write a new run's settings and the header of its metrics."""
+    with open(files.config, "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    with open(files.problem, "w") as f:
+        json.dump(problem.config(), f, indent=1)
+    with open(files.metrics, "w", newline="") as f:
+        csv.writer(f).writerow(fields_)
+
+
+class _Learner:
+    """What a checkpoint holds: the networks, their optimizers and schedules, and the sampler's random
+    streams (this process's generators; every stream's state is gathered when a checkpoint is written).
+
+    Built in a fixed order, so a run is a function of its settings: torch is seeded with ``seed``, the
+    networks are initialised (on the CPU: the same weights on every device), then the streams are made
+    (stream 0 continues torch's default stream from there, in a generator of its own; stream ``j > 0`` is
+    seeded from ``(seed, j)``; on another device every stream is seeded from ``(seed, j)``, as a CPU
+    generator's state does not fit it)."""
+
+    def __init__(self, problem: Problem, cfg: TrainConfig, device: torch.device, world: int, rank: int) -> None:
+        torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
+        self.proposals = problem.make_proposals(cfg.method)
+        self.model = problem.make_model()
+        seeds = [cfg.seed * 1_000_003 + 104_729 * j for j in range(cfg.streams)]
+        if device.type == "cpu":
+            self.states = [torch.get_rng_state()] + [torch.Generator().manual_seed(sd).get_state()
+                                                     for sd in seeds[1:]]
+        else:
+            self.states = [torch.Generator(device=device).manual_seed(sd).get_state() for sd in seeds]
+        self.proposals.to(device)
+        self.model.to(device)
+        per_rank = cfg.streams // world
+        self.mine = list(range(rank * per_rank, (rank + 1) * per_rank))  # this process's streams
+        self.generators = [torch.Generator(device=device) for _ in self.mine]
+        self.opt_phi, self.sched_phi = _optimizer(list(self.proposals.parameters()), cfg)
+        self.theta = list(self.model.parameters())
+        self.opt_theta: Optional[torch.optim.Optimizer] = None
+        self.sched_theta: Optional[Any] = None
+        if self.theta:
+            self.opt_theta, self.sched_theta = _optimizer(self.theta, cfg)
+        self.streams = cfg.streams
+
+    @property
+    def params(self) -> List[nn.Parameter]:
+        return list(self.proposals.parameters()) + self.theta
+
+    def load(self, ck: Dict[str, Any]) -> Tuple[int, float]:
+        """Restore a checkpoint; returns its ``(iteration, seconds)``."""
+        self.proposals.load_state_dict(ck["proposals"])
+        self.opt_phi.load_state_dict(ck["opt_phi"])
+        self.sched_phi.load_state_dict(ck["sched_phi"])
+        if self.opt_theta is not None and self.sched_theta is not None:
+            self.model.load_state_dict(ck["model"])
+            self.opt_theta.load_state_dict(ck["opt_theta"])
+            self.sched_theta.load_state_dict(ck["sched_theta"])
+        self.states = ck.get("generators", [ck["generator"]])
+        return ck["iteration"], ck["seconds"]
+
+    def start_streams(self) -> None:
+        """Set this process's generators to their streams' states (fresh or loaded)."""
+        for g, j in zip(self.generators, self.mine):
+            g.set_state(self.states[j])
+
+    def checkpoint(self, t: int, seconds: float, all_states: List[Any]) -> Dict[str, Any]:
+        blob = {"proposals": self.proposals.state_dict(), "opt_phi": self.opt_phi.state_dict(),
+                "sched_phi": self.sched_phi.state_dict(), "generator": all_states[0], "iteration": t,
+                "seconds": seconds}
+        if self.streams > 1:
+            blob["generators"] = all_states
+        if self.opt_theta is not None and self.sched_theta is not None:
+            blob.update(model=self.model.state_dict(), opt_theta=self.opt_theta.state_dict(),
+                        sched_theta=self.sched_theta.state_dict())
+        return blob
+
+    def zero_grad(self) -> None:
+        self.opt_phi.zero_grad(set_to_none=True)
+        if self.opt_theta is not None:
+            self.opt_theta.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.opt_phi.step()
+        self.sched_phi.step()
+        if self.opt_theta is not None and self.sched_theta is not None:
+            self.opt_theta.step()
+            self.sched_theta.step()
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[Dict[str, bool]]:
+    """Within the block Ctrl-C and SIGTERM only set ``flag["stop"]``: the run stops at the next iteration
+    boundary, after writing a checkpoint, so an interrupted run resumes exactly (a second Ctrl-C exits at
+    once, keeping the last periodic checkpoint).  The previous handlers are restored after the block."""
+    flag = {"stop": False}
+    handlers: Dict[int, Any] = {}
+
+    def request_stop(signum, frame):
+        flag["stop"] = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, handlers[signal.SIGINT])
+        tqdm.write("stopping after this iteration (a checkpoint will be written)", file=sys.stderr)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: no handlers
+            pass
+    try:
+        yield flag
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+_Pending = List[Tuple[torch.Tensor, Result, torch.Tensor, Optional[torch.Tensor]]]
+
+
+def _gradients(learner: _Learner, sampler: Any, problem: Problem, cfg: TrainConfig, x: torch.Tensor,
+               compiled: Optional[Callable[[torch.Tensor], torch.Tensor]], log_now: bool,
+               device: torch.device) -> _Pending:
+    """One iteration's gradients on batch ``x`` (eq. 5, and eq. 6 when theta is learned), each of this
+    process's streams on its slice of the batch; the slices' results when the iteration is logged."""
+    pending: _Pending = []
+    size = cfg.batch_size // cfg.streams
+    if compiled is not None and not log_now:  # one stream: its generator's state drives torch's
+        g = learner.generators[0]
+        _set_rng_state(device, g.get_state())
+        compiled(x).backward()
+        g.set_state(_get_rng_state(device))
+        return pending
+    for g, j in zip(learner.generators, learner.mine):
+        xj = x if cfg.streams == 1 else x[j * size:(j + 1) * size]
+        if compiled is not None:  # an eager iteration of a compiled run draws from the same stream
+            _set_rng_state(device, g.get_state())
+        res = run(sampler, xj, cfg.num_particles, cfg.num_sweeps, objective=True,
+                  learn_model=problem.theta_terms if learner.theta else False,
+                  record_log_joint=log_now, generator=g if compiled is None else None)
+        loss = phi_loss(res.sweeps)
+        loss_theta = theta_loss(res.sweeps) if learner.theta else None
+        total = loss if loss_theta is None else loss + loss_theta
+        # the batch's loss is the mean of the slices' (equal sizes): the same gradient as one slice
+        (total if cfg.streams == 1 else total / cfg.streams).backward()
+        if compiled is not None:
+            g.set_state(_get_rng_state(device))
+        if log_now:
+            pending.append((xj, res, loss, loss_theta))
+    return pending
+
+
 def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
           on_step: Optional[Callable[[int], None]] = None, problem: Optional[Problem] = None) -> Dict[str, float]:
     """Train (or resume training) one method of one model; returns the last logged metrics.
@@ -195,200 +393,97 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         raise APGError(f"streams {cfg.streams} must be a multiple of the number of processes {world} (--streams)")
     lead = rank == 0  # writes the files and shows progress
     os.makedirs(out_dir, exist_ok=True)
-    cfg_path, ckpt_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "checkpoint.pt")
-    problem_path = os.path.join(out_dir, "problem.json")
-    csv_path = os.path.join(out_dir, "metrics.csv")
+    files = _RunFiles(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
     device = torch.device(cfg.device)
-    proposals = problem.make_proposals(cfg.method)  # initialised on the CPU: the same weights on every device
-    model = problem.make_model()
-    # the sampler's randomness: stream 0 continues torch's default stream from here, in a generator of its
-    # own; stream j > 0 (slice j of every batch) is seeded from (seed, j).  On another device every stream
-    # is seeded from (seed, j) (a CPU generator's state does not fit it).
-    seeds = [cfg.seed * 1_000_003 + 104_729 * j for j in range(cfg.streams)]
-    if device.type == "cpu":
-        states = [torch.get_rng_state()] + [torch.Generator().manual_seed(sd).get_state() for sd in seeds[1:]]
-    else:
-        states = [torch.Generator(device=device).manual_seed(sd).get_state() for sd in seeds]
-    proposals.to(device)
-    model.to(device)
-    per_rank = cfg.streams // world
-    mine = list(range(rank * per_rank, (rank + 1) * per_rank))
-    generators = [torch.Generator(device=device) for _ in mine]
-    opt_phi, sched_phi = _optimizer(list(proposals.parameters()), cfg)
-    theta = list(model.parameters())
-    opt_theta, sched_theta = _optimizer(theta, cfg) if theta else (None, None)
-    fields_ = _fields(problem, bool(theta))
+    learner = _Learner(problem, cfg, device, world, rank)
+    fields_ = _fields(problem, bool(learner.theta))
     start, elapsed = 0, 0.0
-    if resume and os.path.exists(ckpt_path):
-        with open(cfg_path) as f:
-            saved = json.load(f)
-        saved = {**{k: v for k, v in asdict(TrainConfig(model=cfg.model, method=cfg.method)).items()
-                    if k in ("streams", "device", "compile")}, **saved}  # runs from before these settings
-        if saved != asdict(cfg):
-            raise _settings_clash(out_dir, saved, cfg)
-        saved_problem = problem.config()  # runs from before problem.json: the default settings
-        if os.path.exists(problem_path):
-            with open(problem_path) as f:
-                saved_problem = json.load(f)
-        if saved_problem != json.loads(json.dumps(problem.config())):
-            raise APGError(f"{out_dir} holds a run of {cfg.model} with the model settings {saved_problem}, not "
-                           f"{problem.config()}; resume it with its own model options, use another --out, or "
-                           "pass --restart to start over")
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        proposals.load_state_dict(ck["proposals"])
-        opt_phi.load_state_dict(ck["opt_phi"])
-        sched_phi.load_state_dict(ck["sched_phi"])
-        if opt_theta is not None and sched_theta is not None:
-            model.load_state_dict(ck["model"])
-            opt_theta.load_state_dict(ck["opt_theta"])
-            sched_theta.load_state_dict(ck["sched_theta"])
-        states = ck.get("generators", [ck["generator"]])
-        start, elapsed = ck["iteration"], ck["seconds"]
+    if resume and os.path.exists(files.checkpoint):
+        _check_resumable(files, cfg, problem)
+        start, elapsed = learner.load(torch.load(files.checkpoint, map_location="cpu", weights_only=False))
         if lead:
-            _truncate_csv(csv_path, start, fields_)
-        if start >= cfg.iterations and os.path.exists(os.path.join(out_dir, "proposals.pt")):
+            _truncate_csv(files.metrics, start, fields_)
+        if start >= cfg.iterations and os.path.exists(files.proposals):
             if lead:
                 tqdm.write(f"the run in {out_dir} is already finished ({start} iterations); nothing to do",
                            file=sys.stderr)
-            return _last_row(csv_path)
-    elif lead:
+            return _last_row(files.metrics)
+    else:
         if cfg.init:
-            problem.init_from(cfg.method, proposals, model, load_proposals(cfg.init))
-        with open(cfg_path, "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
-        with open(problem_path, "w") as f:
-            json.dump(problem.config(), f, indent=1)
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerow(fields_)
-    elif cfg.init:
-        problem.init_from(cfg.method, proposals, model, load_proposals(cfg.init))
+            problem.init_from(cfg.method, learner.proposals, learner.model, load_proposals(cfg.init))
+        if lead:
+            _start_run(files, cfg, problem, fields_)
     _barrier(world)  # every process has read the run's files before rank 0 writes new ones
-    for g, j in zip(generators, mine):
-        g.set_state(states[j])
+    learner.start_streams()
     data = problem.training_data(cfg.num_datasets, cfg.seed).to(device)
-    sampler = problem.sampler(proposals, model)
-    params = list(proposals.parameters()) + theta
+    sampler = problem.sampler(learner.proposals, learner.model)
 
     def checkpoint(t: int, seconds: float) -> None:
-        mine_states = [g.get_state() for g in generators]
-        all_states = _gather(mine_states, world)  # every stream's state, in stream order
+        all_states = _gather([g.get_state() for g in learner.generators], world)  # every stream, in order
         if lead:
-            _write_checkpoint(t, seconds, all_states)
+            _atomic_save(learner.checkpoint(t, seconds, all_states), files.checkpoint)
         _barrier(world)  # the file is on disk before any process goes on (a resume reads it)
 
-    def _write_checkpoint(t: int, seconds: float, all_states: List[Any]) -> None:
-        blob = {"proposals": proposals.state_dict(), "opt_phi": opt_phi.state_dict(),
-                "sched_phi": sched_phi.state_dict(), "generator": all_states[0], "iteration": t,
-                "seconds": seconds}
-        if cfg.streams > 1:
-            blob["generators"] = all_states
-        if opt_theta is not None and sched_theta is not None:
-            blob.update(model=model.state_dict(), opt_theta=opt_theta.state_dict(),
-                        sched_theta=sched_theta.state_dict())
-        _atomic_save(blob, ckpt_path)
-
-    # Ctrl-C / SIGTERM only set a flag: the run stops at the next iteration boundary, after writing a
-    # checkpoint, so an interrupted run resumes exactly (a second Ctrl-C exits at once, keeping the
-    # last periodic checkpoint).  Under torchrun the processes agree on stopping at every boundary.
-    stop = {"flag": False}
-    handlers: Dict[int, Any] = {}
-
-    def request_stop(signum, frame):
-        stop["flag"] = True
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, handlers[signal.SIGINT])
-        tqdm.write("stopping after this iteration (a checkpoint will be written)", file=sys.stderr)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            handlers[sig] = signal.signal(sig, request_stop)
-        except ValueError:  # not the main thread: no handlers
-            pass
     last: Dict[str, float] = {}
     t = start
     t0 = time.perf_counter()
     at_boundary = True
-    size = cfg.batch_size // cfg.streams
     bar = tqdm(total=cfg.iterations, initial=start, disable=not (progress and lead),
                desc=f"train {cfg.model} {cfg.method}", unit="it")
-    compiled = _compiled_loss(sampler, problem, cfg, bool(theta), _batch(data, cfg, t)) if cfg.compile else None
-    try:
-        while t < cfg.iterations:
-            at_boundary = False
-            x = _batch(data, cfg, t)
-            log_now = (t + 1) % cfg.log_every == 0
-            opt_phi.zero_grad(set_to_none=True)
-            if opt_theta is not None:
-                opt_theta.zero_grad(set_to_none=True)
-            pending: List[Tuple[torch.Tensor, Result, torch.Tensor, Optional[torch.Tensor]]] = []
-            if compiled is not None and not log_now:  # one stream: its generator's state drives torch's
-                g = generators[0]
-                _set_rng_state(device, g.get_state())
-                compiled(x).backward()
-                g.set_state(_get_rng_state(device))
-            for g, j in zip(generators if compiled is None or log_now else [], mine):
-                xj = x if cfg.streams == 1 else x[j * size:(j + 1) * size]
-                if compiled is not None:  # an eager iteration of a compiled run draws from the same stream
-                    _set_rng_state(device, g.get_state())
-                res = run(sampler, xj, cfg.num_particles, cfg.num_sweeps, objective=True,
-                          learn_model=problem.theta_terms if theta else False,
-                          record_log_joint=log_now, generator=g if compiled is None else None)
-                loss = phi_loss(res.sweeps)
-                loss_theta = theta_loss(res.sweeps) if theta else None
-                total = loss if loss_theta is None else loss + loss_theta
-                # the batch's loss is the mean of the slices' (equal sizes): the same gradient as one slice
-                (total if cfg.streams == 1 else total / cfg.streams).backward()
-                if compiled is not None:
-                    g.set_state(_get_rng_state(device))
-                if log_now:
-                    pending.append((xj, res, loss, loss_theta))
-            if world > 1:
-                _all_reduce_grads(params)
-            opt_phi.step()
-            sched_phi.step()
-            if opt_theta is not None and sched_theta is not None:
-                opt_theta.step()
-                sched_theta.step()
-            t += 1
-            if log_now:  # the metrics of the updated networks on this iteration's batch
-                last = _average([_metrics(problem, proposals, model, xj, res, loss, loss_theta, t, 0.0, 0.0)
-                                 for xj, res, loss, loss_theta in pending], world)
-                last.update(iteration=t, seconds=round(elapsed + time.perf_counter() - t0, 2),
-                            lr=sched_phi.get_last_lr()[0])
-                if lead:
-                    with open(csv_path, "a", newline="") as f:
-                        csv.writer(f).writerow([last.get(k, "") for k in fields_])
-                bar.set_postfix(loss=f"{last['loss']:.1f}", ess=f"{last.get('ess_init', float('nan')):.2f}")
-            bar.update(1)
-            if t % cfg.checkpoint_every == 0 or t == cfg.iterations:
+    compiled = (_compiled_loss(sampler, problem, cfg, bool(learner.theta), _batch(data, cfg, t))
+                if cfg.compile else None)
+    # under torchrun the processes agree on stopping at every iteration boundary
+    with _stop_requests() as stop:
+        try:
+            while t < cfg.iterations:
+                at_boundary = False
+                x = _batch(data, cfg, t)
+                log_now = (t + 1) % cfg.log_every == 0
+                learner.zero_grad()
+                pending = _gradients(learner, sampler, problem, cfg, x, compiled, log_now, device)
+                if world > 1:
+                    _all_reduce_grads(learner.params)
+                learner.step()
+                t += 1
+                if log_now:  # the metrics of the updated networks on this iteration's batch
+                    last = _average([_metrics(problem, learner.proposals, learner.model, xj, res, loss, loss_theta,
+                                              t, 0.0, 0.0) for xj, res, loss, loss_theta in pending], world)
+                    last.update(iteration=t, seconds=round(elapsed + time.perf_counter() - t0, 2),
+                                lr=learner.sched_phi.get_last_lr()[0])
+                    if lead:
+                        with open(files.metrics, "a", newline="") as f:
+                            csv.writer(f).writerow([last.get(k, "") for k in fields_])
+                    bar.set_postfix(loss=f"{last['loss']:.1f}", ess=f"{last.get('ess_init', float('nan')):.2f}")
+                bar.update(1)
+                if t % cfg.checkpoint_every == 0 or t == cfg.iterations:
+                    checkpoint(t, elapsed + time.perf_counter() - t0)
+                at_boundary = True
+                if on_step is not None:
+                    on_step(t)
+                if _any(stop["stop"], world):
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if at_boundary:  # a consistent state: iteration t is complete
                 checkpoint(t, elapsed + time.perf_counter() - t0)
-            at_boundary = True
-            if on_step is not None:
-                on_step(t)
-            if _any(stop["flag"], world):
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if at_boundary:  # a consistent state: iteration t is complete
-            checkpoint(t, elapsed + time.perf_counter() - t0)
-        bar.close()
-        raise
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+            bar.close()
+            raise
     bar.close()
     if lead:
-        cpu = lambda sd: {k: v.cpu() for k, v in sd.items()}  # noqa: E731  (proposals files load on any machine)
-        _atomic_save({"model": cfg.model, "method": cfg.method, "config": problem.config(),
-                      "state_dict": cpu(proposals.state_dict()), "model_state_dict": cpu(model.state_dict()),
-                      "train": asdict(cfg)}, os.path.join(out_dir, "proposals.pt"))
+        _write_proposals(files, cfg, problem, learner)
     _barrier(world)
-    return last or _last_row(csv_path)
+    return last or _last_row(files.metrics)
 
 
-# -- data parallelism (torch.distributed, e.g. under torchrun) ------------------------------------------
+def _write_proposals(files: _RunFiles, cfg: TrainConfig, problem: Problem, learner: _Learner) -> None:
+    """The trained networks alone, on the CPU (a proposals file loads on any machine)."""
+    cpu = lambda sd: {k: v.cpu() for k, v in sd.items()}  # noqa: E731
+    _atomic_save({"model": cfg.model, "method": cfg.method, "config": problem.config(),
+                  "state_dict": cpu(learner.proposals.state_dict()),
+                  "model_state_dict": cpu(learner.model.state_dict()), "train": asdict(cfg)}, files.proposals)
+
+
 def _compiled_loss(sampler: Any, problem: Problem, cfg: TrainConfig, theta: bool,
                    x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """One iteration's loss (eq. 5, plus eq. 6 when theta is learned) as a ``torch.compile``'d function of the
