@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from . import models
 from .errors import APGError
-from .models.base import Problem
+from .models.base import Trained
 
 __all__ = ["Trained", "load_proposals"]
-
-
-class Trained(NamedTuple):
-    """Networks loaded by `load_proposals`."""
-
-    problem: Problem
-    method: str
-    proposals: nn.Module
-    model: nn.Module
 
 
 def load_proposals(path: str) -> Trained:

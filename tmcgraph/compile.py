@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import networkx as nx
 from networkx.algorithms.approximation import treewidth_min_degree, treewidth_min_fill_in
@@ -22,11 +22,27 @@ from .errors import TMCError
 from .plan import Plan
 from .stages import EinsumStage, InputSpec, ProductStage, ScanStage, Stage, Step
 
-if TYPE_CHECKING:
-    from .graph import FactorGraph
+__all__ = ["SCAN_MODES", "GraphStructure", "Slicer", "check_memory_limit", "check_optimize", "check_scan",
+           "compile_einsum", "compile_graph", "compile_stages", "find_chains", "label_treewidth", "make_plan"]
 
-__all__ = ["SCAN_MODES", "Slicer", "check_memory_limit", "check_optimize", "check_scan", "compile_einsum",
-           "compile_graph", "compile_stages", "find_chains", "label_treewidth", "make_plan"]
+
+class GraphStructure(Protocol):
+    """What the compiler reads of a `tmcgraph.FactorGraph`.  The graph module calls the compiler
+    (``FactorGraph.compile``), so the compiler takes the graph by this shape and imports it not even for types."""
+
+    @property
+    def plates(self) -> Mapping[str, int]: ...
+
+    @property
+    def indices(self) -> Mapping[str, Any]: ...
+
+    @property
+    def factors(self) -> Mapping[str, Any]: ...
+
+    def factor_shape(self, name: str) -> Tuple[int, ...]: ...
+
+    def structure_key(self) -> tuple: ...
+
 
 #: ``scan=`` choices of `tmcgraph.FactorGraph.compile`: contract chains by a parallel scan where the
 #: cost model says it pays, always, or never
@@ -277,7 +293,7 @@ _GRAPH_CACHE: "OrderedDict[tuple, Plan]" = OrderedDict()
 _CACHE_SIZE = 128
 
 
-def compile_graph(graph: "FactorGraph", *, optimize: str = "auto", memory_limit: Optional[int] = None,
+def compile_graph(graph: GraphStructure, *, optimize: str = "auto", memory_limit: Optional[int] = None,
                   scan: str = "auto") -> Plan:
     """Compile a `FactorGraph` into a `Plan`; cached by structure.
 

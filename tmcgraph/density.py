@@ -19,9 +19,9 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .declaration import ModelBase as Model
 from .errors import TMCError
 from .layout import Layout, build_graph, data_batch_shape
-from .model import Model
 from .support import Checks, observed_log_prob
 from .trace import site_density
 

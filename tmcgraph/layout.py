@@ -14,17 +14,15 @@ index assignment.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import networkx as nx
 import torch
 from torch.distributions import Distribution
 
+from .declaration import ModelBase as Model
 from .errors import TMCError
 from .graph import FactorGraph
-
-if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
-    from .model import Model
 
 __all__ = ["Layout", "as_data", "build_graph", "call_site_fn", "data_batch_shape", "factor_indices", "index_slots"]
 

@@ -15,18 +15,17 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ContextManager, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch.distributions import Distribution, constraints
 
+from .declaration import Family
+from .declaration import ModelBase as Model
 from .errors import TMCError
 from .layout import Layout, call_site_fn, factor_indices
 from .support import Checks, check_proposal, log_prob_in_support, observed_log_prob
 from .vectorise import Batch, Groups, agree, failed
-
-if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
-    from .model import Family, Model
 
 __all__ = ["Trace", "site_density", "trace"]
 

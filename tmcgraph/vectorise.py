@@ -27,17 +27,15 @@ from __future__ import annotations
 import inspect
 import types
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.distributions import Distribution, constraints
 
+from .declaration import ModelBase as Model
 from .errors import TMCError
 from .layout import Layout
 from .support import Checks, log_prob_in_support, observed_log_prob
-
-if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
-    from .model import Model
 
 __all__ = ["Group", "Groups", "agree", "candidate_groups", "failed"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,10 +20,7 @@ from torch import nn
 from ..errors import APGError
 from ..sampler import Result, Sampler
 
-if TYPE_CHECKING:
-    from ..trained import Trained
-
-__all__ = ["Method", "Problem"]
+__all__ = ["Method", "Problem", "Trained"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +143,12 @@ class Problem(ABC):
     @abstractmethod
     def format(self, out: Dict[str, Any]) -> str:
         """The results of `evaluate` as text."""
+
+
+class Trained(NamedTuple):
+    """A model's trained networks, as `apg.trained.load_proposals` loads them from a checkpoint."""
+
+    problem: Problem
+    method: str
+    proposals: nn.Module
+    model: nn.Module

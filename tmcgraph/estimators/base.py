@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, ContextManager, Dict, Mapping, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Mapping, Optional, Tuple
 
 from ..compile import check_scan
 from ..compiled import check_backend
+from ..declaration import ModelBase as Model
 from ..errors import TMCError
 from ..graph import FactorGraph
 from ..layout import Layout, build_graph, call_site_fn, data_batch_shape, index_slots
 from ..plan import Plan, RunState
 from ..trace import Trace, trace
 from ..vectorise import Groups
-
-if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
-    from ..model import Model
 
 __all__ = ["GraphEstimator", "PARTICLES", "check_k", "enumerated_size"]
 

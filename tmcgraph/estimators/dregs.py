@@ -6,17 +6,15 @@ appendix F), which is biased for more than one latent.  The derivation is in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from ..declaration import ModelBase as Model
 from ..errors import TMCError
 from ..layout import factor_indices
 from ..plan import Plan, RunState
 from ..trace import Trace
-
-if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
-    from ..model import Model
 
 __all__ = ["check_factorised", "paper_surrogate", "surrogate"]
 

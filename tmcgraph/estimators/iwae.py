@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ..declaration import ModelBase as Model
 from ..errors import TMCError
 from .base import PARTICLES, GraphEstimator, check_k, enumerated_size
-
-if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
-    from ..model import Model
 
 __all__ = ["IWAE", "iwae"]
 

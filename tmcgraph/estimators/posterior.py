@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import Callable, ContextManager, Dict, Mapping, Optional
 
 import torch
 
+from ..declaration import ModelBase as Model
 from ..errors import TMCError
 from ..layout import factor_indices
 from ..plan import Plan
 from ..trace import Trace
-
-if TYPE_CHECKING:
-    from .tmc import TMC
 
 __all__ = ["Posterior"]
 
@@ -31,16 +29,20 @@ class Posterior:
             over K.
     """
 
-    def __init__(self, est: "TMC", tr: Trace, plan: Plan, norm: float) -> None:
-        self._est, self._trace, self._plan = est, tr, plan
+    def __init__(self, model: "Model", tr: Trace, plan: Plan, norm: float,
+                 log_sum: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+                 rng: Optional[Callable[[str], ContextManager[object]]] = None) -> None:
+        """One draw ``tr`` of ``model`` contracted by ``plan``; ``log_sum(factors)`` is the estimator's
+        contraction of factors laid out as ``tr``'s (all-reduced when sharded), ``rng(latent)`` its random
+        stream for a latent (sharded TMC), ``norm`` its log-normaliser."""
+        self._model, self._trace, self._log_sum, self._rng = model, tr, log_sum, rng
         layout = tr.layout
-        model = est.model
         batch = layout.batch
         core = {s.name: len(s.shape) for s in plan.inputs}
         self._fac = {n: f.detach().expand(batch + tuple(f.shape[f.dim() - core[n]:])) for n, f in tr.factors.items()}
         leaves = {n: f.clone().requires_grad_() for n, f in self._fac.items()}
         with torch.enable_grad():
-            total = est._log_sum(plan, leaves, share=False)
+            total = log_sum(leaves)
             if not bool(torch.isfinite(total).all()):
                 raise TMCError("every sample combination has zero weight (log P_TMC = -inf) for some batch element; "
                                "the posterior over samples is undefined")
@@ -91,7 +93,7 @@ class Posterior:
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise TMCError(f"num_samples must be a positive int, got {num_samples!r}")
-        model = self._est.model
+        model = self._model
         topo = {n: k for k, n in enumerate(model.latents())}
         order = sorted(topo, key=lambda n: (len(model.sites[n].plates), topo[n]))
         fac = {n: f.unsqueeze(0).expand((num_samples,) + tuple(f.shape)) for n, f in self._fac.items()}
@@ -100,12 +102,12 @@ class Posterior:
             extra = len(factor_indices(model, self._trace.layout.index_of, n)) - 1
             leaf = fac[n].clone().requires_grad_()
             with torch.enable_grad():
-                total = self._est._log_sum(self._plan, {**fac, n: leaf}, share=False)
+                total = self._log_sum({**fac, n: leaf})
                 (g,) = torch.autograd.grad(total.sum(), [leaf])
             w = g.sum(dim=tuple(range(g.dim() - extra, g.dim()))) if extra else g
             k = w.shape[-1]
             flat = w.reshape(-1, k).clamp_min(0)
-            rng = self._est._rng
+            rng = self._rng
             with rng(n) if rng is not None else contextlib.nullcontext():  # sharded: globals on the shared stream
                 pick = torch.multinomial(flat, 1).reshape(w.shape[:-1])
             out["@index:" + n] = pick

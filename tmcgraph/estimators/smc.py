@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch.distributions import Distribution
 
+from ..declaration import ModelBase as Model
 from ..errors import TMCError
 from ..layout import Layout, data_batch_shape
 from ..resampling import SCHEMES, gather, resample
 from ..support import Checks, check_proposal, log_prob_in_support, observed_log_prob
 from .base import PARTICLES, check_k
-
-if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
-    from ..model import Model
 
 __all__ = ["smc"]
 

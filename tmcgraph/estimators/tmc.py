@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch.distributions import constraints
@@ -11,6 +11,7 @@ from torch.distributions import constraints
 from .._kernels import underflow_threshold
 from ..compiled import compile_function, distribution_validation
 from ..compiled import program as compiled_program
+from ..declaration import ModelBase as Model
 from ..distributed import Shard
 from ..errors import TMCError
 from ..layout import Layout, as_data
@@ -19,9 +20,6 @@ from ..trace import Trace, trace
 from . import dregs
 from .base import GraphEstimator, check_k, enumerated_size
 from .posterior import Posterior
-
-if TYPE_CHECKING:  # types only: Model.compile imports the estimators, which so import no model at run time
-    from ..model import Model
 
 __all__ = ["TMC"]
 
@@ -255,7 +253,7 @@ class TMC(GraphEstimator):
             sampling through the contraction.
         """
         tr, plan, norm = self._trace(data)
-        return Posterior(self, tr, plan, norm)
+        return Posterior(self.model, tr, plan, norm, lambda fs: self._log_sum(plan, fs, share=False), self._rng)
 
     def __repr__(self) -> str:
         return f"TMC(K={self.K}, plan={self.plan if self._plans else 'built at first evaluation'})"

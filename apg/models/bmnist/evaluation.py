@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,15 +29,12 @@ from tmcgraph.plots import pyplot
 
 from ...errors import APGError
 from ...sampler import run
+from ..base import Trained
 from ..common import option, save_figure, training_curves
 from .digits import split_digits
 from .model import DigitDecoder, posterior_reconstruction
 from .networks import BMNISTProposals
 from .simulate import simulate
-
-if TYPE_CHECKING:
-    from ...trained import Trained
-    from .problem import BMNISTProblem
 
 __all__ = ["EvalConfig", "add_arguments", "evaluate_bmnist", "format_table", "mse_rows"]
 
@@ -104,7 +101,7 @@ def mse_rows(problem: Any, nets: BMNISTProposals, decoder: DigitDecoder, frames:
     return rows, res
 
 
-def evaluate_bmnist(trained: Dict[str, "Trained"], options: Mapping[str, Any], *, plots: Optional[str],
+def evaluate_bmnist(trained: Dict[str, Trained], options: Mapping[str, Any], *, plots: Optional[str],
                     metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
     """Fig. 4's MSE table (and Figs. 3-4 as PNGs when ``plots`` names a directory).
 
@@ -126,7 +123,7 @@ def evaluate_bmnist(trained: Dict[str, "Trained"], options: Mapping[str, Any], *
         assert isinstance(t.proposals, BMNISTProposals) and isinstance(t.model, DigitDecoder)
     if "apg" not in trained:
         raise APGError("no apg checkpoint to evaluate")
-    problem: "BMNISTProblem" = trained["apg"].problem  # type: ignore[assignment]
+    problem: Any = trained["apg"].problem  # a BMNISTProblem (the driver checked the name)
     mnist_dir = option(options, "mnist_dir", None)
     if mnist_dir is not None:
         problem = problem.with_config({**problem.config(), "mnist_dir": mnist_dir})

@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ...sampler import Result, Sampler
-from ..base import Method, Problem
+from ..base import Method, Problem, Trained
 from .digits import load_digits, split_digits
 from .model import DigitDecoder, posterior_reconstruction
 from .networks import BMNISTProposals
 from .sampler import apg_sampler
 from .simulate import CPU, PROFILES, BMNISTConfig, Videos
-
-if TYPE_CHECKING:
-    from ...trained import Trained
 
 __all__ = ["BMNISTProblem", "BMNISTSettings", "CPU_TRAIN", "posterior_reconstruction", "split_digits"]
 
@@ -143,7 +140,7 @@ class BMNISTProblem(Problem):
 
         add_arguments(parser)
 
-    def evaluate(self, trained: Dict[str, "Trained"], options: Mapping[str, Any], *, plots: Optional[str],
+    def evaluate(self, trained: Dict[str, Trained], options: Mapping[str, Any], *, plots: Optional[str],
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
         from .evaluation import evaluate_bmnist
 

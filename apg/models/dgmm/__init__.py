@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -26,10 +26,7 @@ from torch import nn
 from tmcgraph.cli import positive_int
 
 from ...sampler import Result, Sampler
-from ..base import Method, Problem
-
-if TYPE_CHECKING:
-    from ...trained import Trained
+from ..base import Method, Problem, Trained
 from ..common import add_sampler_arguments, option
 from .data import PAPER, DGMMConfig, simulate
 from .model import DGMMDensity, LocalKernel, MuKernel, apg_sampler, dgmm_model, exact_sampler, log_joint, pick
@@ -101,7 +98,7 @@ class DGMMProblem(Problem):
         parser.add_argument("--points", type=positive_int, default=d.num_points, metavar="N",
                             help="points per test dataset")
 
-    def evaluate(self, trained: Dict[str, "Trained"], options: Mapping[str, Any], *, plots: Optional[str],
+    def evaluate(self, trained: Dict[str, Trained], options: Mapping[str, Any], *, plots: Optional[str],
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
         from .evaluation import EvalConfig, evaluate_dgmm
 

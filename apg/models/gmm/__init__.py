@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -24,11 +24,8 @@ from torch import nn
 from tmcgraph.cli import positive_float, positive_int
 
 from ...errors import APGError
-
-if TYPE_CHECKING:
-    from ...trained import Trained
 from ...sampler import Result, Sampler
-from ..base import Method, Problem
+from ..base import Method, Problem, Trained
 from ..common import add_sampler_arguments, option
 from .algebra import (
     PAPER,
@@ -120,7 +117,7 @@ class GMMProblem(Problem):
         features = "conjugate" if method == "apg-features" else "paper"
         return GMMProposals(self.cfg, encoder=encoder, conditional=not m.one_shot, features=features)
 
-    def init_from(self, method: str, proposals: nn.Module, model: nn.Module, trained: "Trained") -> None:
+    def init_from(self, method: str, proposals: nn.Module, model: nn.Module, trained: Trained) -> None:
         """As the default, and: ``apg-features`` may start from trained ``apg`` networks, taking their
         one-shot and globals kernels (its assignment network, with other inputs, starts fresh)."""
         if method == "apg-features" and (trained.problem.name, trained.method) == ("gmm", "apg"):
@@ -157,7 +154,7 @@ class GMMProblem(Problem):
                             help="with --plots: the values of K in Fig. 2 (default "
                                  f"{' '.join(map(str, d.budget_sweeps))})")
 
-    def evaluate(self, trained: Dict[str, "Trained"], options: Mapping[str, Any], *, plots: Optional[str],
+    def evaluate(self, trained: Dict[str, Trained], options: Mapping[str, Any], *, plots: Optional[str],
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
         d = EvalConfig()
         if plots is None:
