@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -168,34 +168,20 @@ def _settings_clash(out_dir: str, saved: Dict[str, Any], cfg: TrainConfig) -> AP
                     "use another --out, or pass --restart to start over")
 
 
-@dataclass(frozen=True)
-class _RunFiles:
+class _RunFiles(NamedTuple):
     """The files of a run directory (see the module docstring)."""
 
     out_dir: str
+    config: str
+    problem: str
+    checkpoint: str
+    metrics: str
+    proposals: str
 
-    def path(self, name: str) -> str:
-        return os.path.join(self.out_dir, name)
-
-    @property
-    def config(self) -> str:
-        return self.path("config.json")
-
-    @property
-    def problem(self) -> str:
-        return self.path("problem.json")
-
-    @property
-    def checkpoint(self) -> str:
-        return self.path("checkpoint.pt")
-
-    @property
-    def metrics(self) -> str:
-        return self.path("metrics.csv")
-
-    @property
-    def proposals(self) -> str:
-        return self.path("proposals.pt")
+    @classmethod
+    def at(cls, out_dir: str) -> "_RunFiles":
+        names = ("config.json", "problem.json", "checkpoint.pt", "metrics.csv", "proposals.pt")
+        return cls(out_dir, *(os.path.join(out_dir, name) for name in names))
 
 
 def _check_resumable(files: _RunFiles, cfg: TrainConfig, problem: Problem) -> None:
@@ -393,7 +379,7 @@ def train(out_dir: str, cfg: TrainConfig, *, resume: bool = True, progress: bool
         raise APGError(f"streams {cfg.streams} must be a multiple of the number of processes {world} (--streams)")
     lead = rank == 0  # writes the files and shows progress
     os.makedirs(out_dir, exist_ok=True)
-    files = _RunFiles(out_dir)
+    files = _RunFiles.at(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)

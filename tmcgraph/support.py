@@ -227,6 +227,10 @@ def log_prob_in_support(d: Distribution, value: torch.Tensor) -> torch.Tensor:
         support = None
     if support is None or _dependent(support):
         return d.log_prob(value)
+    r = _range(support)
+    if (r is not None and not r.discrete and not isinstance(r.lower, torch.Tensor)
+            and not isinstance(r.upper, torch.Tensor) and r.lower == -math.inf and r.upper == math.inf):
+        return d.log_prob(value)  # the whole real line: nothing to mask (the batched priors' usual case)
     inside = support.check(value)
     with unvalidated(d):
         lp = d.log_prob(value)
