@@ -325,7 +325,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
                 deferred[name] = lq
                 continue
             prior = site_density(layout, model, name, values, arg_events)
-            # the group's proposal was checked against this prior when the group was verified
+            # verify mode checked the group's proposal against this prior site by site; trust takes it as declared
             lp = layout.to_factor(log_prob_in_support(prior, z), owner, idx, site.plates)
             factors[name] = lp - lq.reshape(tuple(lq.shape) + (1,) * (lp.dim() - lq.dim()))
             if rmode == "verify":
