@@ -477,7 +477,7 @@ def _compiled_loss(sampler: Any, problem: Problem, cfg: TrainConfig, theta: bool
     builds what the model caches (its layouts), with the random state restored afterwards, so the traced
     program has none of that Python in it; graph breaks are allowed (a model may have some), and
     ``torch.distributions`` validation is off inside, as the traced code cannot sync."""
-    from tmcgraph.compiled import distribution_validation
+    from tmcgraph.evaluate.compiled import distribution_validation
 
     def iteration_loss(x: torch.Tensor) -> torch.Tensor:
         res = run(sampler, x, cfg.num_particles, cfg.num_sweeps, objective=True,

@@ -12,7 +12,8 @@ from opt_einsum import get_symbol
 
 from .compile import check_memory_limit, check_optimize, compile_stages, label_treewidth, make_plan
 from .errors import TMCError
-from .plan import Plan, check_operands, check_result
+from .evaluate import check_operands, check_result, run
+from .plan import Plan
 from .stages import InputSpec
 
 __all__ = ["ParsedEquation", "log_einsum", "log_einsum_plan", "parse_equation"]
@@ -242,6 +243,6 @@ def log_einsum(
             t = t.squeeze(drop)
         tensors.append(t)
     tensors = check_operands(tensors, plan.inputs)
-    result = plan.run(tensors)
+    result = run(plan, tensors)
     check_result(result, tensors, plan.inputs)
     return result

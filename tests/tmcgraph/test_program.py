@@ -1,21 +1,21 @@
-"""The eager evaluator's step programs (tmcgraph._program) against brute force and the per-step kernels."""
+"""The lowered step programs (tmcgraph.evaluate) against brute force and against their exact mode."""
 
-import copy
 import math
 
 import pytest
 import torch
 
 import tmcgraph
-from tmcgraph import _program
+from tmcgraph import evaluate
+from tmcgraph.evaluate.program import EXACT_STICKY
 from tmcgraph.testing import STRUCTURES, brute_force_log_sum, random_factor_graph, random_factors
 
 
-def _per_step(plan):
-    """The same plan evaluated by the per-step kernels of tmcgraph._kernels (no step program)."""
-    other = copy.copy(plan)
-    other._lowerable = False
-    return other
+def _exact_steps(plan, f):
+    """The same plan with every pairwise step taken by the exact kernel under ordinary autograd."""
+    tensors = [f[spec.name] for spec in plan.inputs]
+    program = evaluate.lower(plan, [tuple(t.shape) for t in tensors])
+    return program._evaluate(tensors, 0)[0] + plan.constant
 
 
 @pytest.mark.parametrize("structure", list(STRUCTURES) + ["plated"])
@@ -27,7 +27,7 @@ def test_gradients_match_brute_force(structure, seed):
     f = random_factors(g, seed=seed, batch_shape=batch, scale=2.0, requires_grad=True)
     plan = g.compile()
     out = plan.log_sum(f)
-    assert type(out.grad_fn).__name__ != "_LogContractPairBackward"
+    assert type(out.grad_fn).__name__ != "PairFunctionBackward"
     weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     got = torch.autograd.grad(out, list(f.values()), weights)
     want_out = brute_force_log_sum(g, f)
@@ -64,7 +64,7 @@ def test_float32_gradients_within_rounding_of_the_per_step_kernels():
         f = {k: v.detach().float().requires_grad_() for k, v in f.items()}
         plan = g.compile()
         got = torch.autograd.grad(plan.log_sum(f).sum(), list(f.values()))
-        want = torch.autograd.grad(_per_step(plan).log_sum(f).sum(), list(f.values()))
+        want = torch.autograd.grad(_exact_steps(plan, f).sum(), list(f.values()))
         for x, y in zip(got, want):
             torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-6)
 
@@ -85,22 +85,21 @@ def _far_apart():
 
 def _program_of(ops):
     plan = tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])
-    return next(iter(plan._programs.values()))
+    return evaluate.lower(plan, [tuple(o.shape) for o in ops])
 
 
 def test_underflow_trips_once_and_the_result_is_exact():
     ops, _, want = _far_apart()
     plan = tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])
-    plan._programs.clear()
-    state = _program.RunState()
-    got = plan.run(ops, state=state)
+    state = evaluate.RunState()
+    got = evaluate.run(plan, ops, state=state)
     program = _program_of(ops)
-    assert state.left(program) == _program._EXACT_STICKY  # the check tripped
+    assert state.left(program) == EXACT_STICKY  # the check tripped
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
     # the caller's next evaluations start exactly at the affected step, and stay exact
     for _ in range(3):
-        torch.testing.assert_close(plan.run(ops, state=state).double(), want, rtol=1e-6, atol=0)
-    assert state.left(program) == _program._EXACT_STICKY - 3
+        torch.testing.assert_close(evaluate.run(plan, ops, state=state).double(), want, rtol=1e-6, atol=0)
+    assert state.left(program) == EXACT_STICKY - 3
     # without a state every evaluation decides alone, and is exact too
     torch.testing.assert_close(tmcgraph.log_einsum(_EQ, *ops).double(), want, rtol=1e-6, atol=0)
 
@@ -110,14 +109,14 @@ def test_the_adaptive_state_belongs_to_the_caller_not_to_the_shared_plan():
     changes nothing for the other, and a plan or program holds no such state."""
     ops, _, want = _far_apart()
     plan = tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])
-    a, b = _program.RunState(), _program.RunState()
-    plan.run(ops, state=a)
+    a, b = evaluate.RunState(), evaluate.RunState()
+    evaluate.run(plan, ops, state=a)
     program = _program_of(ops)
-    assert a.left(program) == _program._EXACT_STICKY and b.left(program) == 0
+    assert a.left(program) == EXACT_STICKY and b.left(program) == 0
     calm = [torch.zeros_like(o) for o in ops]  # nothing to trip on
     for _ in range(2):
-        plan.run(calm, state=b)
-    assert b.left(program) == 0 and a.left(program) == _program._EXACT_STICKY
+        evaluate.run(plan, calm, state=b)
+    assert b.left(program) == 0 and a.left(program) == EXACT_STICKY
     assert not [k for k in vars(program) if "exact" in k] and not [k for k in vars(plan) if "exact" in k]
 
 
@@ -131,21 +130,19 @@ def test_estimators_of_one_structure_share_the_plan_but_not_the_state():
         return m
 
     one, two = model().compile(K=3), model().compile(K=3)
-    assert one.plan is two.plan and one._run_state is not two._run_state
+    assert one.plan is two.plan and one.evaluator.state is not two.evaluator.state
 
 
 def test_the_underflow_check_has_power(monkeypatch):
     """With the check disabled the same evaluation is wrong: the test above would fail."""
     ops, _, want = _far_apart()
-    tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])._programs.clear()
-    monkeypatch.setattr(_program.math, "sqrt", lambda x: -math.inf)  # nothing ever trips
+    monkeypatch.setattr(evaluate.program, "underflow_threshold", lambda dtype: -math.inf)  # nothing ever trips
     got = tmcgraph.log_einsum(_EQ, *ops)
     assert not torch.allclose(got.double(), want, rtol=1e-3, atol=0)
 
 
 def test_underflow_under_autograd_gives_the_exact_gradient():
     ops, ops64, _ = _far_apart()
-    tmcgraph.log_einsum_plan(_EQ, *[o.shape for o in ops])._programs.clear()
     ops = [o.requires_grad_() for o in ops]
     ops64 = [o.requires_grad_() for o in ops64]
     weights = torch.randn(2, 2, 3, dtype=torch.float64)
@@ -198,7 +195,7 @@ def test_the_whole_plan_function_is_used_under_autograd():
         if fn is not None:
             names.add(type(fn).__name__)
             stack += [n for n, _ in fn.next_functions]
-    assert "_PlanFunctionBackward" in names and "_LogContractPairBackward" not in names
+    assert "_PlanFunctionBackward" in names and "PairFunctionBackward" not in names
 
 
 @pytest.mark.parametrize("structure", list(STRUCTURES) + ["plated"])

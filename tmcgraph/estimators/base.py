@@ -6,12 +6,12 @@ import math
 from typing import Callable, ContextManager, Dict, Mapping, Optional, Tuple
 
 from ..compile import check_scan
-from ..compiled import check_backend
 from ..declaration import ModelBase as Model
 from ..errors import TMCError
+from ..evaluate import Evaluator
 from ..graph import FactorGraph
 from ..layout import Layout, build_graph, call_site_fn, data_batch_shape, index_slots
-from ..plan import Plan, RunState
+from ..plan import Plan
 from ..trace import Trace, trace
 from ..vectorise import Groups
 
@@ -29,7 +29,8 @@ class GraphEstimator:
                  compile_now: bool = True, backend: str = "eager", scan: str = "auto") -> None:
         self.model = model
         self.scan = check_scan(scan)
-        self.backend = check_backend(backend)
+        self.evaluator = Evaluator(backend)  # this estimator's backend and adaptive state (not the plan's)
+        self.backend = backend
         if backend == "compiled" and memory_limit is not None:
             raise TMCError("backend='compiled' evaluates unsliced: drop memory_limit")
         self.index_of = index_of
@@ -43,7 +44,6 @@ class GraphEstimator:
         self._slots = index_slots(model, index_of)
         self._probed: set = set()  # layout checks already made (Layout.density)
         self._groups = Groups(model)  # sites sharing a function, batched once verified (tmcgraph.vectorise)
-        self._run_state = RunState()  # this estimator's adaptive state of the eager evaluator (not the plan's)
         self._version = model.version
         if compile_now and all(s is not None for s in sizes.values()):
             self._plan_for(tuple(sizes.items()))

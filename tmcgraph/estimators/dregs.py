@@ -12,8 +12,9 @@ import torch
 
 from ..declaration import ModelBase as Model
 from ..errors import TMCError
+from ..evaluate import Evaluator
 from ..layout import factor_indices
-from ..plan import Plan, RunState
+from ..plan import Plan
 from ..trace import Trace
 
 __all__ = ["check_factorised", "paper_surrogate", "surrogate"]
@@ -79,12 +80,12 @@ def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequenc
     return value + (path - path.detach())
 
 
-def paper_surrogate(tr: Trace, plan: Plan, *, state: Optional[RunState] = None) -> torch.Tensor:
+def paper_surrogate(tr: Trace, plan: Plan, evaluator: Evaluator) -> torch.Tensor:
     """Appendix F's eq. 60 on a trace made with ``dregs=True`` (biased for more than one latent);
-    ``state``: the estimator's `RunState`."""
+    ``evaluator``: the estimator's `tmcgraph.evaluate.Evaluator`."""
     assert tr.hat_factors is not None
     with torch.no_grad():
-        log_w = plan.log_sum({n: f.detach() for n, f in tr.factors.items()}, state=state)
-        log_w2 = plan.log_sum({n: 2 * f.detach() for n, f in tr.factors.items()}, state=state)
+        log_w = evaluator.log_sum(plan, {n: f.detach() for n, f in tr.factors.items()}, backend="eager")
+        log_w2 = evaluator.log_sum(plan, {n: 2 * f.detach() for n, f in tr.factors.items()}, backend="eager")
         ratio = torch.exp(log_w2 - 2 * log_w)
-    return 0.5 * ratio * plan.log_sum({n: 2 * f for n, f in tr.hat_factors.items()}, state=state)
+    return 0.5 * ratio * evaluator.log_sum(plan, {n: 2 * f for n, f in tr.hat_factors.items()}, backend="eager")

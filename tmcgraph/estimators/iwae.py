@@ -41,7 +41,7 @@ class IWAE(GraphEstimator):
         """``log 1/K sum_k w_k`` over K joint samples; ``(*batch,)``, differentiable."""
         if self._enumerates:
             tr, plan, norm = self._trace(data)
-            return plan.log_sum(tr.factors, state=self._run_state) - norm
+            return self.evaluator.log_sum(plan, tr.factors) - norm
         tr, graph, norm = self._trace_only(data)
         # nothing enumerated: log w_k is the sum of all factors (plates summed), no contraction needed
         log_w: Optional[torch.Tensor] = None

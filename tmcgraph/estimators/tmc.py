@@ -8,12 +8,12 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch.distributions import constraints
 
-from .._kernels import underflow_threshold
-from ..compiled import compile_function, distribution_validation
-from ..compiled import program as compiled_program
 from ..declaration import ModelBase as Model
 from ..distributed import Shard
 from ..errors import TMCError
+from ..evaluate import lower
+from ..evaluate.compiled import compile_function, distribution_validation
+from ..evaluate.kernels import underflow_threshold
 from ..layout import Layout, as_data
 from ..plan import Plan
 from ..trace import Trace, trace
@@ -51,6 +51,7 @@ class TMC(GraphEstimator):
         self._shard_norms: Dict[tuple, float] = {}
         self._objectives: Dict[tuple, tuple] = {}  # data layout -> compiled objective (backend="compiled")
         self._supports: Dict[tuple, Dict[str, constraints.Constraint]] = {}  # data layout -> observed supports
+        self._shapes: Dict[tuple, List[Tuple[int, ...]]] = {}  # data layout -> the plan's input shapes
         sampled = [n for n in latents if not model.sites[n].enumerate]
         if isinstance(K, Mapping):
             unknown = [n for n in K if n not in latents]
@@ -108,7 +109,7 @@ class TMC(GraphEstimator):
             self._objectives[key] = ()
             return self._eager_log_marginal(data, key)
         if not entry:
-            entry = self._objectives[key] = self._build_objective(layout)
+            entry = self._objectives[key] = self._build_objective(layout, key)
         fn, plan, norm, names = entry
         if not _in_support(layout, data, self._supports[key]):
             return self._eager_log_marginal(data, key)  # raises the eager error, naming the observation
@@ -121,7 +122,8 @@ class TMC(GraphEstimator):
         if not bool(torch.stack([ok, checked]).all()):  # the one host sync after the program
             if not bool(checked):
                 return self._eager_log_marginal(data, key)  # raises, naming the site
-            result = plan.log_sum(dict(zip(names, factors)), state=self._run_state) - norm  # this draw, exactly
+            # this draw's factors, contracted exactly
+            result = self.evaluator.log_sum(plan, dict(zip(names, factors)), backend="eager") - norm
         return result
 
     def _eager_log_marginal(self, data: Mapping[str, object], key: tuple) -> torch.Tensor:
@@ -129,23 +131,26 @@ class TMC(GraphEstimator):
         against on later calls."""
         tr, plan, norm = self._trace(data)
         self._supports[key] = dict(tr.supports)
-        return plan.log_sum(tr.factors, state=self._run_state) - norm
+        self._shapes[key] = [tuple(tr.factors[spec.name].shape) for spec in plan.inputs]
+        return self.evaluator.log_sum(plan, tr.factors, backend="eager") - norm
 
-    def _build_objective(self, layout: Layout) -> tuple:
+    def _build_objective(self, layout: Layout, key: tuple) -> tuple:
         plan, norm = self._plan_for(tuple(layout.index_sizes.items()))
         names = [spec.name for spec in plan.inputs]
-        run = compiled_program(plan.stages, [spec.labels for spec in plan.inputs], plan.output_labels, plan.constant)
+        program = lower(plan, self._shapes[key])  # the same lowered program the eager backend runs
+        constant = plan.constant
         model, groups = self.model, self._groups
 
         def objective(data: Dict[str, object]
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
             tr = trace(model, layout, data, groups=groups)
             factors = [tr.factors[name] for name in names]
-            result, flag = run(factors)
+            result, flags = program.fast(factors)
+            result = result + constant if constant else result
             bad = torch.isnan(result).any() | (result == math.inf).any()
             passed = tr.checks.passed()
             checked = passed if passed is not None else torch.ones((), dtype=torch.bool, device=result.device)
-            ok = (flag >= underflow_threshold(result.dtype)) & ~bad
+            ok = (flags >= underflow_threshold(result.dtype)).all() & ~bad
             return result - norm, ok, checked, factors
 
         return compile_function(objective, "objective"), plan, norm, names
@@ -176,11 +181,11 @@ class TMC(GraphEstimator):
         (``share=True``: divided by the world size, see `tmcgraph.distributed`)."""
         shard = self.shard
         if shard is None:
-            return plan.log_sum(factors, backend=self.backend, state=self._run_state)
+            return self.evaluator.log_sum(plan, factors)
         if share:
             factors = {n: f if shard.plate in self.model.sites[n].plates else shard.replicated_share(f)
                        for n, f in factors.items()}
-        return plan.log_sum(factors, plate_reduce=(shard.plate, shard.all_reduce), state=self._run_state)
+        return self.evaluator.log_sum(plan, factors, plate_reduce=(shard.plate, shard.all_reduce))
 
     def dregs_surrogate(self, data: Mapping[str, object], *, form: str = "tmc") -> torch.Tensor:
         """A surrogate whose gradient w.r.t. the proposal parameters is the DReGs estimator.
@@ -225,7 +230,7 @@ class TMC(GraphEstimator):
             if self.shard is not None:
                 raise TMCError("form='paper' is not available sharded; use form='tmc'")
             tr, plan, _ = self._trace(data, dregs=True)
-            return dregs.paper_surrogate(tr, plan, state=self._run_state)
+            return dregs.paper_surrogate(tr, plan, self.evaluator)
         if form != "tmc":
             raise TMCError(f"form must be 'tmc' or 'paper', got {form!r}")
         dregs.check_factorised(self.model, self._sampled)
@@ -242,7 +247,7 @@ class TMC(GraphEstimator):
 
     # kept for the tests that check each form against its formula
     def _paper_dregs_from_trace(self, tr: Trace, plan: Plan) -> torch.Tensor:
-        return dregs.paper_surrogate(tr, plan, state=self._run_state)
+        return dregs.paper_surrogate(tr, plan, self.evaluator)
 
     def posterior(self, data: Mapping[str, object]) -> "Posterior":
         """Draw samples, contract, and return posterior summaries over them.
