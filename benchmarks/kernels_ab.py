@@ -1,8 +1,8 @@
-"""A/B of the eager evaluator's mechanisms, each against the same plan without it, on the contraction graphs:
+"""A/B of the eager evaluator's mechanisms, each against the same lowered program without it, on the
+contraction graphs:
 
-* the step program (a plan lowered once per input shapes: bmm blocks, one underflow sync per evaluation,
-  intermediates freed as consumed) against the per-step kernels of ``tmcgraph._kernels`` (forward and
-  forward+backward);
+* the fast path (one underflow sync per evaluation) against the program's exact mode, where every
+  pairwise step checks and repairs on its own (forward and forward+backward);
 * the whole-plan backward (one autograd Function for the program, saved blocks reused) against one
   custom Function per pairwise step (forward+backward);
 * the no-grad scratch buffers of the program against fresh allocations (forward).
@@ -30,7 +30,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from contract import GRAPHS  # noqa: E402
 
-import tmcgraph._program as program  # noqa: E402
+import tmcgraph.evaluate.kernels as kernels  # noqa: E402
+import tmcgraph.evaluate.program as program_module  # noqa: E402
+from tmcgraph import evaluate  # noqa: E402
 from tmcgraph.cli import output_file  # noqa: E402
 from tmcgraph.testing import random_factors  # noqa: E402
 
@@ -38,42 +40,46 @@ from tmcgraph.testing import random_factors  # noqa: E402
 @contextlib.contextmanager
 def no_scratch():
     """Fresh allocations for every shifted exponential of the program (the reference for the scratch buffers)."""
-    saved = program._scratch
-    program._scratch = lambda slot, x, shift: None  # type: ignore[assignment]
+    saved = kernels._scratch, program_module._scratch
+    kernels._scratch = program_module._scratch = lambda slot, x: None  # type: ignore[assignment]
     try:
         yield
     finally:
-        program._scratch = saved  # type: ignore[assignment]
+        kernels._scratch, program_module._scratch = saved  # type: ignore[assignment]
 
 
 def measure(name: str, threads: int, repeats: int) -> Dict[str, float]:
     torch.set_num_threads(threads)
     graph = GRAPHS[name]()
     plan = graph.compile()
-    per_step = copy.copy(plan)  # the same stages through the per-step kernels
-    per_step._lowerable = False
-    per_pair = copy.copy(plan)  # the step program with one autograd Function per pairwise step
-    per_pair._programs = {}
     factors = random_factors(graph, seed=0, scale=1.0, dtype=torch.float32)
-    leaves = {k: v.clone().requires_grad_() for k, v in factors.items()}
+    tensors = [factors[spec.name] for spec in plan.inputs]
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    program = evaluate.lower(plan, [tuple(t.shape) for t in tensors])
+    per_pair = copy.copy(program)  # the same program with one autograd Function per pairwise step
+    per_pair._whole_plan = False
 
-    def forward(p=plan):
+    def forward():
         with torch.no_grad():
-            p.log_sum(factors)
+            program(tensors)
 
-    def fwd_bwd(p=plan):
-        return torch.autograd.grad(p.log_sum(leaves), list(leaves.values()))
+    def forward_steps():
+        with torch.no_grad():
+            program._evaluate(tensors, 0)
+
+    def fwd_bwd(p=program):
+        return torch.autograd.grad(p(leaves), leaves)
+
+    def fwd_bwd_steps():
+        return torch.autograd.grad(program._evaluate(leaves, 0)[0], leaves)
 
     def forward_fresh():
         with no_scratch():
             forward()
 
-    fwd_bwd(per_pair)
-    for prog in per_pair._programs.values():
-        prog._whole_plan = False
-    fns = {"fwd": forward, "fwd_fresh": forward_fresh, "fwd_steps": lambda: forward(per_step),
-           "fb": fwd_bwd, "fb_steps": lambda: fwd_bwd(per_step), "fb_pairs": lambda: fwd_bwd(per_pair)}
-    want = fwd_bwd(per_step)
+    fns = {"fwd": forward, "fwd_fresh": forward_fresh, "fwd_steps": forward_steps,
+           "fb": fwd_bwd, "fb_steps": fwd_bwd_steps, "fb_pairs": lambda: fwd_bwd(per_pair)}
+    want = fwd_bwd_steps()
     err = max(((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for g, w in zip(fwd_bwd(), want))
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     for fn in fns.values():

@@ -240,20 +240,23 @@ def _exponentials(x: torch.Tensor, perm: Tuple[int, ...], sum_dims: Tuple[int, .
     ops; else they are written into a buffer in block order, which may be reused scratch memory."""
     differentiable = plain or (torch.is_grad_enabled() and x.requires_grad)
     if not perm and x.is_contiguous():  # already in block order: reduce one dim of the block view
-        xp = x.view(block)
-        raw = xp.detach().amax(dim=block_dim, keepdim=True)
-    else:
-        xp = x.permute(perm) if perm else x
-        raw = xp.detach().amax(dim=sum_dims, keepdim=True)
+        x3 = x.view(block)
+        raw = x3.detach().amax(dim=block_dim, keepdim=True) if differentiable else x3.amax(dim=block_dim,
+                                                                                              keepdim=True)
+        sub = raw.nan_to_num(neginf=0.0) if zeros else raw
+        if differentiable:
+            return (x3 - sub).exp(), raw
+        buf = _scratch(slot, x3) if scratch else None
+        return (torch.sub(x3, sub) if buf is None else torch.sub(x3, sub, out=buf)).exp_(), raw
+    xp = x.permute(perm) if perm else x
+    raw = xp.detach().amax(dim=sum_dims, keepdim=True)
     sub = raw.nan_to_num(neginf=0.0) if zeros else raw
     if differentiable:
-        e = (xp - sub).exp().reshape(block)
-    else:
-        buf = _scratch(slot, xp) if scratch else None
-        if buf is None:
-            buf = torch.empty(xp.shape, dtype=xp.dtype, device=xp.device)
-        e = torch.sub(xp, sub, out=buf).exp_().view(block)
-    return e, raw.view(shift)
+        return (xp - sub).exp().reshape(block), raw.view(shift)
+    buf = _scratch(slot, xp) if scratch else None
+    if buf is None:  # written in block order, so the block is a view
+        buf = torch.empty(xp.shape, dtype=xp.dtype, device=xp.device)
+    return torch.sub(xp, sub, out=buf).exp_().view(block), raw.view(shift)
 
 
 def _mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -271,10 +274,14 @@ def _blocks(p: PairLayout, a: torch.Tensor, b: torch.Tensor, *, scratch: bool, z
 
 
 def _log_total(total: torch.Tensor, raw_a: torch.Tensor, raw_b: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+    """``log(max(T, tiny)) + max_a + max_b``: in ``T`` (``inplace``), in one fresh tensor, or (under autograd)
+    by plain ops."""
     tiny = torch.finfo(total.dtype).tiny
     if inplace:
         return total.clamp_min_(tiny).log_().add_(raw_a).add_(raw_b)
-    return torch.log(total.clamp_min(tiny)) + raw_a + raw_b
+    if torch.is_grad_enabled() and total.requires_grad:
+        return torch.log(total.clamp_min(tiny)) + raw_a + raw_b
+    return total.clamp_min(tiny).log_().add_(raw_a).add_(raw_b)
 
 
 def pair_forward(p: PairLayout, a: torch.Tensor, b: torch.Tensor, *, keep: bool, scratch: bool,
@@ -288,10 +295,8 @@ def pair_forward(p: PairLayout, a: torch.Tensor, b: torch.Tensor, *, keep: bool,
     pass).  ``saved`` (``keep``): the blocks ``(EA, EB, T)`` for `pair_backward`; without ``keep`` ``T`` is
     overwritten by the result.  ``plain``: plain ops only (for torch.compile)."""
     ea3, eb3, total, raw_a, raw_b = _blocks(p, a, b, scratch=scratch, zeros=zeros, plain=plain)
-    if zeros:
-        flag = torch.where(raw_a + raw_b > -math.inf, total.detach(), math.inf).amin()
-    else:
-        flag = total.detach().amin()
+    t = total.detach() if total.requires_grad else total
+    flag = torch.where(raw_a + raw_b > -math.inf, t, math.inf).amin() if zeros else t.amin()
     result = _log_total(total, raw_a, raw_b, inplace=not keep).view(p.shape_out)
     return result, flag, ((ea3, eb3, total) if keep else None)
 
@@ -343,15 +348,17 @@ def _grad_block(x: torch.Tensor, y: torch.Tensor, mine: torch.Tensor) -> torch.T
 
 
 def pair_backward(p: PairLayout, grad: torch.Tensor, saved: Tuple[torch.Tensor, ...], shape_a: Sequence[int],
-                  shape_b: Sequence[int], needed: Sequence[bool]
+                  shape_b: Sequence[int], needed: Sequence[bool], *, masked: bool = True
                   ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The one backward of the pairwise step: ``dR/da = EA * (g / T) @ EB^T``, ``dR/db = EB * EA^T @ (g / T)``.
 
     ``saved``: `pair_forward`'s ``(EA, EB, T)``; ``shape_a``, ``shape_b``: the operands' shapes.  Entries
-    with ``T <= tiny`` get zero weight (as through the clamp of the forward)."""
+    with ``T <= tiny`` get zero weight (as through the clamp of the forward); ``masked=False`` skips that pass
+    where every ``T`` is known to have passed the underflow check."""
     ea3, eb3, total = saved
     weight = grad.reshape(total.shape) / total
-    weight.masked_fill_(total <= torch.finfo(total.dtype).tiny, 0.0)
+    if masked:
+        weight.masked_fill_(total <= torch.finfo(total.dtype).tiny, 0.0)
     ga = gb = None
     if needed[0]:
         g3 = _grad_block(weight, eb3.transpose(-1, -2), ea3)
