@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from tmcgraph.cli import HelpFormatter, non_negative_int, output_dir, positive_float, positive_int
+from tmcgraph.arguments import HelpFormatter, non_negative_int, output_dir, positive_float, positive_int
 
 from . import models
 from .errors import APGError

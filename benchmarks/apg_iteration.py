@@ -39,7 +39,7 @@ from apg.models import gmm
 from apg.objectives import phi_loss
 from apg.resampling import resample
 from apg.sampler import run
-from tmcgraph.cli import output_file
+from tmcgraph.arguments import output_file
 
 
 def _log_joint(x, mu, tau, c, cfg):

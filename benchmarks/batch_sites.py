@@ -31,7 +31,7 @@ from _util import write_json  # benchmarks/, the script's directory
 from torch.distributions import Normal
 
 import tmcgraph
-from tmcgraph.cli import output_file
+from tmcgraph.arguments import output_file
 from tmcgraph.experiments.treewidth import sparse_data, sparse_model, sparse_problem
 
 MODES = ("no", "verify", "trust")

@@ -33,7 +33,7 @@ from opt_einsum import get_symbol
 
 import tmcgraph
 from tmcgraph import paths
-from tmcgraph.cli import output_file
+from tmcgraph.arguments import output_file
 
 
 def chain(n: int = 20, k: int = 64) -> tmcgraph.FactorGraph:

@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 from torch.distributions import Normal
 
 import tmcgraph
-from tmcgraph.cli import output_file
+from tmcgraph.arguments import output_file
 from tmcgraph.distributed import Shard
 
 

@@ -33,7 +33,7 @@ from contract import GRAPHS  # noqa: E402
 import tmcgraph.evaluate.kernels as kernels  # noqa: E402
 import tmcgraph.evaluate.program as program_module  # noqa: E402
 from tmcgraph import evaluate  # noqa: E402
-from tmcgraph.cli import output_file  # noqa: E402
+from tmcgraph.arguments import output_file  # noqa: E402
 from tmcgraph.testing import random_factors  # noqa: E402
 
 

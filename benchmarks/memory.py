@@ -22,7 +22,7 @@ import sys
 
 from _util import write_json  # benchmarks/, the script's directory
 
-from tmcgraph.cli import output_file
+from tmcgraph.arguments import output_file
 
 GRAPH_NAMES = ["chain n=20 K=64", "global+local N=1000 K=64", "appendix H N=100 K=64", "grid 6x6 K=16"]
 

@@ -31,7 +31,7 @@ from _util import write_json  # benchmarks/, the script's directory
 from torch.distributions import Normal
 
 import tmcgraph
-from tmcgraph.cli import output_file
+from tmcgraph.arguments import output_file
 
 
 def chain(T):

@@ -19,7 +19,7 @@ import torch
 from _util import write_json  # benchmarks/, the script's directory
 
 import tmcgraph
-from tmcgraph.cli import output_file
+from tmcgraph.arguments import output_file
 from tmcgraph.stages import ScanStage
 
 

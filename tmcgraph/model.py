@@ -86,7 +86,7 @@ class Model(ModelBase):
                 one ``torch.compile``'d program from the second evaluation of each
                 data layout on (the first runs eagerly, with every check; the
                 compile itself takes seconds to minutes on a CPU); other methods
-                compile the contraction only (`tmcgraph.compiled`).
+                compile the contraction only (`tmcgraph.evaluate.compiled`).
             shard: evaluate with this plate split across the processes of a
                 ``torch.distributed`` group (`tmcgraph.distributed.Shard`;
                 this model declares the plate with the size of this process's shard).

@@ -6,7 +6,7 @@ import argparse
 import csv
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from tmcgraph.cli import positive_int
+from tmcgraph.arguments import positive_int
 
 __all__ = ["add_sampler_arguments", "cell", "chunks", "metrics_columns", "option", "save_figure", "training_curves"]
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from tmcgraph.cli import positive_int
+from tmcgraph.arguments import positive_int
 from tmcgraph.plots import pyplot
 
 from ...errors import APGError

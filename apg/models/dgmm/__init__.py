@@ -23,7 +23,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from tmcgraph.cli import positive_int
+from tmcgraph.arguments import positive_int
 
 from ...sampler import Result, Sampler
 from ..base import Method, Problem, Trained

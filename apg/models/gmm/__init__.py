@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from tmcgraph.cli import positive_float, positive_int
+from tmcgraph.arguments import positive_float, positive_int
 
 from ...errors import APGError
 from ...sampler import Result, Sampler
