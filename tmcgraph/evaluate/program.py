@@ -210,7 +210,9 @@ def _round(a: torch.Tensor, b: torch.Tensor, st: Optional[_State], lowered: tupl
     if st.traced:
         value, flag, _ = pair_forward(p, x, y, keep=True, scratch=False, zeros=True, plain=True)
     elif st.grad and (x.requires_grad or y.requires_grad):
-        value, flag = PairFunction.apply(x, y, p, False)
+        # plain ops: a round's blocks are small (K x K per link), where autograd's own backward is cheaper than
+        # a Python one (measured: benchmarks/model_step.py, family T=50, K=16)
+        value, flag, _ = pair_forward(p, x, y, keep=True, scratch=False, plain=True)
     else:
         value, flag, _ = pair_forward(p, x, y, keep=False, scratch=False)
     st.flags.append(flag)
@@ -501,7 +503,10 @@ class StepProgram:
 
         ``state``: the caller's `RunState` (which steps to run exactly after a trip); ``None``: this
         evaluation decides alone.  ``plate_reduce``: the all-reduce of a program lowered with a
-        ``reduce_label``."""
+        ``reduce_label``.  With it every step runs exactly from the start: a rerun after a trip would call the
+        collective again in this process only, and the others would wait for it forever."""
+        if plate_reduce is not None:
+            return self._evaluate(tensors, 0, plate_reduce=plate_reduce)[0]
         exact_from = state.exact_from(self) if state is not None else None
         if (exact_from is None and self._whole_plan and torch.is_grad_enabled()
                 and any(t.requires_grad for t in tensors)):
