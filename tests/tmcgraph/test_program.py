@@ -232,3 +232,37 @@ def test_log_einsum_repeated_backward_and_clipping(equation):
     torch.testing.assert_close(norm, 2 * torch.linalg.vector_norm(torch.cat([w.flatten() for w in want])))
     for x, w in zip(ops, want):  # every leaf scaled by the same factor
         torch.testing.assert_close(x.grad, 2 * w * (1e-3 / norm), rtol=1e-5, atol=1e-12)
+
+
+def test_plans_are_immutable():
+    plan = random_factor_graph(0, structure="random").compile()
+    with pytest.raises(AttributeError, match="Plan is immutable"):
+        plan.treewidth = 3
+    with pytest.raises(AttributeError, match="Plan is immutable"):
+        del plan.stages
+
+
+def test_a_registered_backend_serves_plans_and_estimators():
+    from torch.distributions import Normal
+
+    calls = []
+
+    def counting(plan, tensors, *, state, plate_reduce):
+        calls.append(len(tensors))
+        return evaluate.BACKENDS["eager"](plan, tensors, state=state, plate_reduce=plate_reduce)
+
+    g = random_factor_graph(1, structure="random")
+    f = random_factors(g, seed=1)
+    evaluate.register_backend("counting", counting)
+    try:
+        torch.testing.assert_close(g.compile().log_sum(f, backend="counting"), brute_force_log_sum(g, f))
+        m = tmcgraph.Model()
+        m.latent("z", prior=lambda: Normal(0.0, 1.0))
+        m.observe("x", lambda z: Normal(z, 1.0))
+        est = m.compile(K=4, backend="counting")
+        assert torch.isfinite(est.log_marginal({"x": torch.tensor(0.5)}))
+        assert len(calls) == 2
+    finally:
+        del evaluate.BACKENDS["counting"]
+    with pytest.raises(tmcgraph.TMCError, match=r"unknown backend='counting'; expected one of \['eager', 'compiled'\]"):
+        g.compile().log_sum(f, backend="counting")
