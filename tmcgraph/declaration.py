@@ -9,6 +9,8 @@ The estimators, the trace and the layout read a model through this module only, 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -403,6 +405,19 @@ class ModelBase:
     def version(self) -> int:
         """Bumped by every declaration; estimators built earlier check it and refuse a changed model."""
         return self._version
+
+    def _with_prior_proposals(self: _M) -> _M:
+        """A copy in which every sampled latent is proposed from its prior, given the prior's parents (the
+        bootstrap proposal of `tmcgraph.smc`); this model is unchanged."""
+        other = copy.copy(self)
+        other._sites = {n: dataclasses.replace(s, proposal=s.fn, proposal_parents=s.parents)
+                        if s.kind == "latent" and not s.enumerate else s for n, s in self._sites.items()}
+        other._sites_view = MappingProxyType(other._sites)
+        other._plates = dict(self._plates)
+        other._plates_view = MappingProxyType(other._plates)
+        other._families = dict(self._families)
+        other._order = None
+        return other
 
     def latents(self) -> List[str]:
         """Latent names in a topological order of the prior and proposal dependencies."""

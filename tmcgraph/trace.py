@@ -27,7 +27,7 @@ from .layout import Layout, call_site_fn, factor_indices
 from .support import Checks, check_proposal, log_prob_in_support, observed_log_prob
 from .vectorise import Batch, Groups, agree, failed
 
-__all__ = ["Trace", "site_density", "trace"]
+__all__ = ["Trace", "Tracer", "site_density", "trace"]
 
 
 def _select(value: torch.Tensor, event_dim: int, src: int, dst: int, choice: torch.Tensor) -> torch.Tensor:
@@ -216,7 +216,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
           detach_samples: bool = False,
           rng: Optional[Callable[[str], ContextManager[object]]] = None,
           groups: Optional[Groups] = None) -> Trace:
-    """Sample every latent in topological order and compute every log-factor.
+    """Sample every latent in topological order and compute every log-factor: one pass of a `Tracer`.
 
     Args:
         model: the model.
@@ -236,39 +236,90 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         groups: an estimator's batching state (`tmcgraph.vectorise`): sites declared in
             `Model.batch_sites` that share a function are evaluated in one call.
     """
-    layout = layout.copy()  # enumerated sizes are filled in on the copy, returned in the Trace
-    values: Dict[str, torch.Tensor] = {}
-    factors: Dict[str, torch.Tensor] = {}
-    hats: Optional[Dict[str, torch.Tensor]] = {} if dregs else None
-    samples: Optional[Dict[str, torch.Tensor]] = {} if detach_samples else None
-    arg_events: Dict[str, int] = {}  # event dims of every value a function may take
-    for name in model.observations():
-        values[name] = layout.data_value(name, data[name])
-        arg_events[name] = model.sites[name].event_dim
-    event_dims: Dict[str, int] = {}
-    verify: Dict[str, Dict[str, torch.Tensor]] = {"proposal": {}, "prior": {}, "likelihood": {}}  # verification
-    checks = Checks()
-    supports: Dict[str, constraints.Constraint] = {}
-    vectorised = _vectorised_families(model, layout) if not (dregs or detach_samples or rng) else {}
-    stacked: Dict[str, torch.Tensor] = {}  # markov family -> its samples (*batch, K, T, *event)
-    batch = None
-    if groups is not None and groups.groups and not (dregs or detach_samples or rng):
-        batch = groups.active(model, layout, list(values.values()))
-        batch.checks = checks
-        if values:  # the data's device: stacked int defaults index parameters there
-            batch.device = next(iter(values.values())).device
-    presampled: Dict[str, tuple] = {}  # batched proposal group member -> (value, log q (*batch, K), event dims)
-    deferred: Dict[str, torch.Tensor] = {}  # member of a batched prior group -> its log q (*batch, K)
+    tracer = Tracer(model, layout, data, dregs=dregs, detach_samples=detach_samples, rng=rng, groups=groups)
     for name in model.order():
+        tracer.visit(name)
+    return tracer.finish()
+
+
+class Tracer:
+    """The state of one pass over a model's sites: samples drawn and log-factors built so far.
+
+    `trace` visits every site in topological order and returns the `Trace`; `tmcgraph.smc` visits the
+    sites one resampling step at a time (each latent, then the observations whose last parent it is) and
+    resamples ``values`` between steps.  Arguments as in `trace`; ``families=False`` evaluates the sites
+    of `Model.markov` families one by one (a stepwise visitor needs them so).
+
+    Attributes:
+        layout: the trace's layout (a copy of the given one; enumerated sizes filled in).
+        values: site name -> samples (latents) or observed value, in layout.
+        factors: site name -> log-factor ``(*batch, *plates, *indices)``.
+        event_dims: latent -> number of event dims of its values.
+    """
+
+    def __init__(self, model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bool = False,
+                 detach_samples: bool = False, rng: Optional[Callable[[str], ContextManager[object]]] = None,
+                 groups: Optional[Groups] = None, families: bool = True) -> None:
+        layout = layout.copy()  # enumerated sizes are filled in on the copy, returned in the Trace
+        values: Dict[str, torch.Tensor] = {}
+        factors: Dict[str, torch.Tensor] = {}
+        hats: Optional[Dict[str, torch.Tensor]] = {} if dregs else None
+        samples: Optional[Dict[str, torch.Tensor]] = {} if detach_samples else None
+        arg_events: Dict[str, int] = {}  # event dims of every value a function may take
+        for name in model.observations():
+            values[name] = layout.data_value(name, data[name])
+            arg_events[name] = model.sites[name].event_dim
+        event_dims: Dict[str, int] = {}
+        verify: Dict[str, Dict[str, torch.Tensor]] = {"proposal": {}, "prior": {}, "likelihood": {}}  # verification
+        checks = Checks()
+        supports: Dict[str, constraints.Constraint] = {}
+        vectorised = (_vectorised_families(model, layout) if families and not (dregs or detach_samples or rng)
+                      else {})
+        stacked: Dict[str, torch.Tensor] = {}  # markov family -> its samples (*batch, K, T, *event)
+        batch = None
+        if groups is not None and groups.groups and not (dregs or detach_samples or rng):
+            batch = groups.active(model, layout, list(values.values()))
+            batch.checks = checks
+            if values:  # the data's device: stacked int defaults index parameters there
+                batch.device = next(iter(values.values())).device
+        presampled: Dict[str, tuple] = {}  # batched proposal group member -> (value, log q (*batch, K), event dims)
+        deferred: Dict[str, torch.Tensor] = {}  # member of a batched prior group -> its log q (*batch, K)
+
+        self.layout = layout
+        self.values = values
+        self.factors = factors
+        self.hats = hats
+        self.samples = samples
+        self.arg_events = arg_events
+        self.event_dims = event_dims
+        self.verify = verify
+        self.checks = checks
+        self.supports = supports
+        self.vectorised = vectorised
+        self.stacked = stacked
+        self.batch = batch
+        self.presampled = presampled
+        self.deferred = deferred
+        self.model, self.rng = model, rng
+        self.dregs, self.detach_samples = dregs, detach_samples
+
+    def visit(self, name: str) -> None:
+        """Draw latent ``name`` (or weigh observation ``name``) and build its log-factor; its parents must have
+        been visited."""
+        model, layout, rng = self.model, self.layout, self.rng
+        values, factors, hats, samples = self.values, self.factors, self.hats, self.samples
+        arg_events, event_dims, verify, checks = self.arg_events, self.event_dims, self.verify, self.checks
+        supports, vectorised, stacked, batch = self.supports, self.vectorised, self.stacked, self.batch
+        presampled, deferred, dregs, detach_samples = self.presampled, self.deferred, self.dregs, self.detach_samples
         fam = vectorised.get(name)
         if fam is not None:
             if name == fam.members[0]:
                 build = _trace_markov if fam.kind == "markov" else _trace_observed
                 build(model, layout, fam, values, factors, event_dims, arg_events, stacked, checks)
-            continue
+            return
         site = model.sites[name]
         if batch is not None and site.kind == "observed" and batch.mode("likelihood", name) == "batched":
-            continue  # computed with its group after the loop
+            return  # computed with its group after the loop
         if site.kind == "observed":
             owner = f"observation {name!r}"
             d = site_density(layout, model, name, values, arg_events)
@@ -286,7 +337,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
                 verify["likelihood"][name] = factors[name]
             if hats is not None:
                 hats[name] = factors[name]
-            continue
+            return
         owner = f"latent {name!r}"
         own = layout.index_of[name]
         pos = layout.index_pos[own]
@@ -311,7 +362,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             factors[name] = layout.to_factor(lp, owner, idx, site.plates)
             if hats is not None:
                 hats[name] = factors[name]
-            continue
+            return
         # sampled latent: draw from the proposal (mixture over parents on other indices)
         pmode = batch.mode("proposal", name) if batch is not None else None
         rmode = batch.mode("prior", name) if batch is not None else None
@@ -323,14 +374,14 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             event_dims[name] = arg_events[name] = ev
             if rmode == "batched":
                 deferred[name] = lq
-                continue
+                return
             prior = site_density(layout, model, name, values, arg_events)
             # verify mode checked the group's proposal against this prior site by site; trust takes it as declared
             lp = layout.to_factor(log_prob_in_support(prior, z), owner, idx, site.plates)
             factors[name] = lp - lq.reshape(tuple(lq.shape) + (1,) * (lp.dim() - lq.dim()))
             if rmode == "verify":
                 verify["prior"][name] = lp
-            continue
+            return
         proposal = site.proposal
         assert proposal is not None  # a sampled latent always has one (the prior by default)
         args: List[torch.Tensor] = []
@@ -352,7 +403,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             # a proposal varies along the latent's own index only through its latent parents' selected samples
             latent_parents = any(model.sites[p].kind == "latent" for p in site.proposal_parents)
             # with no proposal given, the prior is the proposal: a failure is the prior's
-            q_owner = f"{owner} proposal" if proposal is not site.fn else f"{owner} prior (the proposal: none given)"
+            q_owner = f"{owner} proposal" if proposal is not site.fn else f"{owner} prior (also its proposal)"
             q = layout.density(q_owner, proposal, args, [arg_events[p] for p in site.proposal_parents],
                                [own] if latent_parents else [], site.plates, sample_index=own)
             if q.has_rsample:
@@ -371,7 +422,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
                 and samples is None):
             # proposal = prior with the same parent values: log p - log q is identically 0 (gradient too)
             factors[name] = layout.to_factor(torch.zeros((), dtype=z.dtype, device=z.device), owner, idx, site.plates)
-            continue
+            return
         if mix:
             q_all = call_site_fn(q_owner, proposal, own_args)
             lq = _logmeanexp_dims(q_all.log_prob(z), layout.ndim, mix)
@@ -383,7 +434,7 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
         masked = check_proposal(name, prior, q, checks)
         if rmode == "batched":
             deferred[name] = layout.to_factor(lq, owner, [own], ())
-            continue
+            return
         lp = log_prob_in_support(prior, z) if masked else prior.log_prob(z)
         factors[name] = layout.to_factor(lp - lq, owner, idx, site.plates)
         if rmode == "verify":
@@ -395,10 +446,15 @@ def trace(model: Model, layout: Layout, data: Mapping[str, object], *, dregs: bo
             q_det = call_site_fn(q_owner, proposal, det)
             lq_det = _logmeanexp_dims(q_det.log_prob(z.detach()), layout.ndim, mix)
             hats[name] = layout.to_factor(lp - lq + (lq_det - lq_det.detach()), owner, idx, site.plates)
-    if batch is not None:
-        _finish_groups(model, layout, batch, values, factors, arg_events, deferred, verify)
-        supports.update(batch.supports)
-    return Trace(layout, values, factors, event_dims, hats, samples, checks, supports)
+
+    def finish(self) -> Trace:
+        """The trace of the sites visited: batched groups completed and verified."""
+        layout, values, factors, batch = self.layout, self.values, self.factors, self.batch
+        supports = self.supports
+        if batch is not None:
+            _finish_groups(self.model, layout, batch, values, factors, self.arg_events, self.deferred, self.verify)
+            supports.update(batch.supports)
+        return Trace(layout, values, factors, self.event_dims, self.hats, self.samples, self.checks, supports)
 
 
 def _finish_groups(model: Model, layout: Layout, batch: Batch, values: Dict[str, torch.Tensor],

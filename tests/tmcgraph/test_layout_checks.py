@@ -134,7 +134,8 @@ def test_a_parameter_on_a_parents_index_is_found_by_the_probe():
     with pytest.raises(TMCError, match=r"latent 'z' prior: .* varies along index dim -3 \(mu\) by itself"):
         m.compile(K=4).log_marginal({"x": torch.zeros(4)})
     # smc has one index dim (the particles): the extra dim is found by the shape check itself
-    with pytest.raises(TMCError, match=r"latent 'z' prior: the distribution's batch shape \(4, 4, 1\)"):
+    with pytest.raises(TMCError,
+                       match=r"latent 'z' prior \(also its proposal\): the distribution's batch shape \(4, 4, 1\)"):
         tmcgraph.smc(m, {"x": torch.zeros(4)}, 4)
 
 

@@ -190,6 +190,6 @@ def test_a_failing_prior_is_named_as_the_prior(given):
     m = tmcgraph.Model()
     m.latent("z", prior=lambda: Normal(0.0, -1.0), proposal=(lambda: Normal(0.0, 1.0)) if given else None)
     m.observe("x", lambda z: Normal(z, 1.0))
-    name = "latent 'z' prior" + ("" if given else r" \(the proposal: none given\)")
+    name = "latent 'z' prior" + ("" if given else r" \(also its proposal\)")
     with pytest.raises(TMCError, match=f"{name}: the function raised ValueError"):
         m.compile(K=4).log_marginal({"x": torch.tensor(0.5)})

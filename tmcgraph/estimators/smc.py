@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
-from torch.distributions import Distribution
 
 from ..declaration import ModelBase as Model
 from ..errors import TMCError
-from ..layout import Layout, data_batch_shape
+from ..layout import Layout, data_batch_shape, factor_indices
 from ..resampling import SCHEMES, gather, resample
-from ..support import Checks, check_proposal, log_prob_in_support, observed_log_prob
+from ..trace import Tracer
 from .base import PARTICLES, check_k
 
 __all__ = ["smc"]
@@ -48,74 +47,44 @@ def smc(model: Model, data: Mapping[str, object], K: int, *, proposal: str = "bo
     enumerated = [n for n in latents if model.sites[n].enumerate]
     if enumerated:
         raise TMCError(f"smc does not support enumerated latents {enumerated}; use the TMC or IWAE estimator")
+    if proposal == "bootstrap":  # every latent drawn from its prior
+        model = model._with_prior_proposals()
     layout = Layout(model, {n: PARTICLES for n in latents}, {PARTICLES: K}, data_batch_shape(model, data))
     batch = layout.batch
-    values = {n: layout.data_value(n, data[n]) for n in model.observations()}
-    event_dims: Dict[str, int] = {n: model.sites[n].event_dim for n in model.observations()}
-
-    def density(owner: str, fn: Callable, parents: Sequence[str], plates: Sequence[str]) -> Distribution:
-        # a density varies along the particles only through its latent parents' values
-        along = [PARTICLES] if any(model.sites[p].kind == "latent" for p in parents) else []
-        return layout.density(owner, fn, [values[p] for p in parents], [event_dims[p] for p in parents], along,
-                              plates, sample_index=PARTICLES)
-
-    last = {}
-    order = model.order()
-    position = {n: k for k, n in enumerate(order)}
+    # the shared trace, visited one resampling step at a time: each latent, then the observations whose last
+    # latent parent it is
+    tracer = Tracer(model, layout, data, families=False)
+    position = {n: k for k, n in enumerate(model.order())}
+    steps: Dict[Optional[str], List[str]] = {None: [], **{n: [] for n in latents}}
     for n in model.observations():
-        parents = model.sites[n].parents
-        last[n] = max(parents, key=position.__getitem__) if parents else None
-    log_z: Optional[torch.Tensor] = None
-    checks = Checks()
+        parents = [p for p in model.sites[n].parents if model.sites[p].kind == "latent"]
+        steps[max(parents, key=position.__getitem__) if parents else None].append(n)
 
-    def weigh(name: str, owner: str, lp: torch.Tensor, plates) -> torch.Tensor:
-        f = layout.to_factor(lp, owner, [PARTICLES], plates)  # (*b, *plates, K)
-        f = f.reshape(tuple(f.shape[: f.dim() - len(plates) - 1]) + (-1, K)).sum(-2) if plates else f
-        return f.expand(batch + (K,))
+    def weight(names: Sequence[str]) -> Optional[torch.Tensor]:
+        """The sites' log-factors summed over their plates: ``(*batch, K)`` (or ``(*batch,)`` off the particles)."""
+        total = None
+        for n in names:
+            tracer.visit(n)
+            f = tracer.factors[n]  # (*batch, *plates, *indices): the indices are [] or [particles]
+            plates, indices = len(model.sites[n].plates), len(factor_indices(model, layout.index_of, n))
+            f = f.sum(tuple(range(f.dim() - plates - indices, f.dim() - indices))) if plates else f
+            total = f if total is None else total + f
+        return total
 
-    log_w = None
-    pending = [n for n in model.observations() if last[n] is None]
-    for n in pending:  # observations with no latent parent: a constant factor
-        site = model.sites[n]
-        d = density(f"observation {n!r} likelihood", site.fn, [], site.plates)
-        lp, _ = observed_log_prob(f"observation {n!r}", d, values[n], layout.index_dims, checks)
-        c = layout.to_factor(lp, f"observation {n!r}", [], site.plates)
-        c = c.reshape(tuple(c.shape[: c.dim() - len(site.plates)]) + (-1,)).sum(-1) if site.plates else c
-        log_z = c.expand(batch) if log_z is None else log_z + c
+    log_z = weight(steps[None])  # observations with no latent parent: a constant factor
+    log_z = None if log_z is None else log_z.expand(batch)
+    log_w: Optional[torch.Tensor] = None
     for step, name in enumerate(latents):
-        site = model.sites[name]
-        owner = f"latent {name!r}"
         if log_w is not None:  # resample every particle's history
             anc = resample(log_w, resampling)  # (*b, K)
             for p in latents[:step]:
-                v = values[p]
-                e = event_dims[p]
+                v, e = tracer.values[p], tracer.event_dims[p]
                 v = v.expand(layout.template([PARTICLES], model.sites[p].plates) + tuple(v.shape[v.dim() - e:]))
-                values[p] = gather(v, anc)  # the particle dim follows the batch dims
-        prior = density(f"{owner} prior", site.fn, site.parents, site.plates)
-        masked = False
-        if proposal == "bootstrap":
-            q = prior
-        else:
-            assert site.proposal is not None  # a sampled latent always has one
-            q = density(f"{owner} proposal", site.proposal, site.proposal_parents, site.plates)
-            masked = check_proposal(name, prior, q, checks)
-        z = q.rsample() if q.has_rsample else q.sample()
-        values[name] = z
-        event_dims[name] = len(q.event_shape)
-        lp = log_prob_in_support(prior, z) if masked else prior.log_prob(z)
-        inc = weigh(name, owner, lp - q.log_prob(z), site.plates) if q is not prior else None
-        for n in model.observations():
-            if last[n] == name:
-                obs = model.sites[n]
-                d = density(f"observation {n!r} likelihood", obs.fn, obs.parents, obs.plates)
-                lp, _ = observed_log_prob(f"observation {n!r}", d, values[n], layout.index_dims, checks)
-                f = weigh(n, f"observation {n!r}", lp, obs.plates)
-                inc = f if inc is None else inc + f
-        if inc is None:
-            inc = torch.zeros(batch + (K,), dtype=z.dtype, device=z.device)
-        log_w = inc
-        term = torch.logsumexp(inc, -1) - math.log(K)
+                tracer.values[p] = gather(v, anc)  # the particle dim follows the batch dims
+        inc = weight([name] + steps[name])
+        assert inc is not None
+        log_w = inc.expand(batch + (K,))
+        term = torch.logsumexp(log_w, -1) - math.log(K)
         log_z = term if log_z is None else log_z + term
     assert log_z is not None
     return log_z
