@@ -156,6 +156,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``apg`` argument parser (its subcommands and every model's options)."""
     from . import __version__
 
     p = argparse.ArgumentParser(prog="apg", description="Amortized population Gibbs samplers (Wu et al., ICML 2020) "

@@ -4,8 +4,10 @@ __all__ = ["APGError"]
 
 
 class APGError(ValueError):
-    """Bad input to apg (a setting, a model name, a checkpoint, a shape): the message says what was
-    expected, what was found and, where there is one, the command-line flag to change.
+    """Bad input to apg (a setting, a model name, a checkpoint, a shape).
+
+    The message says what was expected, what was found and, where there is one, the command-line flag to change.
 
     It derives from ``ValueError`` as `tmcgraph.TMCError` does, so ``except ValueError`` catches
-    both packages' errors (resampling errors come from tmcgraph)."""
+    both packages' errors (resampling errors come from tmcgraph).
+    """

@@ -213,14 +213,17 @@ def _start_run(files: _RunFiles, cfg: TrainConfig, problem: Problem, fields_: Li
 
 
 class _Learner:
-    """What a checkpoint holds: the networks, their optimizers and schedules, and the sampler's random
-    streams (this process's generators; every stream's state is gathered when a checkpoint is written).
+    """What a checkpoint holds.
+
+    The networks, their optimizers and schedules, and the sampler's random streams (this process's generators; every
+    stream's state is gathered when a checkpoint is written).
 
     Built in a fixed order, so a run is a function of its settings: torch is seeded with ``seed``, the
     networks are initialised (on the CPU: the same weights on every device), then the streams are made
     (stream 0 continues torch's default stream from there, in a generator of its own; stream ``j > 0`` is
     seeded from ``(seed, j)``; on another device every stream is seeded from ``(seed, j)``, as a CPU
-    generator's state does not fit it)."""
+    generator's state does not fit it).
+    """
 
     def __init__(self, problem: Problem, cfg: TrainConfig, device: torch.device, world: int, rank: int) -> None:
         torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
@@ -292,9 +295,12 @@ class _Learner:
 
 @contextlib.contextmanager
 def _stop_requests() -> Iterator[Dict[str, bool]]:
-    """Within the block Ctrl-C and SIGTERM only set ``flag["stop"]``: the run stops at the next iteration
-    boundary, after writing a checkpoint, so an interrupted run resumes exactly (a second Ctrl-C exits at
-    once, keeping the last periodic checkpoint).  The previous handlers are restored after the block."""
+    """Within the block Ctrl-C and SIGTERM only set ``flag["stop"]``.
+
+    The run stops at the next iteration boundary, after writing a checkpoint, so an interrupted run resumes exactly (a
+    second Ctrl-C exits at once, keeping the last periodic checkpoint). The previous handlers are restored after the
+    block.
+    """
     flag = {"stop": False}
     handlers: Dict[int, Any] = {}
 
@@ -322,8 +328,10 @@ _Pending = List[Tuple[torch.Tensor, Result, torch.Tensor, Optional[torch.Tensor]
 def _gradients(learner: _Learner, sampler: Any, problem: Problem, cfg: TrainConfig, x: torch.Tensor,
                compiled: Optional[Callable[[torch.Tensor], torch.Tensor]], log_now: bool,
                device: torch.device) -> _Pending:
-    """One iteration's gradients on batch ``x`` (eq. 5, and eq. 6 when theta is learned), each of this
-    process's streams on its slice of the batch; the slices' results when the iteration is logged."""
+    """One iteration's gradients on batch ``x`` (eq. 5, and eq. 6 when theta is learned).
+
+    Each of this process's streams on its slice of the batch; the slices' results when the iteration is logged.
+    """
     pending: _Pending = []
     size = cfg.batch_size // cfg.streams
     if compiled is not None and not log_now:  # one stream: its generator's state drives torch's
@@ -472,11 +480,12 @@ def _write_proposals(files: _RunFiles, cfg: TrainConfig, problem: Problem, learn
 
 def _compiled_loss(sampler: Any, problem: Problem, cfg: TrainConfig, theta: bool,
                    x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One iteration's loss (eq. 5, plus eq. 6 when theta is learned) as a ``torch.compile``'d function of the
-    batch, drawing from torch's default generator.  One eager, gradient-free pass over the batch ``x`` first
-    builds what the model caches (its layouts), with the random state restored afterwards, so the traced
-    program has none of that Python in it; graph breaks are allowed (a model may have some), and
-    ``torch.distributions`` validation is off inside, as the traced code cannot sync."""
+    """One iteration's loss (eq. 5, plus eq. 6 when theta is learned) as a ``torch.compile``'d function.
+
+    One eager, gradient-free pass over the batch ``x`` first builds what the model caches (its layouts), with the random
+    state restored afterwards, so the traced program has none of that Python in it; graph breaks are allowed (a model
+    may have some), and ``torch.distributions`` validation is off inside, as the traced code cannot sync.
+    """
     from tmcgraph.evaluate.compiled import distribution_validation
 
     def iteration_loss(x: torch.Tensor) -> torch.Tensor:

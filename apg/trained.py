@@ -22,9 +22,11 @@ __all__ = ["Trained", "load_proposals"]
 
 
 def load_proposals(path: str) -> Trained:
-    """Networks saved by `train`: ``DIR/proposals.pt`` (a finished run) or ``DIR/checkpoint.pt``
-    (an unfinished one; its model and method are read from ``DIR/config.json``).  ``shipped:NAME`` is the
-    checkpoint ``NAME.pt`` shipped in ``apg/checkpoints``."""
+    """Networks saved by `train`.
+
+    ``DIR/proposals.pt`` (a finished run) or ``DIR/checkpoint.pt`` (an unfinished one; its model and method are read
+    from ``DIR/config.json``). ``shipped:NAME`` is the checkpoint ``NAME.pt`` shipped in ``apg/checkpoints``.
+    """
     if path.startswith("shipped:"):
         path = os.path.join(os.path.dirname(__file__), "checkpoints", path[len("shipped:"):] + ".pt")
     if not os.path.exists(path):

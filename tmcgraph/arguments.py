@@ -1,5 +1,4 @@
-"""argparse types and the help formatter shared by the command lines (``tmcgraph``, ``apg``) and the
-benchmarks.
+"""argparse types and the help formatter shared by the command lines (``tmcgraph``, ``apg``) and the benchmarks.
 
 Each type turns a bad value into a usage error (exit status 2) that says what was expected, before any work
 is done.  The module imports neither torch nor the engine, so ``--help`` stays fast.
@@ -54,8 +53,11 @@ def _nearest_existing(path: str) -> str:
 
 
 def output_file(text: str) -> str:
-    """An argparse type: a file to write (``--plot``); its folder must exist and be writable, and the path must
-    not be a folder, so a bad path is a usage error before any work is done."""
+    """An argparse type: a file to write (``--plot``).
+
+    Its folder must exist and be writable, and the path must not be a folder, so a bad
+    path is a usage error before any work is done.
+    """
     folder = os.path.dirname(os.path.abspath(text))
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected a file path such as {text.rstrip('/')}/x.png")
@@ -68,8 +70,11 @@ def output_file(text: str) -> str:
 
 
 def output_dir(text: str) -> str:
-    """An argparse type: a folder to write into (``--plots``, ``--out``), created if missing; it must be a
-    folder if it exists, and otherwise creatable (its nearest existing ancestor a writable folder)."""
+    """An argparse type: a folder to write into (``--plots``, ``--out``), created if missing.
+
+    It must be a folder if it exists, and otherwise
+    creatable (its nearest existing ancestor a writable folder).
+    """
     existing = _nearest_existing(text)
     if os.path.lexists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")

@@ -59,8 +59,11 @@ def demo_graph(*, num_data: int, num_theta: int, num_z: int, num_loop: int) -> F
 
 
 def demo(*, seed: int = 0, scale: float = 3.0, num_data: int = 1000, K: int = 64) -> Dict[str, Any]:
-    """The demo's numbers: a small graph against brute force, the same structure at scale, and a declared
-    model's TMC / IWAE / SMC estimates and posterior mean against the closed form."""
+    """The demo's numbers.
+
+    A small graph against brute force, the same structure at scale, and a declared model's TMC / IWAE / SMC estimates
+    and posterior mean against the closed form.
+    """
     import torch
 
     from .testing import brute_force_log_sum, random_factors
@@ -262,6 +265,7 @@ _probabilities = list_of(probability, "probabilities")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tmcgraph`` argument parser (its subcommands and their options)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="tmcgraph", description="Graph-compiled Tensor Monte Carlo for PyTorch "

@@ -27,21 +27,29 @@ __all__ = ["SCAN_MODES", "GraphStructure", "Slicer", "check_memory_limit", "chec
 
 
 class GraphStructure(Protocol):
-    """What the compiler reads of a `tmcgraph.FactorGraph`.  The graph module calls the compiler
-    (``FactorGraph.compile``), so the compiler takes the graph by this shape and imports it not even for types."""
+    """What the compiler reads of a `tmcgraph.FactorGraph`.
+
+    The graph module calls the compiler (``FactorGraph.compile``), so the compiler takes the graph by this shape and
+    imports it not even for types.
+    """
 
     @property
-    def plates(self) -> Mapping[str, int]: ...
+    def plates(self) -> Mapping[str, int]:
+        """Plate name -> size."""
 
     @property
-    def indices(self) -> Mapping[str, Any]: ...
+    def indices(self) -> Mapping[str, Any]:
+        """Index name -> its declaration (size and plates)."""
 
     @property
-    def factors(self) -> Mapping[str, Any]: ...
+    def factors(self) -> Mapping[str, Any]:
+        """Factor name -> its declaration (indices and plates)."""
 
-    def factor_shape(self, name: str) -> Tuple[int, ...]: ...
+    def factor_shape(self, name: str) -> Tuple[int, ...]:
+        """The shape of factor ``name``: its plates' sizes, then its indices'."""
 
-    def structure_key(self) -> tuple: ...
+    def structure_key(self) -> tuple:
+        """A hashable key of the structure and sizes (plans are cached by it)."""
 
 
 #: ``scan=`` choices of `tmcgraph.FactorGraph.compile`: contract chains by a parallel scan where the
@@ -116,6 +124,7 @@ def compile_einsum(
 
 
 def check_scan(scan: str) -> str:
+    """``scan`` if it is ``"auto"``, ``"always"`` or ``"never"``, else a `TMCError` listing them."""
     if scan not in SCAN_MODES:
         raise TMCError(f"unknown scan={scan!r}; expected one of {list(SCAN_MODES)}")
     return scan
@@ -199,9 +208,11 @@ def _scan_pays(n: int, k: int, scan: str) -> bool:
 def compile_stages(inputs: Sequence[str], output: str, sizes: Dict[str, int], *, input_ids: Sequence[int],
                    first_value: int, optimize: str = "auto", memory_limit: Optional[int] = None,
                    scan: str = "auto") -> List[Stage]:
-    """Plan one log-einsum of values ``input_ids`` as stages: a `ScanStage` per
-    chain worth scanning (see `find_chains`), then the einsum of what is left.  ``first_value`` is
-    the value id the first returned stage will get."""
+    """Plan one log-einsum of values ``input_ids`` as stages.
+
+    A `ScanStage` per chain worth scanning (see `find_chains`), then the einsum of what is left. ``first_value`` is the
+    value id the first returned stage will get.
+    """
     stages: List[Stage] = []
     terms, ids = list(inputs), list(input_ids)
     if scan != "never":
@@ -224,8 +235,10 @@ def compile_stages(inputs: Sequence[str], output: str, sizes: Dict[str, int], *,
 
 
 def label_treewidth(terms: Sequence[str]) -> int:
-    """Upper bound on the tree-width of the interaction graph of ``terms``' labels
-    (the better of networkx's min-fill-in and min-degree heuristics)."""
+    """Upper bound on the tree-width of the interaction graph of ``terms``' labels.
+
+    (the better of networkx's min-fill-in and min-degree heuristics).
+    """
     g = nx.Graph()
     for term in terms:
         g.add_nodes_from(term)
@@ -251,6 +264,7 @@ class Slicer:
         self._cache_size = cache_size
 
     def __call__(self, batch_numel: int) -> Tuple[Stage, ...]:
+        """The stages sliced so that ``batch_numel`` batch elements fit under the memory limit."""
         if batch_numel <= 1:
             return self.stages
         if batch_numel in self._cache:
@@ -279,11 +293,13 @@ def make_plan(*, inputs: Tuple[InputSpec, ...], stages: Tuple[Stage, ...], label
 
 
 def check_optimize(optimize: str) -> None:
+    """Raise a `TMCError` listing the valid optimizers unless ``optimize`` is one."""
     if optimize not in paths.OPTIMIZERS:
         raise TMCError(f"unknown optimize={optimize!r}; expected one of {sorted(paths.OPTIMIZERS)}")
 
 
 def check_memory_limit(memory_limit: Optional[int]) -> None:
+    """Raise a `TMCError` unless ``memory_limit`` is ``None`` or a positive int."""
     bad_type = isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
     if memory_limit is not None and (bad_type or memory_limit < 1):
         raise TMCError(f"memory_limit must be None or a positive int (elements), got {memory_limit!r}")
@@ -295,7 +311,7 @@ _CACHE_SIZE = 128
 
 def compile_graph(graph: GraphStructure, *, optimize: str = "auto", memory_limit: Optional[int] = None,
                   scan: str = "auto") -> Plan:
-    """Compile a `FactorGraph` into a `Plan`; cached by structure.
+    r"""Compile a `FactorGraph` into a `Plan`; cached by structure.
 
     Plates are eliminated by tensor variable elimination (Obermeyer et al. 2019,
     as in Pyro's ``contract_tensor_tree``): take a maximal set of plates L

@@ -86,8 +86,10 @@ class Family:
 
 
 def _family_fn(owner: str, fn: object, n_parents: int) -> bool:
-    """Check a family function's signature: ``n_parents`` positional parents and an optional ``t``
-    (the step).  Returns whether it takes ``t``."""
+    """Check a family function's signature: ``n_parents`` positional parents and an optional ``t`` (the step).
+
+    Returns whether it takes ``t``.
+    """
     if not callable(fn):
         raise TMCError(f"{owner}: expected a function returning a torch Distribution, got {type(fn).__name__}")
     params = list(inspect.signature(fn).parameters.values())
@@ -407,8 +409,10 @@ class ModelBase:
         return self._version
 
     def _with_prior_proposals(self: _M) -> _M:
-        """A copy in which every sampled latent is proposed from its prior, given the prior's parents (the
-        bootstrap proposal of `tmcgraph.smc`); this model is unchanged."""
+        """A copy in which every sampled latent is proposed from its prior, given the prior's parents.
+
+        (the bootstrap proposal of `tmcgraph.smc`); this model is unchanged.
+        """
         other = copy.copy(self)
         other._sites = {n: dataclasses.replace(s, proposal=s.fn, proposal_parents=s.parents)
                         if s.kind == "latent" and not s.enumerate else s for n, s in self._sites.items()}

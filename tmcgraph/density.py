@@ -63,9 +63,12 @@ class JointDensity:
             raise TMCError("the model was edited after its JointDensity was built; build a new one")
 
     def _checked_batch(self, data: Mapping[str, object]) -> Tuple[int, ...]:
-        """`data_batch_shape` (which checks the data, NaN included: a host sync), skipped when ``data``
-        holds the very tensors of the previous call, unmodified (a sampler evaluates blankets dozens of times
-        on one batch).  The cache keeps the tensors themselves, so an identity cannot be reused."""
+        """`data_batch_shape`, skipped when ``data`` holds the very tensors of the previous call.
+
+        (which checks the data, NaN included: a host sync), skipped when ``data`` holds the very tensors of the previous
+        call, unmodified (a sampler evaluates blankets dozens of times on one batch).  The cache keeps the tensors
+        themselves, so an identity cannot be reused.
+        """
         if torch.compiler.is_compiling():  # shapes only: traced code checks no values (see data_batch_shape)
             return data_batch_shape(self.model, data)
         key = [(v, v._version) if isinstance(v, torch.Tensor) else None for v in data.values()]

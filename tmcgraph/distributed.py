@@ -62,8 +62,11 @@ def _dist():
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over the processes; the backward passes the gradient through unchanged (every process
-    evaluates the same downstream function of the sum, so each receives the same upstream gradient)."""
+    """Sum over the processes.
+
+    The backward passes the gradient through unchanged (every process evaluates the same downstream function of the sum,
+    so each receives the same upstream gradient).
+    """
 
     @staticmethod
     def forward(ctx, x, group):
@@ -142,8 +145,10 @@ class Shard:
 
     @contextlib.contextmanager
     def stream(self, shared: bool) -> Iterator[None]:
-        """Run the block on the shared stream (``shared=True``) or this process's own; torch's global
-        random state (CPU, and the current CUDA device's once CUDA is initialised) is restored after."""
+        """Run the block on the shared stream (``shared=True``) or this process's own.
+
+        Torch's global random state (CPU, and the current CUDA device's once CUDA is initialised) is restored after.
+        """
         states = self._stream_states()
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         saved = torch.get_rng_state()
@@ -181,8 +186,10 @@ class Shard:
 
 
 def all_reduce_grads(params: Iterable[torch.Tensor], group=None) -> None:
-    """Sum the ``.grad`` of replicated tensors over the processes (in place), making each the exact gradient
-    of a sharded objective (`Shard`).  Tensors without a gradient are skipped."""
+    """Sum the ``.grad`` of replicated tensors over the processes (in place).
+
+    Making each the exact gradient of a sharded objective (`Shard`).  Tensors without a gradient are skipped.
+    """
     dist = _dist()
     for p in params:
         if p.grad is not None:

@@ -4,5 +4,7 @@ __all__ = ["TMCError"]
 
 
 class TMCError(ValueError):
-    """Bad input to tmcgraph: the message names the factor, index, plate, operand
-    or argument, says what was expected and what was found."""
+    """Bad input to tmcgraph.
+
+    The message names the factor, index, plate, operand or argument, says what was expected and what was found.
+    """

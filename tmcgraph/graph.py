@@ -60,8 +60,9 @@ def check_plate_list(owner: str, plates: Sequence[str], declared: Mapping[str, i
 
 
 class FactorGraph:
-    """A factor graph over sample indices, with plates (conditionally independent
-    replication), compiled once into a `Plan` that evaluates
+    """A factor graph over sample indices, with plates.
+
+    With plates (conditionally independent replication), compiled once into a `Plan` that evaluates
 
     ``log_sum = log sum_{all index copies} exp(sum of all factor copies)``.
 

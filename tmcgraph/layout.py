@@ -114,6 +114,7 @@ class Layout:
         return self.batch + tuple(shape)
 
     def describe(self, shape: Sequence[int]) -> str:
+        """The layout's dims named, for error messages: ``(index z=4, plate N=3, ...)``."""
         names = ["batch"] * (len(shape) - self.ndim) + [f"index {i}" for i in self.slot_names]
         names += [f"plate {p}" for p in self.plate_names]
         return "(" + ", ".join(f"{n}={s}" for n, s in zip(names, shape)) + ")"
@@ -125,10 +126,12 @@ class Layout:
 
         Args:
             owner: e.g. ``"latent 'z' prior"``, named in errors.
-            fn: the user's function; ``args`` its arguments in layout, each with
-                ``arg_event_dims`` event dims.
+            fn: the user's function.
+            args: its arguments, in layout.
+            arg_event_dims: the number of event dims of each argument.
             indices: the index dims the distribution may vary along (those of
-                its arguments); ``plates``: the site's plates.
+                its arguments).
+            plates: the site's plates.
             sample_index: the latent's own index (proposals): the result is
                 expanded along it, but may vary along it only through its
                 arguments.
@@ -159,8 +162,10 @@ class Layout:
 
     def _probe(self, owner: str, fn: Callable, args: Sequence[torch.Tensor], arg_event_dims: Sequence[int],
                shape: Tuple[int, ...]) -> None:
-        """Call ``fn`` with every argument narrowed to one sample along every index dim; its batch shape
-        must then be 1 along every index dim."""
+        """Call ``fn`` with every argument narrowed to one sample along every index dim.
+
+        Its batch shape must then be 1 along every index dim.
+        """
         n_slots = self.ndim - len(self.plate_names)
         narrowed = []
         for a, e in zip(args, arg_event_dims):
@@ -189,8 +194,11 @@ class Layout:
 
     def fit(self, d: Distribution, owner: str, indices: Sequence[str], plates: Sequence[str], *,
             expand_to: Optional[Sequence[str]] = None) -> Distribution:
-        """Check that ``d`` varies only along ``indices``/``plates`` and expand it to the template of
-        ``expand_to`` (default ``indices``) and ``plates``; an error names ``owner`` and the dim at fault."""
+        """Check that ``d`` varies only along ``indices``/``plates``, and expand it.
+
+        And expand it to the template of ``expand_to`` (default ``indices``) and ``plates``; an error names ``owner``
+        and the dim at fault.
+        """
         if not isinstance(d, Distribution):
             raise TMCError(f"{owner}: the function must return a torch.distributions.Distribution, "
                            f"got {type(d).__name__}")
@@ -286,9 +294,12 @@ class Layout:
 
 
 def as_data(name: str, value: object) -> torch.Tensor:
-    """An observed value as a tensor: tensors as they are; numbers, lists and numpy arrays converted, floating
-    point ones to torch's default dtype (never silently float64: ``numpy`` makes float64 by default).  Bool
-    values are refused, naming the observation (no distribution's ``log_prob`` takes them)."""
+    """An observed value as a tensor.
+
+    Tensors as they are; numbers, lists and numpy arrays converted, floating point ones to torch's default dtype (never
+    silently float64: ``numpy`` makes float64 by default). Bool values are refused, naming the observation (no
+    distribution's ``log_prob`` takes them).
+    """
     if not isinstance(value, torch.Tensor):
         try:
             value = torch.as_tensor(value)

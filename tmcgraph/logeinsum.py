@@ -23,8 +23,9 @@ _ELLIPSIS_BASE = 1000  # opt_einsum symbols from here on are never letters
 
 @dataclass(frozen=True)
 class ParsedEquation:
-    """An equation with ellipses expanded into labels, diagonals taken and size-1
-    broadcast dims removed: what the planner sees.
+    """An equation with ellipses expanded into labels, diagonals taken and size-1 broadcast dims removed.
+
+    What the planner sees.
 
     Attributes:
         terms: label string per operand, after normalisation.
@@ -175,8 +176,10 @@ def _plan(parsed: ParsedEquation, optimize: str, memory_limit: Optional[int]) ->
 def log_einsum_plan(
     equation: str, *shapes: Sequence[int], optimize: str = "auto", memory_limit: Optional[int] = None
 ) -> Plan:
-    """The (cached) `Plan` that `log_einsum` would run for
-    operands of these shapes: inspect ``plan.describe()``, ``plan.flops``, ``plan.path``."""
+    """The (cached) `Plan` that `log_einsum` would run for operands of these shapes.
+
+    Inspect ``plan.describe()``, ``plan.flops``, ``plan.path``.
+    """
     return _parse_and_plan(equation, tuple(tuple(int(d) for d in s) for s in shapes), optimize, memory_limit)[1]
 
 

@@ -202,6 +202,7 @@ def _cotengra(inputs: List[FrozenSet[str]], output: FrozenSet[str], sizes: Dict[
 
 
 def cotengra_available() -> bool:
+    """Whether the optional cotengra package can be imported (optimizer ``"cotengra"``)."""
     try:
         import cotengra  # noqa: F401
     except ImportError:
@@ -237,7 +238,8 @@ def search(inputs: Sequence[str], output: str, sizes: Dict[str, int], optimize: 
     """Run the optimizer(s) named by ``optimize``; the best candidate comes first.
 
     Args:
-        inputs: label string of each operand; output: labels of the result.
+        inputs: label string of each operand.
+        output: labels of the result.
         sizes: size of every label.
         optimize: ``"auto"`` or a name from `OPTIMIZERS`.
 

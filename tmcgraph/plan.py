@@ -108,8 +108,10 @@ class Plan:
         raise AttributeError(f"Plan is immutable (deleting {name!r})")
 
     def stages_for(self, batch_elements: int) -> Tuple[Stage, ...]:
-        """The stages to run for ``batch_elements`` data-batch elements: sliced to respect
-        ``memory_limit``, if the plan has one."""
+        """The stages to run for ``batch_elements`` data-batch elements.
+
+        Sliced to respect ``memory_limit``, if the plan has one.
+        """
         return self.stages if self._slicer is None else self._slicer(batch_elements)
 
     # -- structure ----------------------------------------------------------
@@ -185,8 +187,7 @@ class Plan:
         return "[" + ",".join(self._names.get(c, c) for c in labels) + "]"
 
     def describe(self) -> str:
-        """A readable summary: tree-width, chosen and candidate paths, per-step costs,
-        naive versus compiled cost."""
+        """A readable summary: tree-width, chosen and candidate paths, per-step costs, naive versus compiled cost."""
         lines = [
             f"tmcgraph Plan: {len(self.inputs)} inputs, {len(self.steps)} steps in {len(self.stages)} stages",
             f"  tree-width (upper bound, min-fill/min-degree): {self.treewidth}",

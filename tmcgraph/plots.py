@@ -11,7 +11,7 @@ __all__ = ["plot_dregs", "plot_gaussian", "plot_sweep", "pyplot"]
 
 
 def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (``pip install -e ".[plots]"``)."""
+    """Matplotlib's pyplot on the file-only Agg backend (``pip install -e ".[plots]"``)."""
     import matplotlib
 
     matplotlib.use("Agg")

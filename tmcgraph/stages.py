@@ -1,5 +1,6 @@
-"""The plan IR: what the compiler (`tmcgraph.compile`) produces and the evaluator
-(`tmcgraph.Plan`) runs.  Plain frozen data over labels and sizes; no tensors.
+"""The plan IR: what the compiler (`tmcgraph.compile`) produces and the evaluation layer (`tmcgraph.evaluate`) runs.
+
+Plain frozen data over labels and sizes; no tensors.
 
 A plan is a sequence of stages over numbered values: the inputs are ``0..n-1``
 and every stage appends one value.
@@ -33,6 +34,7 @@ class InputSpec:
 
     @property
     def what(self) -> str:
+        """How errors name this input: its kind and name."""
         return f"{self.kind} {self.name!r}"
 
 
@@ -72,6 +74,7 @@ class EinsumStage:
 
     @property
     def cost(self) -> PathCost:
+        """The chosen path's cost (the first candidate's)."""
         return self.candidates[0].cost
 
 

@@ -129,7 +129,8 @@ class Checks:
     `require` raises a `TMCError` at once when a check fails, eagerly; inside
     ``torch.compile``'d code, where a host sync would break the graph, it records the check's flag
     instead, and `passed` is then the conjunction (a 0-d bool tensor) for the caller to check
-    after the program (and to evaluate eagerly again, which raises, when it is false)."""
+    after the program (and to evaluate eagerly again, which raises, when it is false).
+    """
 
     def __init__(self) -> None:
         self.flags: List[torch.Tensor] = []
@@ -219,8 +220,10 @@ _MISSING = object()
 
 
 def log_prob_in_support(d: Distribution, value: torch.Tensor) -> torch.Tensor:
-    """``d.log_prob(value)``, ``-inf`` where ``value`` is outside ``d``'s support (a sample of a wider
-    proposal).  The gradient there is zero."""
+    """``d.log_prob(value)``, ``-inf`` where ``value`` is outside ``d``'s support (a sample of a wider proposal).
+
+    The gradient there is zero.
+    """
     try:
         support = d.support
     except NotImplementedError:
@@ -243,7 +246,8 @@ def observed_support(d: Distribution, index_dims: List[int]) -> Optional[constra
     ``index_dims``: the positions of the layout's sample-index dims, counted from the right of the
     distribution's batch shape.  A support whose tensor bounds vary along one of them (a ``Uniform(0, z)``
     likelihood) depends on the samples: a value outside it has probability zero under those samples,
-    not a mistake, so ``None`` is returned (and the log-density is masked instead)."""
+    not a mistake, so ``None`` is returned (and the log-density is masked instead).
+    """
     try:
         support = d.support
     except NotImplementedError:

@@ -160,8 +160,11 @@ def random_factors(
     neg_inf_prob: float = 0.0,
     requires_grad: bool = False,
 ) -> Dict[str, torch.Tensor]:
-    """Random log-factor tensors for ``graph``: ``scale * N(0, 1)`` entries, each
-    ``-inf`` with probability ``neg_inf_prob``; shape ``(*batch_shape, *factor shape)``."""
+    """Random log-factor tensors for ``graph``.
+
+    ``scale * N(0, 1)`` entries, each ``-inf`` with probability ``neg_inf_prob``; shape ``(*batch_shape, *factor
+    shape)``.
+    """
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name in graph.factors:

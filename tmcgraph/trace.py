@@ -117,8 +117,10 @@ def site_density(layout: Layout, model: Model, name: str, values: Mapping[str, t
 
 
 def _vectorised_families(model: Model, layout: Layout) -> Dict[str, Family]:
-    """Member -> family, for the families this layout evaluates vectorised: every member on its
-    own index of one size (the TMC layout; a shared particle index evaluates site by site)."""
+    """Member -> family, for the families this layout evaluates vectorised.
+
+    Every member on its own index of one size (the TMC layout; a shared particle index evaluates site by site).
+    """
     out: Dict[str, Family] = {}
     for fam in model.families.values():
         latent = fam if fam.kind == "markov" else model.families[fam.of or ""]
@@ -153,7 +155,8 @@ def _trace_markov(model: Model, layout: Layout, fam: Family, values: Dict[str, t
     """All members of a markov family in batched calls: proposal, init and transition once each.
 
     Samples ``z`` are ``(*batch, K, T, *event)``; the transition's log-density is one tensor
-    ``(*batch, K_prev, K_cur, T - 1)`` unbound into the members' factors ``(*batch, K_t, K_{t-1})``."""
+    ``(*batch, K_prev, K_cur, T - 1)`` unbound into the members' factors ``(*batch, K_t, K_{t-1})``.
+    """
     owner = f"markov family {fam.name!r}"
     members, T, nb = fam.members, len(fam.members), len(layout.batch)
     K = layout.index_sizes[layout.index_of[members[0]]]
@@ -304,8 +307,10 @@ class Tracer:
         self.dregs, self.detach_samples = dregs, detach_samples
 
     def visit(self, name: str) -> None:
-        """Draw latent ``name`` (or weigh observation ``name``) and build its log-factor; its parents must have
-        been visited."""
+        """Draw latent ``name`` (or weigh observation ``name``) and build its log-factor.
+
+        Its parents must have been visited.
+        """
         model, layout, rng = self.model, self.layout, self.rng
         values, factors, hats, samples = self.values, self.factors, self.hats, self.samples
         arg_events, event_dims, verify, checks = self.arg_events, self.event_dims, self.verify, self.checks
@@ -460,8 +465,10 @@ class Tracer:
 def _finish_groups(model: Model, layout: Layout, batch: Batch, values: Dict[str, torch.Tensor],
                    factors: Dict[str, torch.Tensor], arg_events: Dict[str, int], deferred: Dict[str, torch.Tensor],
                    verify: Dict[str, Dict[str, torch.Tensor]]) -> None:
-    """Batched priors and likelihoods of the groups batched in this evaluation; verification of the others
-    (whose site-by-site factors stand for this evaluation) on this input layout."""
+    """Batched priors and likelihoods of the groups batched in this evaluation.
+
+    Verification of the others (whose site-by-site factors stand for this evaluation) on this input layout.
+    """
     done = set()
     for (role, _), (group, _) in batch.of.items():
         key = (role, group.members)

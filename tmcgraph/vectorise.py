@@ -47,7 +47,8 @@ class Group:
     """Sites whose function (of role ``role``) shares code, closure and defaults.
 
     ``varying``: names of ``int`` defaults that differ between members (proposals only);
-    ``mode``: ``"verify"`` or ``"trust"`` (`Model.batch_sites`)."""
+    ``mode``: ``"verify"`` or ``"trust"`` (`Model.batch_sites`).
+    """
 
     role: str
     members: Tuple[str, ...]
@@ -131,8 +132,10 @@ def _fits(shape: Sequence[int], allowed: Sequence[int]) -> bool:
 
 
 class Groups:
-    """One estimator's batching state: the candidate groups and the input layouts each group was verified
-    on (``verified[(role, members, layout key)]``)."""
+    """One estimator's batching state.
+
+    The candidate groups and the input layouts each group was verified on (``verified[(role, members, layout key)]``).
+    """
 
     def __init__(self, model: Model) -> None:
         self.groups = candidate_groups(model)
@@ -140,8 +143,10 @@ class Groups:
         self.defaults: Dict[tuple, Dict[str, torch.Tensor]] = {}  # a proposal group's stacked int defaults
 
     def active(self, model: Model, layout: Layout, data: Sequence[torch.Tensor] = ()) -> "Batch":
-        """The groups this layout can batch (every member and parent on an index of its own, one size);
-        ``data``: the observed values, whose dtypes and devices are part of the input layout."""
+        """The groups this layout can batch (every member and parent on an index of its own, one size).
+
+        ``data``: the observed values, whose dtypes and devices are part of the input layout.
+        """
         key = (layout.batch, tuple(sorted(layout.index_sizes.items())), tuple((v.dtype, v.device) for v in data))
         return Batch(model, layout, [g for g in self.groups if self._fits_layout(model, layout, g)], self, key)
 
@@ -237,7 +242,7 @@ class Batch:
 
     def proposal_log_prob(self, g: Group, values: Dict[str, torch.Tensor], event_dims: Dict[str, int]
                           ) -> List[torch.Tensor]:
-        """log q of given member values under the batched proposal (for verification), in each member's layout."""
+        """Log q of given member values under the batched proposal (for verification), in each member's layout."""
         q, _ = self.proposal(g)
         own0 = self.layout.index_of[g.members[0]]
         z = torch.stack([self._canonical(values[m], own0, event_dims[m]) for m in g.members])
@@ -250,8 +255,10 @@ class Batch:
 
     def _stacked(self, parents: List[str], index: str, values: Dict[str, torch.Tensor],
                  event_dims: Dict[str, int]) -> torch.Tensor:
-        """The values of ``parents`` stacked along a new leading dim, each on the slot of ``index``
-        (picked from a batched draw in one call when they all come from one)."""
+        """The values of ``parents`` stacked along a new leading dim.
+
+        Each on the slot of ``index`` (picked from a batched draw in one call when they all come from one).
+        """
         evs = {event_dims[p] for p in parents}
         if len(evs) != 1:
             raise ValueError("parents with different event dims")
@@ -287,8 +294,10 @@ class Batch:
 
     def _log_factors(self, g: Group, values: Dict[str, torch.Tensor], event_dims: Dict[str, int]
                      ) -> List[torch.Tensor]:
-        """The members' log-densities (prior or likelihood) from one call, as factors
-        ``(*batch, [K own], *K parents)`` (a latent's own index first, then its parents')."""
+        """The members' log-densities (prior or likelihood) from one call.
+
+        As factors ``(*batch, [K own], *K parents)`` (a latent's own index first, then its parents').
+        """
         model, layout = self.model, self.layout
         first = model.sites[g.members[0]]
         fn = first.fn

@@ -25,8 +25,10 @@ def option(options: Mapping[str, Any], key: str, default: Any) -> Any:
 
 def add_sampler_arguments(parser: argparse.ArgumentParser, *, datasets: int, seed: int, particles: int,
                           rws_particles: int, sweeps: Any, rws_rows: str = "rows") -> None:
-    """The flags every model's ``apg evaluate`` takes: ``--datasets``, ``--seed``, ``--particles``,
-    ``--rws-particles`` and ``--sweeps``, with these defaults."""
+    """The flags every model's ``apg evaluate`` takes.
+
+    ``--datasets``, ``--seed``, ``--particles``, ``--rws-particles`` and ``--sweeps``, with these defaults.
+    """
     parser.add_argument("--datasets", type=positive_int, default=datasets, metavar="N", help="held-out test datasets")
     parser.add_argument("--seed", type=int, default=seed, help="seed of the test datasets and of the sampler")
     parser.add_argument("--particles", type=positive_int, default=particles, metavar="L",
@@ -45,8 +47,11 @@ def cell(v: Optional[float], width: int = 9, digits: int = 3) -> str:
 
 
 def metrics_columns(path: str) -> Tuple[List[int], Callable[[str], List[float]]]:
-    """A training run's ``metrics.csv``: its iterations and ``col(name)``, the column as floats (``nan``
-    where a row has no value, e.g. a metric logged by some methods only)."""
+    """A training run's ``metrics.csv``.
+
+    Its iterations and ``col(name)``, the column as floats (``nan`` where a row has no value, e.g. a metric logged by
+    some methods only).
+    """
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
 
@@ -69,9 +74,11 @@ def save_figure(fig: Any, path: str) -> str:
 def training_curves(metrics: Dict[str, Optional[str]], path: str, ylabels: Sequence[str],
                     figsize: Tuple[float, float], draw: Callable[[Any, str, List[int], Callable[[str], List[float]]],
                                                                  None]) -> Optional[str]:
-    """Training curves from the runs' metrics CSVs (``None`` when no run has one): one panel per entry of
-    ``ylabels``; ``draw(axes, method, iterations, col)`` plots one run; the panels get the iteration axis and
-    a legend; the figure is written to ``path``."""
+    """Training curves from the runs' metrics CSVs (``None`` when no run has one).
+
+    One panel per entry of ``ylabels``; ``draw(axes, method, iterations, col)`` plots one run; the panels get the
+    iteration axis and a legend; the figure is written to ``path``.
+    """
     from tmcgraph.plots import pyplot
 
     runs = {m: p for m, p in metrics.items() if p is not None}

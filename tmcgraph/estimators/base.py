@@ -97,8 +97,11 @@ class GraphEstimator:
 
     @property
     def plan(self) -> Plan:
-        """The compiled plan (built at construction, or at the first evaluation
-        when an enumerated latent's support size depends on its parents)."""
+        """The compiled plan.
+
+        (built at construction, or at the first evaluation when an enumerated latent's support size depends on its
+        parents).
+        """
         if not self._plans:
             raise TMCError("the plan is built at the first evaluation: an enumerated latent's support size "
                            "is known only from its prior")
@@ -106,6 +109,7 @@ class GraphEstimator:
 
 
 def check_k(name: str, k: object) -> int:
+    """``k`` if it is a positive int, else a `TMCError` naming latent ``name``."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise TMCError(f"K for latent {name!r} must be a positive int, got {k!r}")
     return k

@@ -1,7 +1,8 @@
-"""DReGs for TMC: the surrogate whose gradient w.r.t. proposal parameters is unbiased for
-``grad E[log P_TMC]`` with per-sample weights, and the paper's eq. 60 (Aitchison, NeurIPS 2019,
-appendix F), which is biased for more than one latent.  The derivation is in
-``docs/estimators/dregs.md`` and in `tmcgraph.TMC.dregs_surrogate`.
+"""DReGs for TMC: an unbiased surrogate and the paper's biased eq. 60.
+
+The surrogate whose gradient w.r.t. proposal parameters is unbiased for ``grad E[log P_TMC]`` with per-sample weights,
+and the paper's eq. 60 (Aitchison, NeurIPS 2019, appendix F), which is biased for more than one latent.  The derivation
+is in ``docs/estimators/dregs.md`` and in `tmcgraph.TMC.dregs_surrogate`.
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def surrogate(model: Model, tr: Trace, plan: Plan, norm: float, sampled: Sequenc
 
 
 def paper_surrogate(tr: Trace, plan: Plan, evaluator: Evaluator) -> torch.Tensor:
-    """Appendix F's eq. 60 on a trace made with ``dregs=True`` (biased for more than one latent);
-    ``evaluator``: the estimator's `tmcgraph.evaluate.Evaluator`."""
+    """Appendix F's eq. 60 on a trace made with ``dregs=True`` (biased for more than one latent).
+
+    ``evaluator``: the estimator's `tmcgraph.evaluate.Evaluator`.
+    """
     assert tr.hat_factors is not None
     with torch.no_grad():
         log_w = evaluator.log_sum(plan, {n: f.detach() for n, f in tr.factors.items()}, backend="eager")

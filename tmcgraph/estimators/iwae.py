@@ -15,8 +15,10 @@ __all__ = ["IWAE", "iwae"]
 
 
 class IWAE(GraphEstimator):
-    """Importance weighting with joint samples: every sampled latent shares one
-    particle index of size K; enumerated latents are still summed exactly."""
+    """Importance weighting with joint samples.
+
+    Every sampled latent shares one particle index of size K; enumerated latents are still summed exactly.
+    """
 
     def __init__(self, model: Model, K: int, *, optimize: str = "auto") -> None:
         latents = model.latents()

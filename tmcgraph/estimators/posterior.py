@@ -32,9 +32,11 @@ class Posterior:
     def __init__(self, model: "Model", tr: Trace, plan: Plan, norm: float,
                  log_sum: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
                  rng: Optional[Callable[[str], ContextManager[object]]] = None) -> None:
-        """One draw ``tr`` of ``model`` contracted by ``plan``; ``log_sum(factors)`` is the estimator's
-        contraction of factors laid out as ``tr``'s (all-reduced when sharded), ``rng(latent)`` its random
-        stream for a latent (sharded TMC), ``norm`` its log-normaliser."""
+        """One draw ``tr`` of ``model`` contracted by ``plan``.
+
+        ``log_sum(factors)`` is the estimator's contraction of factors laid out as ``tr``'s (all-reduced when sharded),
+        ``rng(latent)`` its random stream for a latent (sharded TMC), ``norm`` its log-normaliser.
+        """
         self._model, self._trace, self._log_sum, self._rng = model, tr, log_sum, rng
         layout = tr.layout
         batch = layout.batch

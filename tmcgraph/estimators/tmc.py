@@ -73,7 +73,7 @@ class TMC(GraphEstimator):
                          backend=backend, scan=scan)
 
     def log_marginal(self, data: Mapping[str, object]) -> torch.Tensor:
-        """log of the TMC estimate of ``p(x)``; differentiable (reparameterised samples).
+        """Log of the TMC estimate of ``p(x)``; differentiable (reparameterised samples).
 
         Args:
             data: observation name -> value ``(*batch, *plates, *event)``; each
@@ -100,7 +100,8 @@ class TMC(GraphEstimator):
         NaN or ``+inf`` appeared, the same draw's factors are contracted again by the exact eager
         evaluator) and the value checks made inside it (a proposal's support against its prior's, when
         their bounds are tensors).  When a check failed or a function raised inside the program, the
-        evaluation runs again eagerly, which raises the eager error, naming the site."""
+        evaluation runs again eagerly, which raises the eager error, naming the site.
+        """
         layout = self._layout(data)
         key = (layout.batch, tuple(sorted((n, tuple(v.shape), v.dtype, v.device)
                                           for n, v in ((n, as_data(n, v)) for n, v in data.items()))))
@@ -127,8 +128,10 @@ class TMC(GraphEstimator):
         return result
 
     def _eager_log_marginal(self, data: Mapping[str, object], key: tuple) -> torch.Tensor:
-        """The eager evaluation behind the compiled objective; records the supports the data are checked
-        against on later calls."""
+        """The eager evaluation behind the compiled objective.
+
+        Records the supports the data are checked against on later calls.
+        """
         tr, plan, norm = self._trace(data)
         self._supports[key] = dict(tr.supports)
         self._shapes[key] = [tuple(tr.factors[spec.name].shape) for spec in plan.inputs]
@@ -177,8 +180,11 @@ class TMC(GraphEstimator):
         return tr, plan, self._shard_norms[key]
 
     def _log_sum(self, plan: Plan, factors: Mapping[str, torch.Tensor], *, share: bool) -> torch.Tensor:
-        """``plan.log_sum``; sharded: all-reduced over the plate, replicated factors' gradients shared
-        (``share=True``: divided by the world size, see `tmcgraph.distributed`)."""
+        """``plan.log_sum``.
+
+        Sharded: all-reduced over the plate, replicated factors' gradients shared (``share=True``: divided by the world
+        size, see `tmcgraph.distributed`).
+        """
         shard = self.shard
         if shard is None:
             return self.evaluator.log_sum(plan, factors)

@@ -64,7 +64,8 @@ class Backend(Protocol):
     """A backend: evaluates ``plan`` on validated tensors (input order), ``(*batch, *output)``."""
 
     def __call__(self, plan: EvaluablePlan, tensors: Sequence[torch.Tensor], *, state: Optional[RunState],
-                 plate_reduce: Optional[Tuple[str, PlateReduce]]) -> torch.Tensor: ...
+                 plate_reduce: Optional[Tuple[str, PlateReduce]]) -> torch.Tensor:
+        """Evaluate ``plan`` on validated ``tensors``: ``(*batch, *output)``."""
 
 
 _programs: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
@@ -75,7 +76,8 @@ def lower(plan: EvaluablePlan, shapes: Sequence[Tuple[int, ...]], reduce_label: 
           ) -> StepProgram:
     """The `StepProgram` of ``plan`` for input tensors of full shapes ``shapes`` (cached per plan).
 
-    ``reduce_label``: the label of a sharded plate (`EvaluablePlan.plate_label`)."""
+    ``reduce_label``: the label of a sharded plate (`EvaluablePlan.plate_label`).
+    """
     key = (tuple(tuple(s) for s in shapes), reduce_label)
     cache = _programs.get(plan)
     if cache is None:
@@ -240,7 +242,8 @@ def check_result(result: torch.Tensor, tensors: Sequence[torch.Tensor], specs: S
     """NaN or +inf out means NaN or +inf in (the kernels create neither): name the culprit.
 
     Checking the result (one reduction, one host sync: a NaN or +inf entry makes the maximum NaN or +inf)
-    instead of every input keeps the common path cheap."""
+    instead of every input keeps the common path cheap.
+    """
     if result.numel() and not bool(result.detach().max() < math.inf):
         for t, spec in zip(tensors, specs):
             if bool(torch.isnan(t).any()):

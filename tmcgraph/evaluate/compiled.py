@@ -1,5 +1,6 @@
-"""The compiled backend: the lowered program of a plan (`tmcgraph.evaluate.program.StepProgram.fast`)
-handed to ``torch.compile``.
+"""The compiled backend.
+
+The lowered program of a plan (`tmcgraph.evaluate.program.StepProgram.fast`) handed to ``torch.compile``.
 
 ``plan.log_sum(factors, backend="compiled")`` runs the program lowered for the input shapes at hand as
 one function compiled by ``torch.compile`` (``fullgraph=True``: no graph breaks, no host syncs inside).
@@ -35,12 +36,14 @@ _PROGRAM_IDS = itertools.count()
 
 @contextlib.contextmanager
 def distribution_validation(enabled: bool) -> Iterator[None]:
-    """``torch.distributions`` argument validation set to ``enabled`` within the block, and the caller's
-    setting restored after it.
+    """``torch.distributions`` argument validation set to ``enabled`` within the block.
+
+    And the caller's setting restored after it.
 
     The setting is process-wide (torch has no other); compiled code runs with validation off (its checks
     would sync inside the traced program), and torch.compile's first use in a process turns it off for good
-    (TorchPatcher), which the restore undoes."""
+    (TorchPatcher), which the restore undoes.
+    """
     before = Distribution._validate_args
     Distribution.set_default_validate_args(enabled)
     try:
@@ -55,7 +58,8 @@ def compile_function(fn: Callable, name: str) -> Callable:
     torch.compile keeps its cache (and its recompile limit) per code object, and closures share their
     code: each compiled function gets its own, so they neither evict each other nor exhaust the limit
     together.  The user's ``torch.distributions`` validation setting is kept (the first ``torch.compile``
-    of a process turns it off)."""
+    of a process turns it off).
+    """
     code = fn.__code__.replace(co_name=f"tmcgraph_{name}_{next(_PROGRAM_IDS)}")
     fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
     with distribution_validation(Distribution._validate_args):
@@ -90,6 +94,7 @@ class CompiledProgram:
             return self._fn(list(tensors))
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The result, or ``None`` when an underflow flag tripped (evaluate eagerly then)."""
         result, flags = self.raw(tensors)
         if not bool((flags >= underflow_threshold(result.dtype)).all()):  # the one host sync
             return None

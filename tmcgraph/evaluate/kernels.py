@@ -30,6 +30,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from opt_einsum import get_symbol
+from typing_extensions import override
 
 __all__ = [
     "PairFunction", "PairLayout", "align", "exact_pair_forward", "log_contract", "log_contract_pair", "lower_call",
@@ -51,8 +52,10 @@ _scratch_pool = threading.local()
 
 
 def _scratch(slot: int, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """A reusable buffer shaped like ``x`` (slot 0 or 1: the two operands of a step), or ``None`` (a fresh
-    tensor) for small operands.  The buffers live until `release_scratch`."""
+    """A reusable buffer shaped like ``x``, or ``None`` (a fresh tensor) for small operands.
+
+    ``slot`` is 0 or 1: the two operands of a step.  The buffers live until `release_scratch`.
+    """
     numel = x.numel()
     if numel < SCRATCH_MIN_ELEMENTS:
         return None
@@ -77,7 +80,8 @@ def underflow_threshold(dtype: torch.dtype) -> float:
     The shifted sum ``C = sum_j exp(a_ij - a_i) exp(b_jk - b_k)`` of an entry is at least its largest term,
     and terms are lost only below the denormal threshold (``2**-126`` in float32), so a sum above
     ``sqrt(tiny)`` (``2**-63``) carries full relative precision; a sum below it may not, and its step is
-    redone exactly.  Every evaluator checks against this one value."""
+    redone exactly.  Every evaluator checks against this one value.
+    """
     return math.sqrt(torch.finfo(dtype).tiny)
 
 
@@ -113,8 +117,10 @@ def log_reduce(x: torch.Tensor, labels: str, keep: str) -> torch.Tensor:
 
 
 def align(x: torch.Tensor, labels: str, target: str) -> torch.Tensor:
-    """Permute the labelled dims of ``x`` to ``target`` order, inserting size-1 dims for labels of
-    ``target`` that ``x`` lacks (a view, no copy)."""
+    """Permute the labelled dims of ``x`` to ``target`` order.
+
+    Labels of ``target`` that ``x`` lacks get size-1 dims.  A view, no copy.
+    """
     if labels == target:
         return x
     nbatch = x.dim() - len(labels)
@@ -199,7 +205,8 @@ def lower_pair(la: str, lb: str, kept: frozenset, sizes: Dict[str, int]) -> Pair
     """The `PairLayout` of ``log(einsum(exp(a), exp(b)))`` keeping the labels in ``kept``.
 
     Every label of ``la`` and ``lb`` outside ``kept`` must be in both (sum one-sided labels first with
-    `log_reduce`), and at least one must be summed."""
+    `log_reduce`), and at least one must be summed.
+    """
     swap = _copies(lb, la, kept, sizes) < _copies(la, lb, kept, sizes)
     if swap:
         la, lb = lb, la
@@ -230,14 +237,17 @@ def lower_pair(la: str, lb: str, kept: frozenset, sizes: Dict[str, int]) -> Pair
 def _exponentials(x: torch.Tensor, perm: Tuple[int, ...], sum_dims: Tuple[int, ...], block: Tuple[int, ...],
                   block_dim: int, shift: Tuple[int, ...], slot: int, scratch: bool, zeros: bool,
                   plain: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(exp(x_p - max_p), max_p)`` of ``x_p = x.permute(perm)`` as a contiguous ``block`` (the max over
-    ``sum_dims`` of ``x_p``, i.e. ``block_dim`` of the block, shaped ``shift``; detached).
+    """The shifted exponentials of an operand as a contiguous block, and the shift.
+
+    Returns ``(exp(x_p - max_p), max_p)`` of ``x_p = x.permute(perm)``: the exponentials as a contiguous ``block``, and
+    the max over ``sum_dims`` of ``x_p`` (``block_dim`` of the block), shaped ``shift`` and detached.
 
     Without ``zeros`` a slice that is ``-inf`` throughout gives NaN exponentials (``-inf - -inf``), so the
     step's flag is NaN and the step is redone exactly (structural zeros are rare, and the fast path saves
     a pass); with ``zeros`` such a slice is shifted by 0 and its sum is 0 (the max, ``-inf``, restores the
     value).  Under autograd (or ``plain``: for torch.compile) the exponentials are fresh tensors from plain
-    ops; else they are written into a buffer in block order, which may be reused scratch memory."""
+    ops; else they are written into a buffer in block order, which may be reused scratch memory.
+    """
     differentiable = plain or (torch.is_grad_enabled() and x.requires_grad)
     if not perm and x.is_contiguous():  # already in block order: reduce one dim of the block view
         x3 = x.view(block)
@@ -274,8 +284,10 @@ def _blocks(p: PairLayout, a: torch.Tensor, b: torch.Tensor, *, scratch: bool, z
 
 
 def _log_total(total: torch.Tensor, raw_a: torch.Tensor, raw_b: torch.Tensor, *, inplace: bool) -> torch.Tensor:
-    """``log(max(T, tiny)) + max_a + max_b``: in ``T`` (``inplace``), in one fresh tensor, or (under autograd)
-    by plain ops."""
+    """``log(max(T, tiny)) + max_a + max_b``.
+
+    In ``T`` (``inplace``), in one fresh tensor, or (under autograd) by plain ops.
+    """
     tiny = torch.finfo(total.dtype).tiny
     if inplace:
         return total.clamp_min_(tiny).log_().add_(raw_a).add_(raw_b)
@@ -293,7 +305,8 @@ def pair_forward(p: PairLayout, a: torch.Tensor, b: torch.Tensor, *, keep: bool,
     shifted sum: below `underflow_threshold` (or NaN: a structural zero without ``zeros``) the result may
     have lost precision.  With ``zeros`` structural zeros are exact and excluded from the flag (one more
     pass).  ``saved`` (``keep``): the blocks ``(EA, EB, T)`` for `pair_backward`; without ``keep`` ``T`` is
-    overwritten by the result.  ``plain``: plain ops only (for torch.compile)."""
+    overwritten by the result.  ``plain``: plain ops only (for torch.compile).
+    """
     ea3, eb3, total, raw_a, raw_b = _blocks(p, a, b, scratch=scratch, zeros=zeros, plain=plain)
     t = total.detach() if total.requires_grad else total
     flag = torch.where(raw_a + raw_b > -math.inf, t, math.inf).amin() if zeros else t.amin()
@@ -303,9 +316,12 @@ def pair_forward(p: PairLayout, a: torch.Tensor, b: torch.Tensor, *, keep: bool,
 
 def exact_pair_forward(p: PairLayout, a: torch.Tensor, b: torch.Tensor, *, keep: bool
                        ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, ...]], bool]:
-    """The exact step: `pair_forward` (structural zeros exact), then the entries whose shifted sum fell
-    below `underflow_threshold` recomputed by `_repair` (one host sync).  Returns ``(result, saved,
-    repaired)``; differentiable when run under autograd."""
+    """The exact step.
+
+    `pair_forward` (structural zeros exact), then the entries whose shifted sum fell below `underflow_threshold`
+    recomputed by `_repair` (one host sync).  Returns ``(result, saved, repaired)``; differentiable when run under
+    autograd.
+    """
     ea3, eb3, total, raw_a, raw_b = _blocks(p, a, b, scratch=not keep, zeros=True)
     thr = underflow_threshold(total.dtype)
     flagged = total < thr if total.numel() and bool(total.amin() < thr) else None
@@ -322,9 +338,11 @@ def exact_pair_forward(p: PairLayout, a: torch.Tensor, b: torch.Tensor, *, keep:
 
 def _repair(p: PairLayout, a: torch.Tensor, b: torch.Tensor, result: torch.Tensor, index: torch.Tensor
             ) -> torch.Tensor:
-    """Recompute ``result.flatten()[index]`` exactly: for each flagged entry, gather its row of ``a`` and
-    column of ``b`` over the summed labels and take a stable logsumexp, in blocks of bounded memory.
-    Differentiable."""
+    """Recompute ``result.flatten()[index]`` exactly.
+
+    For each flagged entry, gather its row of ``a`` and column of ``b`` over the summed labels and take a stable
+    logsumexp, in blocks of bounded memory. Differentiable.
+    """
     a3 = (a.permute(p.perm_a) if p.perm_a else a).reshape(p.block_a)
     b3 = (b.permute(p.perm_b) if p.perm_b else b).reshape(p.block_b)
     if a3.dim() == 2:
@@ -354,7 +372,8 @@ def pair_backward(p: PairLayout, grad: torch.Tensor, saved: Tuple[torch.Tensor, 
 
     ``saved``: `pair_forward`'s ``(EA, EB, T)``; ``shape_a``, ``shape_b``: the operands' shapes.  Entries
     with ``T <= tiny`` get zero weight (as through the clamp of the forward); ``masked=False`` skips that pass
-    where every ``T`` is known to have passed the underflow check."""
+    where every ``T`` is known to have passed the underflow check.
+    """
     ea3, eb3, total = saved
     weight = grad.reshape(total.shape) / total
     if masked:
@@ -372,12 +391,15 @@ def pair_backward(p: PairLayout, grad: torch.Tensor, saved: Tuple[torch.Tensor, 
 
 
 class PairFunction(torch.autograd.Function):
-    """The pairwise step under autograd: ``(result, flag)`` of `pair_forward` (``exact=False``: sync-free,
-    the caller checks the flag) or of `exact_pair_forward` (``exact=True``; the flag is ``+inf``), with
-    `pair_backward` from the saved blocks.  After a repair, or for a second derivative, the backward
-    recomputes the exact step under autograd instead (exact, slower)."""
+    """The pairwise step under autograd.
+
+    ``(result, flag)`` of `pair_forward` (``exact=False``: sync-free, the caller checks the flag) or of
+    `exact_pair_forward` (``exact=True``; the flag is ``+inf``), with `pair_backward` from the saved blocks. After a
+    repair, or for a second derivative, the backward recomputes the exact step under autograd instead (exact, slower).
+    """
 
     @staticmethod
+    @override
     def forward(ctx, a, b, p, exact):  # type: ignore[override]
         if exact:
             result, saved, repaired = exact_pair_forward(p, a, b, keep=True)
@@ -392,6 +414,7 @@ class PairFunction(torch.autograd.Function):
         return result, flag
 
     @staticmethod
+    @override
     def backward(ctx, grad, _flag_grad):  # type: ignore[override]
         a, b, *saved = ctx.saved_tensors
         p: PairLayout = ctx.p
@@ -413,9 +436,11 @@ class PairFunction(torch.autograd.Function):
 @functools.lru_cache(maxsize=4096)
 def lower_call(shape_a: Tuple[int, ...], la: str, shape_b: Tuple[int, ...], lb: str, out: str
                   ) -> Tuple[PairLayout, Tuple[int, ...], Tuple[int, ...], str, str, str, Tuple[int, ...]]:
-    """`lower_pair` for labelled tensors with broadcasting batch dims: the batch dims become labels
-    (size-1 ones dropped).  Returns ``(layout, shape of a, shape of b (both without size-1 batch dims),
-    their labels, the result's labels with every batch label first, the result's full shape)``."""
+    """`lower_pair` for labelled tensors with broadcasting batch dims.
+
+    The batch dims become labels (size-1 ones dropped). Returns ``(layout, shape of a, shape of b (both without size-1
+    batch dims), their labels, the result's labels with every batch label first, the result's full shape)``.
+    """
     na, nb = len(shape_a) - len(la), len(shape_b) - len(lb)
     n = max(na, nb)
     blabels = [get_symbol(BATCH_SYMBOL_BASE + k) for k in range(n)]
@@ -446,7 +471,10 @@ def log_contract_pair(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: s
     recomputed exactly.
 
     Args:
-        a: ``(*batch_a, *la)``; b: ``(*batch_b, *lb)``.
+        a: ``(*batch_a, *la)``.
+        la: one label per trailing dim of ``a``.
+        b: ``(*batch_b, *lb)``.
+        lb: one label per trailing dim of ``b``.
         out: labels of the result, each in ``la`` or ``lb``.
         custom_backward: under autograd, `PairFunction` (`pair_backward` from the saved blocks); ``False``:
             autograd through the plain ops (the reference the custom backward reproduces).

@@ -132,8 +132,11 @@ class _Reduce:
 
 @dataclass(frozen=True)
 class _Product:
-    """Plate product: plain sum over ``dims`` of value ``src``; with ``reduce`` (a sharded plate) the sum
-    is laid out as ``full`` (every data-batch label) and handed to the caller's all-reduce."""
+    """Plate product: plain sum over ``dims`` of value ``src``.
+
+    With ``reduce`` (a sharded plate) the sum is laid out as ``full`` (every data-batch label) and handed to the
+    caller's all-reduce.
+    """
 
     src: int
     dims: Tuple[int, ...]
@@ -168,8 +171,11 @@ class _Outer:
 
 @dataclass(frozen=True)
 class _Pair:
-    """A pairwise step: values ``a`` and ``b`` as the left and right operands of ``layout``; ``index``: its
-    position among the program's checked steps."""
+    """A pairwise step.
+
+    Values ``a`` and ``b`` as the left and right operands of ``layout``; ``index``: its position among the program's
+    checked steps.
+    """
 
     a: int
     b: int
@@ -198,9 +204,11 @@ class _Pair:
 
 
 def _round(a: torch.Tensor, b: torch.Tensor, st: Optional[_State], lowered: tuple) -> torch.Tensor:
-    """One scan round ``log(exp(a) @ exp(b))`` of stacked links ``(n, *lead, i, j)`` by ``(n, *lead, j, k)``:
-    the exact step (``st`` None), or the fast one with its flag appended to ``st.flags``.  ``lowered``: the
-    round's `tmcgraph.evaluate.kernels.lower_call`."""
+    """One scan round ``log(exp(a) @ exp(b))`` of stacked links ``(n, *lead, i, j)`` by ``(n, *lead, j, k)``.
+
+    The exact step (``st`` None), or the fast one with its flag appended to ``st.flags``. ``lowered``: the round's
+    `tmcgraph.evaluate.kernels.lower_call`.
+    """
     if st is None:
         return log_contract_pair(a, "ij", b, "jk", "ik")
     p, sa, sb, _, _, target, shape = lowered
@@ -225,7 +233,8 @@ class _Scan:
 
     The links ``(batch, l_{k-1}, l_k)`` (unary values folded into the link ending at their label) are
     stacked and multiplied pairwise by the one pairwise step, halving the stack each round: ``log2`` of the
-    chain's length batched steps instead of one step per link."""
+    chain's length batched steps instead of one step per link.
+    """
 
     stage: ScanStage
     srcs: Tuple[int, ...]
@@ -264,9 +273,12 @@ class _Scan:
 
 @dataclass(frozen=True)
 class _Sliced:
-    """An einsum stage sliced for a memory limit: values ``srcs`` laid out as ``targets`` run chunk by chunk
-    through the program of each chunk shape (``programs``, keyed by the chunk size of each sliced label);
-    chunks of kept labels are concatenated, chunks of summed labels accumulated by logsumexp."""
+    """An einsum stage sliced for a memory limit.
+
+    Values ``srcs`` laid out as ``targets`` run chunk by chunk through the program of each chunk shape (``programs``,
+    keyed by the chunk size of each sliced label); chunks of kept labels are concatenated, chunks of summed labels
+    accumulated by logsumexp.
+    """
 
     srcs: Tuple[int, ...]
     labels: Tuple[str, ...]
@@ -308,8 +320,7 @@ _Instr = Union[_Input, _Reduce, _Product, _Outer, _Pair, _Scan, _Sliced]
 
 
 class RunState:
-    """The eager evaluator's adaptive state, owned by the caller (an estimator's evaluator holds one), not by
-    a plan.
+    """The eager evaluator's adaptive state, owned by the caller (an estimator's evaluator holds one), not by a plan.
 
     After an evaluation of a step program tripped the underflow check, the next evaluations of that program
     by the same caller (``EXACT_STICKY`` of them) run the affected steps exactly from the start, which saves
@@ -322,8 +333,7 @@ class RunState:
         self._sticky: "weakref.WeakKeyDictionary[StepProgram, List[int]]" = weakref.WeakKeyDictionary()
 
     def exact_from(self, program: "StepProgram") -> Optional[int]:
-        """The first checked step ``program`` runs exactly in this evaluation (``None``: the fast path);
-        counts it."""
+        """The first checked step ``program`` runs exactly in this evaluation (``None``: the fast path); counts it."""
         entry = self._sticky.get(program)
         if entry is None or entry[1] <= 0:
             return None
@@ -504,7 +514,8 @@ class StepProgram:
         ``state``: the caller's `RunState` (which steps to run exactly after a trip); ``None``: this
         evaluation decides alone.  ``plate_reduce``: the all-reduce of a program lowered with a
         ``reduce_label``.  With it every step runs exactly from the start: a rerun after a trip would call the
-        collective again in this process only, and the others would wait for it forever."""
+        collective again in this process only, and the others would wait for it forever.
+        """
         if plate_reduce is not None:
             return self._evaluate(tensors, 0, plate_reduce=plate_reduce)[0]
         exact_from = state.exact_from(self) if state is not None else None
@@ -526,9 +537,11 @@ class StepProgram:
         return result
 
     def fast(self, tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The program with no host sync and plain differentiable ops, for ``torch.compile``: ``(result,
-        flags)``; a flag below `underflow_threshold`, or NaN, means: evaluate again eagerly (exact).
-        Structural zeros are exact here and never trip."""
+        """The program with no host sync and plain differentiable ops, for ``torch.compile``.
+
+        ``(result, flags)``; a flag below `underflow_threshold`, or NaN, means: evaluate again eagerly (exact).
+        Structural zeros are exact here and never trip.
+        """
         result, st = self._evaluate(tensors, self._n_checked, traced=True)
         flags = torch.stack(st.flags) if st.flags else result.new_full((1,), math.inf)
         return result, flags.detach()
@@ -540,9 +553,11 @@ class StepProgram:
     def _evaluate(self, tensors: Sequence[torch.Tensor], exact_from: int, *, saving: bool = False,
                   final: bool = True, traced: bool = False, plate_reduce: Optional[PlateReduce] = None
                   ) -> Tuple[torch.Tensor, _State]:
-        """Run the program; checked steps from number ``exact_from`` on take the exact kernels.  Returns the
-        result (the program's last value, in its own label order, unless ``final``) and the evaluation's
-        state."""
+        """Run the program; checked steps from number ``exact_from`` on take the exact kernels.
+
+        Returns the result (the program's last value, in its own label order, unless ``final``) and the evaluation's
+        state.
+        """
         st = _State(exact_from, saving=saving, traced=traced, plate_reduce=plate_reduce)
         env: List = [None] * len(self._program)
         for k, (instr, frees) in enumerate(zip(self._program, self._uses)):
@@ -616,9 +631,12 @@ class StepProgram:
 
 
 class _PlanFunction(torch.autograd.Function):
-    """A whole program under autograd: forward without autograd, saving each step's blocks; backward walks
-    the steps in reverse with each step's rule, computing only gradients that reach an input that requires
-    one.  A second derivative reruns the exact differentiable kernels instead."""
+    """A whole program under autograd.
+
+    Forward without autograd, saving each step's blocks; backward walks the steps in reverse with each step's rule,
+    computing only gradients that reach an input that requires one. A second derivative reruns the exact differentiable
+    kernels instead.
+    """
 
     @staticmethod
     def forward(ctx, program, *tensors):  # type: ignore[override]

@@ -62,6 +62,7 @@ class GlobalLocalProblem:
 
     @property
     def N(self) -> int:
+        """The number of data points."""
         return int(self.x.shape[0])
 
 

@@ -52,6 +52,7 @@ def kalman_log_marginal(x: torch.Tensor, *, a: float = 0.9, obs_sd: float = 1.0)
 
 
 def chain_data(N: int, *, seed: int, a: float = 0.9, obs_sd: float = 1.0) -> torch.Tensor:
+    """``N`` observations ``(N,)`` of the linear-Gaussian chain, drawn from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     z = torch.empty(N, dtype=torch.float64)
     z[0] = torch.randn((), generator=g, dtype=torch.float64)

@@ -38,6 +38,7 @@ class SparseProblem:
 
     @property
     def max_parents(self) -> int:
+        """The largest number of parents of any latent."""
         return int(self.C.sum(1).max().item())
 
 
@@ -57,7 +58,8 @@ def sparse_model(problem: SparseProblem, dtype: torch.dtype = torch.float32, *, 
 
     ``batch``: ``"no"`` declares the sites one by one; ``"verify"`` / ``"trust"`` declares them in
     `Model.batch_sites` with ``verify=True`` / ``False`` (the likelihoods of observations with the
-    same number of parents are then evaluated in one call)."""
+    same number of parents are then evaluated in one call).
+    """
     m = Model()
     zero, one = torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype)
     N = problem.C.shape[1]
@@ -71,6 +73,7 @@ def sparse_model(problem: SparseProblem, dtype: torch.dtype = torch.float32, *, 
 
 
 def sparse_data(problem: SparseProblem, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """The problem's observations as model data, in ``dtype``."""
     return {f"x{i}": problem.x[i].to(dtype) for i in range(problem.x.shape[0])}
 
 

@@ -78,8 +78,11 @@ def sklearn_digits() -> torch.Tensor:
 
 
 def load_digits(size: int, mnist_dir: Optional[str] = None) -> torch.Tensor:
-    """Digit images ``(n, size, size)`` in ``[0, 1]``: MNIST from ``mnist_dir`` if given, else scikit-learn's
-    8x8 digits; resized (bilinear, antialiased) when their size differs from ``size``."""
+    """Digit images ``(n, size, size)`` in ``[0, 1]``.
+
+    MNIST from ``mnist_dir`` if given, else scikit-learn's 8x8 digits; resized (bilinear, antialiased) when their size
+    differs from ``size``.
+    """
     images = mnist(mnist_dir) if mnist_dir is not None else sklearn_digits()
     if images.shape[-1] != size or images.shape[-2] != size:
         images = torch.nn.functional.interpolate(images.unsqueeze(1), size=(size, size), mode="bilinear",

@@ -1,5 +1,7 @@
-"""Bouncing MNIST's evaluation: Fig. 4 (reconstruction MSE against sweeps) and Fig. 3 (tracking) of the APG
-paper (Wu et al., ICML 2020), on videos longer and with more digits than in training.
+"""Bouncing MNIST's evaluation.
+
+Fig. 4 (reconstruction MSE against sweeps) and Fig. 3 (tracking) of the APG paper (Wu et al., ICML 2020), on videos
+longer and with more digits than in training.
 
 For every video length T and digit count D asked for, ``num_videos`` held-out videos are simulated from
 the held-out digit images (`.digits.split_digits`) with ``seed``; the APG sampler runs ``max(sweeps)``
@@ -81,8 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def mse_rows(problem: Any, nets: BMNISTProposals, decoder: DigitDecoder, frames: torch.Tensor, num_digits: int,
              particles: int, sweeps: Sequence[int], generator: torch.Generator,
              one_shot: bool = False) -> Tuple[List[Dict[str, Any]], Any]:
-    """MSE after each sweep count in ``sweeps`` on ``frames (B, T, H, H)``: rows
-    ``{"sweeps", "mse", "mse_blank"}`` and the `apg.sampler.Result` (states after every sweep)."""
+    """MSE after each sweep count in ``sweeps`` on ``frames (B, T, H, H)``.
+
+    Rows ``{"sweeps", "mse", "mse_blank"}`` and the `apg.sampler.Result` (states after every sweep).
+    """
     T = frames.shape[-3]
     sampler = problem.sampler(nets, decoder, num_digits=num_digits, num_frames=T, one_shot=one_shot)
     K = 1 if one_shot else max(sweeps)
@@ -218,8 +222,11 @@ def _fig4(rows: List[Dict[str, Any]], path: str) -> str:
 
 def _fig3(decoder: DigitDecoder, frames: torch.Tensor, res: Any, path: str, video: int = 0,
           max_frames: int = 15) -> str:
-    """One video: the frames with the highest-weight particle's trajectories (after the last sweep) drawn
-    over them, and that particle's reconstruction below (Fig. 3's layout)."""
+    """One video.
+
+    The frames with the highest-weight particle's trajectories (after the last sweep) drawn over them, and that
+    particle's reconstruction below (Fig. 3's layout).
+    """
     from .model import reconstruct
 
     plt = pyplot()

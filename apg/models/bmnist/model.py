@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal
+from typing_extensions import override
 
 from tmcgraph import JointDensity, Model
 
@@ -59,6 +60,7 @@ class DigitDecoder(nn.Module):
                                  nn.ReLU(), nn.Linear(hidden[1], digit * digit), nn.Sigmoid())
         self._memo: Optional[Tuple[tuple, torch.Tensor, torch.Tensor]] = None
 
+    @override
     def forward(self, what: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             self._memo = None
@@ -77,8 +79,11 @@ class DigitDecoder(nn.Module):
 
 
 def reconstruct(decoder: DigitDecoder, what: torch.Tensor, where: torch.Tensor, canvas: int) -> torch.Tensor:
-    """A frame's Bernoulli means: ``what (..., D, 10)``, ``where (..., D, 2)`` -> ``(..., H, H)`` in
-    ``[eps, 1 - eps]`` (the placed digits summed and clamped)."""
+    """A frame's Bernoulli means.
+
+    ``what (..., D, 10)``, ``where (..., D, 2)`` -> ``(..., H, H)`` in ``[eps, 1 - eps]`` (the placed digits summed and
+    clamped).
+    """
     placed = place(decoder(what), where, canvas)  # (..., D, H, H)
     return placed.sum(-3).clamp(_EPS, 1 - _EPS)
 
@@ -86,8 +91,11 @@ def reconstruct(decoder: DigitDecoder, what: torch.Tensor, where: torch.Tensor, 
 def bmnist_model(cfg: BMNISTConfig, decoder: DigitDecoder, num_frames: Optional[int] = None,
                  num_digits: Optional[int] = None, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None) -> Model:
-    """The model as a `tmcgraph.Model`: latents ``what``, ``where_1 .. where_T``; observations
-    ``x_1 .. x_T`` (one frame each, event ``(H, H)``).  T and D default to the profile's."""
+    """The model as a `tmcgraph.Model`.
+
+    Latents ``what``, ``where_1 .. where_T``; observations ``x_1 .. x_T`` (one frame each, event ``(H, H)``). T and D
+    default to the profile's.
+    """
     T = cfg.num_frames if num_frames is None else num_frames
     D = cfg.num_digits if num_digits is None else num_digits
     v: Dict[str, Any] = dict(validate_args=False)
@@ -128,8 +136,10 @@ def log_joint(frames: torch.Tensor, what: torch.Tensor, where: torch.Tensor, dec
 
 
 class BMNISTDensity:
-    """``log p_theta(x, z)`` and the Markov blankets of the blocks ``what`` and ``where_t``, from
-    `tmcgraph.JointDensity` of `bmnist_model` (one per T, D, dtype and device)."""
+    """``log p_theta(x, z)`` and the Markov blankets of the blocks ``what`` and ``where_t``.
+
+    From `tmcgraph.JointDensity` of `bmnist_model` (one per T, D, dtype and device).
+    """
 
     def __init__(self, cfg: BMNISTConfig, decoder: DigitDecoder) -> None:
         self.cfg, self.decoder = cfg, decoder
@@ -138,13 +148,16 @@ class BMNISTDensity:
         self._blankets: Dict[Tuple[JointDensity, str], Tuple[str, ...]] = {}
 
     def _frames(self, frames: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """`frames_to_data`, the same dict for the same unmodified frames (so the density's data check
-        runs once per batch, not once per blanket)."""
+        """`frames_to_data`, the same dict for the same unmodified frames.
+
+        (so the density's data check runs once per batch, not once per blanket).
+        """
         if self._data is None or self._data[0] is not frames or self._data[1] != frames._version:
             self._data = (frames, frames._version, frames_to_data(frames))
         return self._data[2]
 
     def density(self, num_frames: int, num_digits: int, like: torch.Tensor) -> JointDensity:
+        """The `tmcgraph.JointDensity` of videos of this many frames and digits (cached per dtype and device)."""
         key = (num_frames, num_digits, like.dtype, like.device)
         if key not in self._cache:
             self._cache[key] = JointDensity(bmnist_model(self.cfg, self.decoder, num_frames, num_digits,
@@ -174,9 +187,11 @@ class BMNISTDensity:
 
 
 def posterior_reconstruction(decoder: DigitDecoder, result: Result, canvas: int) -> torch.Tensor:
-    """The frames' reconstruction ``(*B, T, H, H)`` under the final particles of ``result``: each particle's
-    Bernoulli means averaged with its normalised importance weight (a posterior mean; the official code
-    averages resampled particles, the same in expectation)."""
+    """The frames' reconstruction ``(*B, T, H, H)`` under the final particles of ``result``.
+
+    Each particle's Bernoulli means averaged with its normalised importance weight (a posterior mean; the official code
+    averages resampled particles, the same in expectation).
+    """
     state = result.state
     w = torch.softmax(result.log_weights, -1)  # (*B, L)
     with torch.no_grad():

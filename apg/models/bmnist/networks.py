@@ -32,9 +32,11 @@ __all__ = ["BMNISTProposals", "correlate"]
 
 
 def correlate(frames: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
-    """Cross-correlation of each frame ``(..., H, H)`` with its digit ``(..., h, h)`` at every whole-pixel
-    offset: ``(..., P, P)`` with ``P = H - h + 1`` (offset ``(row, col)``).  One digit ``(h, h)`` for all
-    frames is one convolution kernel (not one group per frame)."""
+    """Cross-correlation of each frame ``(..., H, H)`` with its digit ``(..., h, h)`` at every whole-pixel offset.
+
+    ``(..., P, P)`` with ``P = H - h + 1`` (offset ``(row, col)``). One digit ``(h, h)`` for all frames is one
+    convolution kernel (not one group per frame).
+    """
     H, h = frames.shape[-1], digits.shape[-1]
     if digits.dim() == 2:
         out = nn.functional.conv2d(frames.reshape(-1, 1, H, H), digits.reshape(1, 1, h, h))
@@ -84,8 +86,10 @@ class BMNISTProposals(nn.Module):
 
     # -- positions -----------------------------------------------------------------------------
     def where_params(self, residual: torch.Tensor, digit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One digit in one frame: ``residual (..., H, H)``, ``digit (..., h, h)`` -> Normal ``loc, scale
-        (..., 2)`` over its position ``(x, y)``."""
+        """One digit in one frame.
+
+        ``residual (..., H, H)``, ``digit (..., h, h)`` -> Normal ``loc, scale (..., 2)`` over its position ``(x, y)``.
+        """
         corr = correlate(residual, digit)  # (..., P, P): rows are y, columns x
         norm = digit.flatten(-2).pow(2).sum(-1).clamp_min(1e-6)  # scale-free map: correlation / |digit|^2
         logits = self.sharpness * corr / norm.unsqueeze(-1).unsqueeze(-1) * self.positions
@@ -100,8 +104,10 @@ class BMNISTProposals(nn.Module):
 
     # -- digits --------------------------------------------------------------------------------
     def what_params(self, frames: torch.Tensor, where: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``frames (*B, T, H, H)``, ``where (*B, L, D, T, 2)`` -> Normal ``loc, scale (*B, L, D, 10)``:
-        the crops' MLP outputs averaged over the T frames."""
+        """``frames (*B, T, H, H)``, ``where (*B, L, D, T, 2)`` -> Normal ``loc, scale (*B, L, D, 10)``.
+
+        The crops' MLP outputs averaged over the T frames.
+        """
         f = frames.unsqueeze(-4).unsqueeze(-4)  # (*B, 1, 1, T, H, H)
         crops = crop(f, where, self.cfg.digit)  # (*B, L, D, T, h, h)
         out = self.what_net(crops.flatten(-2)).mean(-2)  # (*B, L, D, 20)
@@ -146,8 +152,11 @@ class WhereKernel:
         return torch.stack(chosen, -2), lq
 
     def sample(self, generator: Optional[torch.Generator] = None):
-        """Draw frame ``t``'s positions; the walk's density of the draw is kept (with autograd when it is
-        enabled) and returned by `log_prob` of the same values, so drawing and scoring cost one walk."""
+        """Draw frame ``t``'s positions.
+
+        The walk's density of the draw is kept (with autograd when it is enabled) and returned by `log_prob` of the same
+        values, so drawing and scoring cost one walk.
+        """
         if self.base is None:
             raise ValueError("WhereKernel.sample needs the other frames' positions (base)")
         w, lq = self._walk(None, generator)

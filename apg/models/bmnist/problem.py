@@ -1,5 +1,4 @@
-"""Bouncing MNIST for the generic drivers (`apg.models.base.Problem`): ``apg train bmnist``,
-``apg evaluate bmnist``.
+"""Bouncing MNIST for the generic drivers (`apg.models.base.Problem`): ``apg train bmnist``, ``apg evaluate bmnist``.
 
 Settings (stored with every checkpoint, see `BMNISTSettings`): the video profile (canvas and
 digit sizes, D and T of the training videos), the digits' source (scikit-learn's bundled 8x8 digits,
@@ -19,6 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from ...sampler import Result, Sampler
 from ..base import Method, Problem, Trained
@@ -54,6 +54,7 @@ class BMNISTSettings:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BMNISTSettings":
+        """The settings stored by `config` (missing keys take their defaults)."""
         return cls(profile=BMNISTConfig(**d.get("profile", {})), mnist_dir=d.get("mnist_dir", ""),
                    proposal_hidden=tuple(d.get("proposal_hidden", (200, 100))),  # type: ignore[arg-type]
                    decoder_hidden=tuple(d.get("decoder_hidden", (100, 200))))  # type: ignore[arg-type]
@@ -80,16 +81,20 @@ class BMNISTProblem(Problem):
 
     @property
     def cfg(self) -> BMNISTConfig:
+        """The model configuration of these settings' profile."""
         return self.settings.profile
 
+    @override
     def config(self) -> Dict[str, Any]:
         d = asdict(self.settings)
         d["proposal_hidden"], d["decoder_hidden"] = list(d["proposal_hidden"]), list(d["decoder_hidden"])
         return d
 
+    @override
     def with_config(self, config: Dict[str, Any]) -> "BMNISTProblem":
         return BMNISTProblem(BMNISTSettings.from_dict(config))
 
+    @override
     def add_train_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
                             help="video profile: cpu (32x32 canvas, 8x8 digits, D=3, T=10) or paper (96x96, 28x28)")
@@ -97,6 +102,7 @@ class BMNISTProblem(Problem):
                             help="MNIST's IDX files (train-images-idx3-ubyte[.gz]); default: scikit-learn's bundled "
                                  "8x8 digits, resized to the profile's digit size")
 
+    @override
     def from_arguments(self, args: argparse.Namespace) -> "BMNISTProblem":
         profile = PROFILES[getattr(args, "profile", None) or "cpu"]
         hidden = dict(proposal_hidden=(400, 200), decoder_hidden=(200, 400)) if profile == PROFILES["paper"] else {}
@@ -109,25 +115,30 @@ class BMNISTProblem(Problem):
             self._digits = load_digits(self.cfg.digit, self.settings.mnist_dir or None)
         return self._digits
 
+    @override
     def make_proposals(self, method: str) -> BMNISTProposals:
         self.method(method)
         nets = BMNISTProposals(self.cfg, hidden=self.settings.proposal_hidden)
         nets.set_template(split_digits(self.digits())[0])
         return nets
 
+    @override
     def make_model(self) -> DigitDecoder:
         return DigitDecoder(self.cfg.digit, self.settings.decoder_hidden)
 
+    @override
     def sampler(self, proposals: nn.Module, model: nn.Module, num_digits: Optional[int] = None,
                 num_frames: Optional[int] = None, one_shot: bool = False) -> Sampler:
         assert isinstance(proposals, BMNISTProposals) and isinstance(model, DigitDecoder)
         return apg_sampler(proposals, model, num_digits or self.cfg.num_digits, num_frames or self.cfg.num_frames,
                            sweeps_blocks=not one_shot)
 
+    @override
     def training_data(self, num_datasets: int, seed: int) -> Any:
         train, _ = split_digits(self.digits())
         return Videos(num_datasets, self.cfg, train, seed=seed + 7919)
 
+    @override
     def train_metrics(self, proposals: nn.Module, model: nn.Module, x: torch.Tensor,
                       result: Result) -> Dict[str, float]:
         assert isinstance(model, DigitDecoder)
@@ -135,17 +146,20 @@ class BMNISTProblem(Problem):
         return {"mse": float(((recon - x) ** 2).mean())}
 
     # -- evaluation ----------------------------------------------------------------------------------
+    @override
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         from .evaluation import add_arguments
 
         add_arguments(parser)
 
+    @override
     def evaluate(self, trained: Dict[str, Trained], options: Mapping[str, Any], *, plots: Optional[str],
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
         from .evaluation import evaluate_bmnist
 
         return evaluate_bmnist(trained, options, plots=plots, metrics=metrics, progress=progress)
 
+    @override
     def format(self, out: Dict[str, Any]) -> str:
         from .evaluation import format_table
 

@@ -23,8 +23,10 @@ __all__ = ["apg_sampler"]
 
 def apg_sampler(nets: BMNISTProposals, decoder: DigitDecoder, num_digits: int,
                 num_frames: int, sweeps_blocks: bool = True) -> Sampler:
-    """The sampler for videos of ``num_frames`` frames and ``num_digits`` digits (the RWS baseline:
-    ``sweeps_blocks=False``, the one-shot proposal alone)."""
+    """The sampler for videos of ``num_frames`` frames and ``num_digits`` digits.
+
+    (the RWS baseline: ``sweeps_blocks=False``, the one-shot proposal alone).
+    """
     dens = BMNISTDensity(nets.cfg, decoder)
     D, T = num_digits, num_frames
 

@@ -84,8 +84,10 @@ def _weights(coords: torch.Tensor, out_size: int, in_size: int, scale: float, sh
 
 def _transform(images: torch.Tensor, where: torch.Tensor, out_size: int, scale: float,
                shift: float) -> torch.Tensor:
-    """``grid_sample`` (bilinear, zeros padding, ``align_corners=False``) of ``images (..., n, n)`` on the
-    axis-aligned grid of a translation by ``shift * where`` and a fixed ``scale``, ``(..., out, out)``.
+    """Bilinear ``grid_sample`` of images on the grid of a translation and a fixed scale.
+
+    Of ``images (..., n, n)`` on the axis-aligned grid of a translation by ``shift * where`` and a fixed ``scale``,
+    ``(..., out, out)``.
 
     Such a grid is separable, so the bilinear interpolation is a product of two interpolation matrices:
     ``W_y @ image @ W_x^T`` (rows from ``y = where[..., 1]``, columns from ``x = where[..., 0]``), the same
@@ -119,8 +121,11 @@ def crop(frames: torch.Tensor, where: torch.Tensor, size: int) -> torch.Tensor:
 
 def trajectories(num: int, num_frames: int, delta_t: float = 0.3,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Positions ``(num, T, 2)`` of bouncing points: uniform start in ``[-1, 1]^2``, unit speed in a uniform
-    direction, ``delta_t`` per frame, reflected at the borders (float64)."""
+    """Positions ``(num, T, 2)`` of bouncing points.
+
+    Uniform start in ``[-1, 1]^2``, unit speed in a uniform direction, ``delta_t`` per frame, reflected at the borders
+    (float64).
+    """
     x = torch.rand(num, 2, generator=generator, dtype=torch.float64) * 2 - 1
     angle = torch.rand(num, generator=generator, dtype=torch.float64) * 2 * math.pi
     v = torch.stack([angle.cos(), angle.sin()], -1)
@@ -135,8 +140,10 @@ def trajectories(num: int, num_frames: int, delta_t: float = 0.3,
 
 
 def render(digits: torch.Tensor, where: torch.Tensor, canvas: int) -> torch.Tensor:
-    """Frames from digits ``(..., D, h, h)`` and positions ``(..., D, T, 2)``: the placed digits summed over
-    D and clamped to ``[0, 1]``, ``(..., T, H, H)``."""
+    """Frames from digits ``(..., D, h, h)`` and positions ``(..., D, T, 2)``.
+
+    The placed digits summed over D and clamped to ``[0, 1]``, ``(..., T, H, H)``.
+    """
     placed = place(digits.unsqueeze(-3), where, canvas)  # (..., D, T, H, H)
     return placed.sum(-4).clamp(0.0, 1.0)
 
@@ -155,8 +162,10 @@ def _draw(num_images: int, seed: int, video: int, D: int, T: int, delta_t: float
 
 def simulate(num_videos: int, cfg: BMNISTConfig, digits: torch.Tensor, *, seed: int = 0,
              num_digits: Optional[int] = None, num_frames: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Videos of bouncing digits (float32).  Video ``i`` is a function of ``(seed, i)`` and ``digits`` alone,
-    so the first videos of a larger set are the same (see `Videos`).
+    """Videos of bouncing digits (float32).
+
+    Video ``i`` is a function of ``(seed, i)`` and ``digits`` alone, so the first videos of a larger set are the same
+    (see `Videos`).
 
     Args:
         num_videos: B.
@@ -179,8 +188,10 @@ def simulate(num_videos: int, cfg: BMNISTConfig, digits: torch.Tensor, *, seed: 
 
 
 class Videos:
-    """A training set of ``num_videos`` videos rendered on demand (never stored): ``videos[idx]`` with an
-    int64 tensor ``idx (k,)`` gives frames ``(k, T, H, H)``, the same as ``simulate(...)["frames"][idx]``.
+    """A training set of ``num_videos`` videos rendered on demand (never stored).
+
+    ``videos[idx]`` with an int64 tensor ``idx (k,)`` gives frames ``(k, T, H, H)``, the same as
+    ``simulate(...)["frames"][idx]``.
 
     Works as ``apg.train``'s data: indexing by a batch of indices, ``len``, and ``.to(device)``.
     """

@@ -1,5 +1,4 @@
-"""The deep generative mixture of rings of the APG paper (Wu et al., ICML 2020, section 5.2), registered as
-``"dgmm"``.
+"""The deep generative mixture of rings of the APG paper (Wu et al., ICML 2020, section 5.2), registered as ``"dgmm"``.
 
 * `.data`: settings (the paper's, and the official code's where the
   paper is silent) and the seeded simulator.
@@ -22,6 +21,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from tmcgraph.arguments import positive_int
 
@@ -65,30 +65,38 @@ class DGMMProblem(Problem):
     def __init__(self, cfg: DGMMConfig = PAPER) -> None:
         self.cfg = cfg
 
+    @override
     def config(self) -> Dict[str, Any]:
         return asdict(self.cfg)
 
+    @override
     def with_config(self, config: Dict[str, Any]) -> "DGMMProblem":
         return DGMMProblem(DGMMConfig(**config))
 
+    @override
     def make_proposals(self, method: str) -> DGMMProposals:
         return DGMMProposals(self.cfg, conditional=not self.method(method).one_shot)
 
+    @override
     def make_model(self) -> Decoder:
         return Decoder()
 
+    @override
     def sampler(self, proposals: nn.Module, model: nn.Module) -> Sampler:
         assert isinstance(proposals, DGMMProposals) and isinstance(model, Decoder)
         return apg_sampler(proposals, model)
 
+    @override
     def training_data(self, num_datasets: int, seed: int) -> torch.Tensor:
         return simulate(num_datasets, self.cfg, seed=seed + 7919)["x"]
 
+    @override
     def train_metrics(self, proposals: nn.Module, model: nn.Module, x: torch.Tensor,
                       result: Result) -> Dict[str, float]:
         assert isinstance(model, Decoder)
         return {"radius": float(model.radius.detach())}
 
+    @override
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         from .evaluation import EvalConfig
 
@@ -98,6 +106,7 @@ class DGMMProblem(Problem):
         parser.add_argument("--points", type=positive_int, default=d.num_points, metavar="N",
                             help="points per test dataset")
 
+    @override
     def evaluate(self, trained: Dict[str, Trained], options: Mapping[str, Any], *, plots: Optional[str],
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
         from .evaluation import EvalConfig, evaluate_dgmm
@@ -117,6 +126,7 @@ class DGMMProblem(Problem):
                          num_points=get("points", d.num_points))
         return evaluate_dgmm(nets, cfg, plots=plots, metrics=metrics, progress=progress)
 
+    @override
     def format(self, out: Dict[str, Any]) -> str:
         from .evaluation import format_table
 

@@ -61,8 +61,10 @@ PAPER_TABLE_1B = [
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Settings of an evaluation (defaults: 20 test datasets of 200 points, APG L=20, RWS L=300: the
-    sample budget of APG at K=15)."""
+    """Settings of an evaluation.
+
+    (defaults: 20 test datasets of 200 points, APG L=20, RWS L=300: the sample budget of APG at K=15).
+    """
 
     num_datasets: int = 20
     seed: int = 12345
@@ -91,8 +93,10 @@ def centres_found(mu: torch.Tensor, log_weights: torch.Tensor, true_mu: torch.Te
 
 def _row(nets: DGMMProposals, decoder: Decoder, x: torch.Tensor, true_mu: torch.Tensor, L: int, K: int,
          chunk: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
-    """Last-sweep mean log joint, ESS/L (joint and per block) and centres found at K sweeps (K = 1: the
-    one-shot proposal)."""
+    """Last-sweep mean log joint, ESS/L (joint and per block) and centres found at K sweeps.
+
+    (K = 1: the one-shot proposal).
+    """
     sampler = apg_sampler(nets, decoder)
     joint = [joint_block(sampler.blocks, sampler.log_joint)] if K > 1 else None
     out: Dict[str, List[torch.Tensor]] = {k: [] for k in ("log_joint", "joint", "globals", "locals", "found")}
@@ -258,8 +262,11 @@ def _best(state: Dict[str, torch.Tensor], log_joint_values: torch.Tensor) -> Dic
 
 
 def _fig1b(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalConfig, path: str) -> str:
-    """Fig. 1b: 5 test datasets of 100-600 points; data, RWS, APG after 3 and 6 sweeps (the particle of
-    highest log joint, with its learned rings), and the reconstruction ``mu_c + g_theta(alpha)``."""
+    """Fig. 1b: 5 test datasets of 100-600 points.
+
+    Data, RWS, APG after 3 and 6 sweeps (the particle of highest log joint, with its learned rings), and the
+    reconstruction ``mu_c + g_theta(alpha)``.
+    """
     plt = pyplot()
     sizes = [100, 200, 300, 400, 600]
     fig, axes = plt.subplots(len(sizes), 5, figsize=(10, 2 * len(sizes)))

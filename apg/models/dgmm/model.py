@@ -89,14 +89,17 @@ def log_joint(x: torch.Tensor, mu: torch.Tensor, c: torch.Tensor, alpha: torch.T
 
 
 class DGMMDensity:
-    """``log p_theta(x, z)`` and the blocks' Markov blankets, from `tmcgraph.JointDensity` of
-    `dgmm_model` (one per number of points, dtype and device, built on first use)."""
+    """``log p_theta(x, z)`` and the blocks' Markov blankets.
+
+    From `tmcgraph.JointDensity` of `dgmm_model` (one per number of points, dtype and device, built on first use).
+    """
 
     def __init__(self, cfg: DGMMConfig, decoder: AnyDecoder) -> None:
         self.cfg, self.decoder = cfg, decoder
         self._cache: Dict[Tuple[int, torch.dtype, torch.device], JointDensity] = {}
 
     def density(self, x: torch.Tensor) -> JointDensity:
+        """The `tmcgraph.JointDensity` for datasets shaped like ``x`` ``(*B, N, 2)`` (cached)."""
         key = (x.shape[-2], x.dtype, x.device)
         if key not in self._cache:
             self._cache[key] = JointDensity(dgmm_model(self.cfg, self.decoder, x.shape[-2], x.dtype, x.device))
@@ -124,17 +127,21 @@ class MuKernel:
         self.loc, self.scale = torch.broadcast_tensors(loc, scale)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Draw the block's values (no gradient), using ``generator`` if given."""
         with torch.no_grad():
             return {"mu": torch.normal(self.loc, self.scale, generator=generator)}
 
     def log_prob(self, v: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The kernel's log-density of the block's values ``v``."""
         z = (v["mu"] - self.loc) / self.scale
         return (-0.5 * z * z - self.scale.log() - 0.5 * math.log(2 * math.pi)).sum((-2, -1))
 
 
 class LocalKernel:
-    """Kernel over ``{"c", "alpha"}`` per point: ``q(c_n | x_n, mu) q(alpha_n | x_n, mu_{c_n})``;
-    densities ``(*B, L, N)``."""
+    """Kernel over ``{"c", "alpha"}`` per point.
+
+    ``q(c_n | x_n, mu) q(alpha_n | x_n, mu_{c_n})``; densities ``(*B, L, N)``.
+    """
 
     def __init__(self, nets: DGMMProposals, decoder: AnyDecoder, x: torch.Tensor, mu: torch.Tensor) -> None:
         self.nets, self.x, self.mu = nets, x, mu
@@ -146,6 +153,7 @@ class LocalKernel:
         return self.nets.angle_params(self.x, pick(self.mu, c), self.radius)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Draw the block's values (no gradient), using ``generator`` if given."""
         c = self.c_kernel.sample(generator)["c"]
         with torch.no_grad():
             loc, kappa = self._angle(c)
@@ -153,6 +161,7 @@ class LocalKernel:
         return {"c": c, "alpha": alpha}
 
     def log_prob(self, v: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The kernel's log-density of the block's values ``v``."""
         loc, kappa = self._angle(v["c"])
         return self.c_kernel.log_prob({"c": v["c"]}) + von_mises_log_prob(v["alpha"], loc, kappa)
 
@@ -186,8 +195,10 @@ def apg_sampler(nets: DGMMProposals, decoder: AnyDecoder) -> Sampler:
 
 
 def exact_sampler(nets: DGMMProposals, radius: float) -> Sampler:
-    """The blocked Gibbs sampler of the true rings (a circle of ``radius``): ``nets``'s one-shot proposal,
-    then the exact conditionals of ``{mu}`` and ``{c, alpha}`` (every incremental weight is 1).
+    """The blocked Gibbs sampler of the true rings (a circle of ``radius``).
+
+    ``nets``'s one-shot proposal, then the exact conditionals of ``{mu}`` and ``{c, alpha}`` (every incremental weight
+    is 1).
 
     The block kernels are those of ``nets`` with their learned residuals removed (see
     `DGMMProposals`), with `CircleDecoder` as the model.

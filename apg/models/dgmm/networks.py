@@ -41,6 +41,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 from torch.distributions import VonMises
+from typing_extensions import override
 
 from ...proposals import Tanh
 from .data import PAPER, DGMMConfig
@@ -65,6 +66,7 @@ class Decoder(nn.Module):
         """The learned radius (a scalar tensor)."""
         return self.log_radius.exp()
 
+    @override
     def forward(self, alpha: torch.Tensor) -> torch.Tensor:
         h = self.net(torch.stack([alpha.cos(), alpha.sin()], -1))
         return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.radius
@@ -86,6 +88,7 @@ class CircleDecoder(nn.Module):
         """The radius (a scalar tensor)."""
         return torch.tensor(self.r, dtype=torch.float64)
 
+    @override
     def forward(self, alpha: torch.Tensor) -> torch.Tensor:
         return self.r * torch.stack([alpha.cos(), alpha.sin()], -1)
 
@@ -116,6 +119,7 @@ class SkipMLP(nn.Module):
         nn.init.zeros_(self.out.bias)
         return self
 
+    @override
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.out(self.act(self.hidden(f))) + self.skip(f)
 
@@ -222,8 +226,10 @@ class DGMMProposals(nn.Module):
 
     def angle_params(self, x: torch.Tensor, centre: torch.Tensor,
                      radius: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``q(alpha | x, mu, c)``: ``x (*B, N, 2)``, ``centre = mu_{c_n} (*B, L, N, 2)`` -> von Mises
-        ``loc, concentration (*B, L, N)``."""
+        """``q(alpha | x, mu, c)``.
+
+        ``x (*B, N, 2)``, ``centre = mu_{c_n} (*B, L, N, 2)`` -> von Mises ``loc, concentration (*B, L, N)``.
+        """
         d = x.unsqueeze(-3) - centre
         norm, kappa, unit = self._circle(d, radius)
         h = self.angle(torch.cat([unit, ((norm - radius) / self.cfg.noise).unsqueeze(-1)], -1))

@@ -20,6 +20,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from tmcgraph.arguments import positive_float, positive_int
 
@@ -105,12 +106,15 @@ class GMMProblem(Problem):
     def __init__(self, cfg: GMMConfig = PAPER) -> None:
         self.cfg = cfg
 
+    @override
     def config(self) -> Dict[str, Any]:
         return asdict(self.cfg)
 
+    @override
     def with_config(self, config: Dict[str, Any]) -> "GMMProblem":
         return GMMProblem(GMMConfig(**config))
 
+    @override
     def make_proposals(self, method: str) -> GMMProposals:
         m = self.method(method)
         encoder = "lstm" if method == "rws-lstm" else "mlp"
@@ -118,8 +122,11 @@ class GMMProblem(Problem):
         return GMMProposals(self.cfg, encoder=encoder, conditional=not m.one_shot, features=features)
 
     def init_from(self, method: str, proposals: nn.Module, model: nn.Module, trained: Trained) -> None:
-        """As the default, and: ``apg-features`` may start from trained ``apg`` networks, taking their
-        one-shot and globals kernels (its assignment network, with other inputs, starts fresh)."""
+        """As the default; ``apg-features`` may also start from trained ``apg`` networks.
+
+        It takes their one-shot and globals kernels (its
+        assignment network, with other inputs, starts fresh).
+        """
         if method == "apg-features" and (trained.problem.name, trained.method) == ("gmm", "apg"):
             assert isinstance(proposals, GMMProposals) and isinstance(trained.proposals, GMMProposals)
             assert proposals.globals is not None and trained.proposals.globals is not None
@@ -128,19 +135,23 @@ class GMMProblem(Problem):
             return
         super().init_from(method, proposals, model, trained)
 
+    @override
     def sampler(self, proposals: nn.Module, model: nn.Module) -> Sampler:
         assert isinstance(proposals, GMMProposals)
         return apg_sampler(proposals)
 
+    @override
     def training_data(self, num_datasets: int, seed: int) -> torch.Tensor:
         return simulate(num_datasets, self.cfg, seed=seed + 7919)["x"]
 
+    @override
     def train_metrics(self, proposals: nn.Module, model: nn.Module, x: torch.Tensor,
                       result: Result) -> Dict[str, float]:
         assert isinstance(proposals, GMMProposals)
         kl = inclusive_kl(proposals, x, result.state, result.log_weights)
         return {f"kl_{name}": v.mean().item() for name, v in kl.items()}
 
+    @override
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         d = EvalConfig()
         add_sampler_arguments(parser, datasets=d.num_datasets, seed=d.seed, particles=d.apg_particles,
@@ -154,6 +165,7 @@ class GMMProblem(Problem):
                             help="with --plots: the values of K in Fig. 2 (default "
                                  f"{' '.join(map(str, d.budget_sweeps))})")
 
+    @override
     def evaluate(self, trained: Dict[str, Trained], options: Mapping[str, Any], *, plots: Optional[str],
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
         d = EvalConfig()
@@ -178,5 +190,6 @@ class GMMProblem(Problem):
                          nu0=options.get("nu0"))
         return evaluate_gmm(nets, cfg, plots=plots, metrics=metrics, progress=progress)
 
+    @override
     def format(self, out: Dict[str, Any]) -> str:
         return format_table(out)

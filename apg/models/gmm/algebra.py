@@ -146,6 +146,8 @@ def gibbs(x: torch.Tensor, num_chains: int, num_sweeps: int, cfg: GMMConfig = PA
         x: ``(..., N, D)`` data.
         num_chains: independent chains per dataset.
         num_sweeps: full sweeps.
+        cfg: the model's settings (the paper's by default).
+        generator: the random stream (torch's default if ``None``).
 
     Returns:
         the final state ``{"mu", "tau": (..., L, I, D), "c": (..., L, N)}`` and

@@ -33,9 +33,11 @@ def _pick(param: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def gmm_model(cfg: GMMConfig = PAPER, num_points: Optional[int] = None,
               dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Model:
-    """The GMM as a `tmcgraph.Model`: latents ``tau``, ``mu`` (event ``(I, D)``), ``c`` (plate ``N``);
-    observation ``x`` (plate ``N``, event ``D``).  ``num_points`` overrides ``cfg.num_points``; the
-    prior's constants are made with ``dtype`` on ``device``."""
+    """The GMM as a `tmcgraph.Model`.
+
+    Latents ``tau``, ``mu`` (event ``(I, D)``), ``c`` (plate ``N``); observation ``x`` (plate ``N``, event ``D``).
+    ``num_points`` overrides ``cfg.num_points``; the prior's constants are made with ``dtype`` on ``device``.
+    """
     shape = (cfg.num_clusters, cfg.dim)
     full = lambda v: torch.full(shape, float(v), dtype=dtype, device=device)  # noqa: E731
     alpha0, beta0, mu0, nu0 = full(cfg.alpha0), full(cfg.beta0), full(cfg.mu0), cfg.nu0
@@ -93,10 +95,12 @@ class NormalGammaKernel:
         self.dist = NormalGamma(params)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Draw the block's values (no gradient), using ``generator`` if given."""
         mu, tau = self.dist.sample((), generator)
         return {"mu": mu, "tau": tau}
 
     def log_prob(self, v: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The kernel's log-density of the block's values ``v``."""
         return self.dist.log_prob(v["mu"], v["tau"])
 
 
@@ -110,6 +114,7 @@ class CategoricalKernel:
         self.logits = logits if normalized else torch.log_softmax(logits, -1)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Draw the block's values (no gradient), using ``generator`` if given."""
         with torch.no_grad():  # Gumbel-max
             logits = self.logits
             u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device, generator=generator)
@@ -117,6 +122,7 @@ class CategoricalKernel:
             return {"c": (self.logits - (-u.log()).log()).argmax(-1)}
 
     def log_prob(self, v: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The kernel's log-density of the block's values ``v``."""
         return torch.gather(self.logits, -1, v["c"].unsqueeze(-1)).squeeze(-1)
 
 

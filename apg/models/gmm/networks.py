@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from ...errors import APGError
 from ...proposals import NeuralCategorical, NeuralNormalGamma, NormalGammaParams
@@ -15,8 +16,11 @@ __all__ = ["GMMProposals", "LSTMNormalGamma"]
 
 
 class LSTMNormalGamma(nn.Module):
-    """RWS-LSTM baseline encoder of the globals: an LSTM reads the points in order; its last hidden state
-    gives the Normal-Gamma parameters of every cluster (no sufficient statistics, not permutation invariant)."""
+    """RWS-LSTM baseline encoder of the globals.
+
+    An LSTM reads the points in order; its last hidden state gives the Normal-Gamma parameters of every cluster (no
+    sufficient statistics, not permutation invariant).
+    """
 
     def __init__(self, cfg: GMMConfig, hidden: int = 32) -> None:
         super().__init__()
@@ -24,6 +28,7 @@ class LSTMNormalGamma(nn.Module):
         self.lstm = nn.LSTM(cfg.dim, hidden, batch_first=True)
         self.head = nn.Linear(hidden, 4 * cfg.num_clusters * cfg.dim)
 
+    @override
     def forward(self, x: torch.Tensor) -> NormalGammaParams:
         lead = x.shape[:-2]
         _, (h, _) = self.lstm(x.reshape((-1,) + x.shape[-2:]))
@@ -79,8 +84,7 @@ class GMMProposals(nn.Module):
         return self.globals(torch.cat([xs, onehot], -1), prior_params(self.cfg, x))
 
     def assignment_logits(self, x: torch.Tensor, mu: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """``x (*B, N, D)``, ``mu, tau (*B, L, I, D)`` -> normalised logits ``(*B, L, N, I)`` of ``q(c | x, mu, tau)``.
-        """
+        """Normalised logits ``(*B, L, N, I)`` of ``q(c | x, mu, tau)``; ``x (*B, N, D)``, ``mu, tau (*B, L, I, D)``."""
         k = mu.shape[-2]
         prior = torch.full((k,), -math.log(k), dtype=x.dtype, device=x.device)
         if self.features == "paper":
