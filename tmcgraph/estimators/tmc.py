@@ -148,12 +148,12 @@ class TMC(GraphEstimator):
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
             tr = trace(model, layout, data, groups=groups)
             factors = [tr.factors[name] for name in names]
-            result, flags = program.fast(factors)
+            result, flag = program.fast(factors)
             result = result + constant if constant else result
             bad = torch.isnan(result).any() | (result == math.inf).any()
             passed = tr.checks.passed()
             checked = passed if passed is not None else torch.ones((), dtype=torch.bool, device=result.device)
-            ok = (flags >= underflow_threshold(result.dtype)).all() & ~bad
+            ok = (flag >= underflow_threshold(result.dtype)) & ~bad
             return result - norm, ok, checked, factors
 
         return compile_function(objective, "objective"), plan, norm, names

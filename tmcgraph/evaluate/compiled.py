@@ -5,10 +5,10 @@ The lowered program of a plan (`tmcgraph.evaluate.program.StepProgram.fast`) han
 ``plan.log_sum(factors, backend="compiled")`` runs the program lowered for the input shapes at hand as
 one function compiled by ``torch.compile`` (``fullgraph=True``: no graph breaks, no host syncs inside).
 Each pairwise step is the fast path of the one kernel (`tmcgraph.evaluate.kernels.pair_forward`)
-without its data-dependent repair: the program also returns every step's smallest shifted sum
-(entries that are zero by structure excluded).  When one is below ``sqrt(tiny)`` some entry may have
+without its data-dependent repair: the program also returns the smallest shifted sum of any step
+(entries that are zero by structure excluded).  When it is below ``sqrt(tiny)`` some entry may have
 lost precision and the evaluation is redone by the eager backend, which repairs exactly; so results are
-as exact as eager's, and the flags cost one host sync per evaluation.  Autograd works through the
+as exact as eager's, and the flag costs one host sync per evaluation.  Autograd works through the
 compiled program (AOTAutograd derives the backward).
 
 Programs are compiled lazily, once per plan and per input shapes, dtype and device (``dynamic=False``).
@@ -81,13 +81,13 @@ class CompiledProgram:
         self.program = program
 
         def run(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-            result, flags = program.fast(tensors)
-            return (result + constant if constant else result), flags
+            result, flag = program.fast(tensors)
+            return (result + constant if constant else result), flag
 
         self._fn = compile_function(run, "plan")
 
     def raw(self, tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(result, flags)`` of the compiled program, unchecked."""
+        """``(result, flag)`` of the compiled program, unchecked."""
         # torch.compile's first use turns off torch.distributions argument validation for the whole process
         # (TorchPatcher); our programs trace no distribution, so keep the user's setting
         with distribution_validation(Distribution._validate_args):
@@ -95,7 +95,7 @@ class CompiledProgram:
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
         """The result, or ``None`` when an underflow flag tripped (evaluate eagerly then)."""
-        result, flags = self.raw(tensors)
-        if not bool((flags >= underflow_threshold(result.dtype)).all()):  # the one host sync
+        result, flag = self.raw(tensors)
+        if not bool(flag >= underflow_threshold(result.dtype)):  # the one host sync (NaN fails it too)
             return None
         return result

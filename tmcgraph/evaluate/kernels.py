@@ -280,6 +280,10 @@ def _blocks(p: PairLayout, a: torch.Tensor, b: torch.Tensor, *, scratch: bool, z
                                zeros, plain)
     eb3, raw_b = _exponentials(b, p.perm_b, p.sum_dims_b, p.block_b, -2, p.shift_b, 1, scratch and p.scratch_b,
                                zeros, plain)
+    if plain and (ea3.shape[-2] == 1 or eb3.shape[-1] == 1):
+        # a matrix-vector product is memory-bound: as a product and a sum, torch.compile fuses it with the
+        # shift, exp and log around it instead of calling BLAS for it
+        return ea3, eb3, (ea3.unsqueeze(-1) * eb3.unsqueeze(-3)).sum(-2), raw_a, raw_b
     return ea3, eb3, _mm(ea3, eb3), raw_a, raw_b
 
 

@@ -539,12 +539,12 @@ class StepProgram:
     def fast(self, tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The program with no host sync and plain differentiable ops, for ``torch.compile``.
 
-        ``(result, flags)``; a flag below `underflow_threshold`, or NaN, means: evaluate again eagerly (exact).
-        Structural zeros are exact here and never trip.
+        ``(result, flag)``: the smallest flag of any step; below `underflow_threshold`, or NaN, it means: evaluate
+        again eagerly (exact).  Structural zeros are exact here and never trip.
         """
         result, st = self._evaluate(tensors, self._n_checked, traced=True)
-        flags = torch.stack(st.flags) if st.flags else result.new_full((1,), math.inf)
-        return result, flags.detach()
+        flag = torch.stack(st.flags).amin() if st.flags else result.new_full((), math.inf)
+        return result, flag.detach()
 
     def _final(self, value: torch.Tensor) -> torch.Tensor:
         # every batch label reaches the result: the reshape only inserts size-1 dims
