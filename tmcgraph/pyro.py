@@ -1,0 +1,253 @@
+"""Run a Pyro model and guide through tmcgraph: `TMC_ELBO`, an unbiased drop-in for ``TraceTMC_ELBO``.
+
+Needs the optional extra ``pyro`` (``pip install tmcgraph[pyro]``, pyro-ppl >= 1.9).
+
+How a step runs:
+
+1. The guide runs once under Pyro's parallel enumeration with ``num_particles`` samples per sample
+   site, each site on a tensor dim of its own left of the plates.  A site whose distribution depends on
+   earlier sites' samples draws each of its samples from the *mixture* over their samples (one
+   ancestor per parent dim, uniformly: appendix C of Aitchison, NeurIPS 2019), and its proposal
+   density is that mixture's, ``logmeanexp`` over the parents' sample dims.
+2. The model is replayed against those samples; sites marked ``infer={"enumerate": "parallel"}``
+   that the guide lacks are enumerated over their support.
+3. Every site's log-density becomes a factor of a `tmcgraph.FactorGraph` whose indices are the sample
+   (or support) dims and whose plates are Pyro's plates, and the compiled plan sums over every
+   combination of samples.  ``log P = log_sum - sum log K`` (one ``log K`` per sampled index copy).
+
+Pyro's own ``TraceTMC_ELBO`` weights a non-factorised guide by the conditional density at the paired
+ancestor instead of the mixture density, which biases ``exp(log P)``; here ``E[exp(log P)] = p(x)``.
+
+Supported: ``pyro.sample`` (``obs=`` included), ``pyro.param``, vectorised ``pyro.plate`` (nested),
+model-side parallel enumeration, ``poutine.mask``.  Refused with an error naming the site: subsampled or
+scaled sites (``poutine.scale``, plate ``subsample_size``), sequential plates, ``pyro.markov``,
+non-reparameterised guide sites, model latents the guide neither samples nor enumerates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+try:
+    import pyro.poutine as poutine
+    from pyro.infer import config_enumerate
+    from pyro.infer.elbo import ELBO
+    from pyro.poutine.enum_messenger import EnumMessenger
+except ImportError as err:  # pragma: no cover - the optional extra
+    raise ImportError("tmcgraph.pyro needs pyro-ppl >= 1.9: pip install 'tmcgraph[pyro]'") from err
+
+from .errors import TMCError
+from .evaluate import Evaluator
+from .graph import FactorGraph
+
+__all__ = ["TMC_ELBO"]
+
+
+class _Site:
+    """One factor: a site's log-density laid out over its plates and sample indices."""
+
+    __slots__ = ("name", "log_prob", "plates", "indices")
+
+    def __init__(self, name: str, log_prob: torch.Tensor, plates: List[Tuple[str, int, int]],
+                 indices: List[int]) -> None:
+        self.name, self.log_prob, self.plates, self.indices = name, log_prob, plates, indices
+
+
+class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
+    """The TMC objective of a Pyro model and guide, usable with ``pyro.infer.SVI``.
+
+    ``loss`` and ``differentiable_loss`` are ``-log P_TMC``, where ``P_TMC`` averages the importance
+    weight over every combination of the ``num_particles`` samples of every guide site (`tmcgraph.TMC`'s
+    estimator, see the module docstring for how a Pyro program is traced).  ``log_marginal`` is
+    ``log P_TMC`` itself.
+
+    Args:
+        num_particles: K, the samples per guide sample site.
+        max_plate_nesting: the number of plate dims of the model and guide (guessed from one run when
+            ``None``, as Pyro's ELBOs do).
+        backend: the tmcgraph evaluation backend (``"eager"`` or ``"compiled"``).
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from tmcgraph.pyro import TMC_ELBO
+        >>> def model(x):
+        ...     z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        ...     pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        >>> def guide(x):
+        ...     pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+        >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), TMC_ELBO(num_particles=8))
+        >>> isinstance(svi.step(torch.tensor(1.0)), float)
+        True
+    """
+
+    def __init__(self, num_particles: int = 16, *, max_plate_nesting: Optional[int] = None,
+                 backend: str = "eager") -> None:
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+            raise TMCError(f"TMC_ELBO: num_particles must be a positive int, got {num_particles!r}")
+        super().__init__(num_particles=1, max_plate_nesting=float("inf") if max_plate_nesting is None
+                         else max_plate_nesting)
+        self.K = num_particles
+        self.evaluator = Evaluator(backend)
+
+    # -- the estimate ----------------------------------------------------------------------------
+    def log_marginal(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``log P_TMC``: a differentiable scalar whose exp is unbiased for the model's ``p(x)``."""
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        sites, sizes, sampled = self._factors(model, guide, args, kwargs)
+        graph, factors = _graph(sites, sizes)
+        norm = sum(math.log(sizes[d][0]) * math.prod(size for _, _, size in sizes[d][1]) for d in sampled)
+        return self.evaluator.log_sum(graph.compile(), factors) - norm
+
+    def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``-log P_TMC`` (a differentiable scalar)."""
+        return -self.log_marginal(model, guide, *args, **kwargs)
+
+    def loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float:
+        """``-log P_TMC`` as a float (no gradient)."""
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float:
+        """``-log P_TMC`` as a float, with its gradient accumulated into the parameters' ``.grad``."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        return float(loss.detach())
+
+    # -- tracing -----------------------------------------------------------------------------------
+    def _get_trace(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> Tuple[Any, Any]:
+        """``(model_trace, guide_trace)``: one enumerated run of the guide, and the model replayed against it.
+
+        The guide draws ``num_particles`` samples of every sample site (mixtures over the parents' samples),
+        each on a dim of its own; the model's sites marked for parallel enumeration are enumerated.
+        """
+        nesting = int(self.max_plate_nesting)
+        guide = config_enumerate(guide, default="parallel", num_samples=self.K, tmc="mixture")
+        guide_trace = poutine.trace(EnumMessenger(first_available_dim=-1 - nesting)(guide)).get_trace(
+            *args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(EnumMessenger()(model), trace=guide_trace)).get_trace(
+            *args, **kwargs)
+        return model_trace, guide_trace
+
+    def _factors(self, model: Any, guide: Any, args: tuple, kwargs: dict
+                 ) -> Tuple[List[_Site], Dict[int, Tuple[int, List[Tuple[str, int, int]]]], List[int]]:
+        """Run guide and model; return the factors, each sample dim's (size, plates) and the sampled dims."""
+        nesting = int(self.max_plate_nesting)
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]] = {}  # sample dim -> (size, plates)
+        sampled: List[int] = []
+        sites: List[_Site] = []
+        for role, trace in (("guide", guide_trace), ("model", model_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or site["is_observed"] or type(site["fn"]).__name__ == "_Subsample":
+                    continue
+                if site["infer"].get("_markov_scope") is not None:
+                    raise TMCError(f"site {name!r}: pyro.markov is not supported by TMC_ELBO yet (it recycles "
+                                   "tensor dims between sites); declare the chain without pyro.markov")
+                dim = site["infer"].get("_enumerate_dim")
+                if role == "model" and name in guide_trace.nodes:
+                    continue
+                if dim is None:
+                    raise TMCError(f"latent {name!r}: the {role} samples it, but the guide does not; sample it in "
+                                   "the guide, or mark it infer={'enumerate': 'parallel'} in the model")
+                if role == "guide" and not site["fn"].has_rsample:
+                    raise TMCError(f"latent {name!r}: the guide's {type(site['fn']).__name__} has no rsample; "
+                                   "TMC_ELBO needs reparameterised guide sites (enumerate discrete ones in the "
+                                   "model instead)")
+                value = site["value"]
+                sizes[dim] = (value.shape[dim - site["fn"].event_dim], _plates(site, nesting))
+                if role == "guide":
+                    sampled.append(dim)
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or type(site["fn"]).__name__ == "_Subsample":
+                continue
+            own = site["infer"]["_enumerate_dim"]
+            lq = site["fn"].log_prob(site["value"])
+            parents = [d for d in sizes if d != own and -lq.dim() <= d and lq.shape[d] > 1]
+            if parents:
+                lq = _mixture(lq, parents)
+            sites.append(_site(f"{name} proposal", -lq, site, sizes, nesting))
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+                continue
+            sites.append(_site(name, site["fn"].log_prob(site["value"]), site, sizes, nesting))
+        return sites, sizes, sampled
+
+
+def _mixture(log_prob: torch.Tensor, parents: List[int]) -> torch.Tensor:
+    """The log-density of the mixture over the parents' samples: ``logmeanexp`` over the ``parents`` dims."""
+    return torch.logsumexp(log_prob, dim=parents, keepdim=True) - sum(math.log(log_prob.shape[d]) for d in parents)
+
+
+def _plates(site: Dict[str, Any], nesting: int) -> List[Tuple[str, int, int]]:
+    """The site's vectorised plates as ``(name, dim, size)``; scaled or sequential plates are refused."""
+    plates = []
+    for frame in site["cond_indep_stack"]:
+        if not frame.vectorized:
+            raise TMCError(f"site {site['name']!r}: sequential plate {frame.name!r} (a Python loop over "
+                           "pyro.plate) is not supported; use a vectorised plate")
+        if frame.dim < -nesting:
+            raise TMCError(f"site {site['name']!r}: plate {frame.name!r} at dim {frame.dim} is beyond "
+                           f"max_plate_nesting={nesting}")
+        plates.append((frame.name, frame.dim, frame.size))
+    scale = site["scale"]
+    if not (isinstance(scale, (int, float)) and scale == 1.0):
+        raise TMCError(f"site {site['name']!r}: scaled log-densities (poutine.scale, or a subsampled plate) are "
+                       "not supported by TMC_ELBO: the TMC estimate of a subsample is not a scaled one")
+    return sorted(plates, key=lambda p: p[1])
+
+
+def _site(name: str, log_prob: torch.Tensor, site: Dict[str, Any],
+          sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]], nesting: int) -> _Site:
+    """Lay ``log_prob`` out as a factor over the site's plates (expanded) and the sample dims it varies along."""
+    mask = site["mask"]  # poutine.mask: a masked-out entry contributes nothing (log-density 0)
+    if isinstance(mask, torch.Tensor):
+        log_prob = torch.where(mask, log_prob, torch.zeros((), dtype=log_prob.dtype, device=log_prob.device))
+    elif mask is False:
+        log_prob = torch.zeros_like(log_prob)
+    plates = _plates(site, nesting)
+    indices = sorted(d for d in sizes if -log_prob.dim() <= d and log_prob.shape[d] > 1)
+    for d in range(-log_prob.dim(), 0):
+        if log_prob.shape[d] > 1 and d not in indices and d not in {p[1] for p in plates}:
+            raise TMCError(f"site {site['name']!r}: its log-density varies along dim {d}, which is neither one of "
+                           f"its plates {[p[0] for p in plates]} nor a sample dim")
+    return _Site(name, log_prob, plates, indices)
+
+
+def _graph(sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]
+           ) -> Tuple[FactorGraph, Dict[str, torch.Tensor]]:
+    """The factor graph of the factors (indices named by their dims) and each factor's tensor in its order."""
+    g = FactorGraph()
+    for _, (_, plates) in sizes.items():
+        for plate, _, size in plates:
+            if plate not in g.plates:
+                g.plate(plate, size)
+    for site in sites:
+        for plate, _, size in site.plates:
+            if plate not in g.plates:
+                g.plate(plate, size)
+    for d in sorted(sizes):
+        g.index(f"dim{d}", sizes[d][0], plates=[p[0] for p in sizes[d][1]])
+    factors = {}
+    for site in sites:
+        t = site.log_prob
+        n = max(t.dim(), max((-d for d in site.indices), default=0), max((-p[1] for p in site.plates), default=0))
+        t = t.reshape((1,) * (n - t.dim()) + tuple(t.shape))
+        target = [1] * n
+        for _, dim, size in site.plates:
+            target[dim] = size
+        for d in site.indices:
+            target[d] = t.shape[d]
+        t = t.expand(target)
+        order = [n + p[1] for p in site.plates] + [n + d for d in site.indices]
+        rest = [k for k in range(n) if k not in order]
+        t = t.permute(order + rest).reshape([target[k - n] for k in order]) if rest else t.permute(order)
+        g.factor(site.name, [f"dim{d}" for d in site.indices], plates=[p[0] for p in site.plates])
+        factors[site.name] = t
+    return g, factors
+
