@@ -19,7 +19,7 @@ Pyro's own ``TraceTMC_ELBO`` weights a non-factorised guide by the conditional d
 ancestor instead of the mixture density, which biases ``exp(log P)``; here ``E[exp(log P)] = p(x)``.
 
 Supported: ``pyro.sample`` (``obs=`` included), ``pyro.param``, vectorised ``pyro.plate`` (nested),
-model-side parallel enumeration, ``poutine.mask``.  Refused with an error naming the site: subsampled or
+``pyro.factor``, parallel enumeration in the model or the guide, ``poutine.mask``.  Refused with an error naming the site: subsampled or
 scaled sites (``poutine.scale``, plate ``subsample_size``), sequential plates, ``pyro.markov``,
 non-reparameterised guide sites, model latents the guide neither samples nor enumerates.
 """
@@ -33,7 +33,6 @@ import torch
 
 try:
     import pyro.poutine as poutine
-    from pyro.infer import config_enumerate
     from pyro.infer.elbo import ELBO
     from pyro.poutine.enum_messenger import EnumMessenger
 except ImportError as err:  # pragma: no cover - the optional extra
@@ -127,12 +126,21 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         each on a dim of its own; the model's sites marked for parallel enumeration are enumerated.
         """
         nesting = int(self.max_plate_nesting)
-        guide = config_enumerate(guide, default="parallel", num_samples=self.K, tmc="mixture")
+        guide = poutine.infer_config(guide, self._sample_config)
         guide_trace = poutine.trace(EnumMessenger(first_available_dim=-1 - nesting)(guide)).get_trace(
             *args, **kwargs)
         model_trace = poutine.trace(poutine.replay(EnumMessenger()(model), trace=guide_trace)).get_trace(
             *args, **kwargs)
         return model_trace, guide_trace
+
+    def _sample_config(self, site: Dict[str, Any]) -> Dict[str, Any]:
+        """A guide site's enumeration: ``num_particles`` samples from the mixture over its parents' samples, or
+        its whole support when it is marked ``infer={"enumerate": "parallel"}`` without ``num_samples``."""
+        if site["type"] != "sample" or site["is_observed"] or type(site["fn"]).__name__ == "_Subsample":
+            return {}
+        if site["infer"].get("enumerate") == "parallel" and site["infer"].get("num_samples") is None:
+            return {}
+        return {"enumerate": "parallel", "num_samples": self.K, "tmc": "mixture", "expand": False}
 
     def _factors(self, model: Any, guide: Any, args: tuple, kwargs: dict
                  ) -> Tuple[List[_Site], Dict[int, Tuple[int, List[Tuple[str, int, int]]]], List[int]]:
@@ -155,17 +163,20 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
                 if dim is None:
                     raise TMCError(f"latent {name!r}: the {role} samples it, but the guide does not; sample it in "
                                    "the guide, or mark it infer={'enumerate': 'parallel'} in the model")
-                if role == "guide" and not site["fn"].has_rsample:
+                enumerated = site["infer"].get("num_samples") is None  # summed over its support
+                if role == "guide" and not enumerated and not site["fn"].has_rsample:
                     raise TMCError(f"latent {name!r}: the guide's {type(site['fn']).__name__} has no rsample; "
                                    "TMC_ELBO needs reparameterised guide sites (enumerate discrete ones in the "
                                    "model instead)")
                 value = site["value"]
                 sizes[dim] = (value.shape[dim - site["fn"].event_dim], _plates(site, nesting))
-                if role == "guide":
+                if not enumerated:
                     sampled.append(dim)
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or type(site["fn"]).__name__ == "_Subsample":
                 continue
+            if site["infer"].get("num_samples") is None:
+                continue  # enumerated in the guide: summed over its support, no proposal density
             own = site["infer"]["_enumerate_dim"]
             lq = site["fn"].log_prob(site["value"])
             parents = [d for d in sizes if d != own and -lq.dim() <= d and lq.shape[d] > 1]
