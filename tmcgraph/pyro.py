@@ -19,9 +19,9 @@ Pyro's own ``TraceTMC_ELBO`` weights a non-factorised guide by the conditional d
 ancestor instead of the mixture density, which biases ``exp(log P)``; here ``E[exp(log P)] = p(x)``.
 
 Supported: ``pyro.sample`` (``obs=`` included), ``pyro.param``, vectorised ``pyro.plate`` (nested),
-``pyro.factor``, parallel enumeration in the model or the guide, ``poutine.mask``.  Refused with an error naming the site: subsampled or
-scaled sites (``poutine.scale``, plate ``subsample_size``), sequential plates, ``pyro.markov``,
-non-reparameterised guide sites, model latents the guide neither samples nor enumerates.
+``pyro.factor``, parallel enumeration in the model or the guide, ``poutine.mask``.  Refused with an error
+naming the site: subsampled or scaled sites (``poutine.scale``, plate ``subsample_size``), sequential plates,
+``pyro.markov``, non-reparameterised guide sites, model latents the guide neither samples nor enumerates.
 """
 
 from __future__ import annotations
@@ -133,9 +133,12 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
             *args, **kwargs)
         return model_trace, guide_trace
 
-    def _sample_config(self, site: Dict[str, Any]) -> Dict[str, Any]:
-        """A guide site's enumeration: ``num_particles`` samples from the mixture over its parents' samples, or
-        its whole support when it is marked ``infer={"enumerate": "parallel"}`` without ``num_samples``."""
+    def _sample_config(self, site: Any) -> Any:
+        """A guide site's enumeration (a ``poutine.infer_config`` function).
+
+        ``num_particles`` samples from the mixture over its parents' samples, or its whole support when it is
+        marked ``infer={"enumerate": "parallel"}`` without ``num_samples``.
+        """
         if site["type"] != "sample" or site["is_observed"] or type(site["fn"]).__name__ == "_Subsample":
             return {}
         if site["infer"].get("enumerate") == "parallel" and site["infer"].get("num_samples") is None:
