@@ -97,10 +97,42 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         """``log P_TMC``: a differentiable scalar whose exp is unbiased for the model's ``p(x)``."""
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
-        sites, sizes, sampled = self._factors(model, guide, args, kwargs)
+        sites, sizes, sampled, _ = self._trace_factors(model, guide, args, kwargs)
         graph, factors = _graph(sites, sizes)
         norm = sum(math.log(sizes[d][0]) * math.prod(size for _, _, size in sizes[d][1]) for d in sampled)
         return self.evaluator.log_sum(graph.compile(), factors) - norm
+
+    def posterior_marginals(self, model: Any, guide: Any, *args: Any, **kwargs: Any
+                            ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Each latent's samples (or support) and their posterior weights under one TMC estimate.
+
+        The weight of a sample is its share of ``P_TMC``: the sum of the importance weights of the
+        combinations that use it, over their total (the autodiff of ``log P_TMC`` with respect to a zero
+        factor on the latent's index, as `tmcgraph.Posterior` does).  ``sum_k w_k f(z_k)`` estimates the
+        posterior expectation of ``f`` (self-normalised: consistent as K grows).
+
+        Returns:
+            site name -> ``(values, weights)``: ``values`` as drawn (or enumerated), K along the site's own
+            dim; ``weights`` in the same layout without the event dims, non-negative and summing to 1 over
+            the site's dim for every element of its plates.
+        """
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        sites, sizes, sampled, latents = self._trace_factors(model, guide, args, kwargs)
+        probes = {}
+        for d, (size, plates) in sizes.items():
+            shape = [1] * max([-d] + [-p[1] for p in plates])
+            shape[d] = size
+            for _, dim, plate_size in plates:
+                shape[dim] = plate_size
+            value = latents[d][1]
+            dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+            probes[d] = torch.zeros(shape, dtype=dtype, device=value.device, requires_grad=True)
+            sites.append(_Site(f"probe {latents[d][0]}", probes[d], plates, [d]))
+        graph, factors = _graph(sites, sizes)
+        log_p = self.evaluator.log_sum(graph.compile(), factors)
+        grads = torch.autograd.grad(log_p, list(probes.values()))
+        return {latents[d][0]: (latents[d][1], g.detach()) for d, g in zip(probes, grads)}
 
     def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``-log P_TMC`` (a differentiable scalar)."""
@@ -145,12 +177,17 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
             return {}
         return {"enumerate": "parallel", "num_samples": self.K, "tmc": "mixture", "expand": False}
 
-    def _factors(self, model: Any, guide: Any, args: tuple, kwargs: dict
-                 ) -> Tuple[List[_Site], Dict[int, Tuple[int, List[Tuple[str, int, int]]]], List[int]]:
-        """Run guide and model; return the factors, each sample dim's (size, plates) and the sampled dims."""
+    def _trace_factors(self, model: Any, guide: Any, args: tuple, kwargs: dict
+                       ) -> Tuple[List[_Site], Dict[int, Tuple[int, List[Tuple[str, int, int]]]], List[int],
+                                  Dict[int, Tuple[str, torch.Tensor]]]:
+        """Run guide and model: the factors, each sample dim's (size, plates), the sampled dims, their sites.
+
+        The sites are each sample dim's ``(name, value)``.
+        """
         nesting = int(self.max_plate_nesting)
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
         sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]] = {}  # sample dim -> (size, plates)
+        latents: Dict[int, Tuple[str, torch.Tensor]] = {}  # sample dim -> its site's name and value
         sampled: List[int] = []
         sites: List[_Site] = []
         for role, trace in (("guide", guide_trace), ("model", model_trace)):
@@ -173,6 +210,7 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
                                    "model instead)")
                 value = site["value"]
                 sizes[dim] = (value.shape[dim - site["fn"].event_dim], _plates(site, nesting))
+                latents[dim] = (name, value)
                 if not enumerated:
                     sampled.append(dim)
         for name, site in guide_trace.nodes.items():
@@ -190,7 +228,7 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
             if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
                 continue
             sites.append(_site(name, site["fn"].log_prob(site["value"]), site, sizes, nesting))
-        return sites, sizes, sampled
+        return sites, sizes, sampled, latents
 
 
 def _mixture(log_prob: torch.Tensor, parents: List[int]) -> torch.Tensor:
