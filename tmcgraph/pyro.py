@@ -41,6 +41,7 @@ except ImportError as err:  # pragma: no cover - the optional extra
 from .errors import TMCError
 from .evaluate import Evaluator
 from .graph import FactorGraph
+from .plan import Plan
 
 __all__ = ["TMC_ELBO"]
 
@@ -91,6 +92,7 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
                          else max_plate_nesting)
         self.K = num_particles
         self.evaluator = Evaluator(backend)
+        self._plans: Dict[tuple, Plan] = {}  # factor-graph structure -> its compiled plan
 
     # -- the estimate ----------------------------------------------------------------------------
     def log_marginal(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -98,9 +100,8 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
         sites, sizes, sampled, _ = self._trace_factors(model, guide, args, kwargs)
-        graph, factors = _graph(sites, sizes)
         norm = sum(math.log(sizes[d][0]) * math.prod(size for _, _, size in sizes[d][1]) for d in sampled)
-        return self.evaluator.log_sum(graph.compile(), factors) - norm
+        return self._log_sum(sites, sizes) - norm
 
     def posterior_marginals(self, model: Any, guide: Any, *args: Any, **kwargs: Any
                             ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
@@ -129,10 +130,18 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
             dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
             probes[d] = torch.zeros(shape, dtype=dtype, device=value.device, requires_grad=True)
             sites.append(_Site(f"probe {latents[d][0]}", probes[d], plates, [d]))
-        graph, factors = _graph(sites, sizes)
-        log_p = self.evaluator.log_sum(graph.compile(), factors)
+        log_p = self._log_sum(sites, sizes)
         grads = torch.autograd.grad(log_p, list(probes.values()))
         return {latents[d][0]: (latents[d][1], g.detach()) for d, g in zip(probes, grads)}
+
+    def _log_sum(self, sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]
+                 ) -> torch.Tensor:
+        """The contraction of the factors, by the plan of their structure (compiled once per structure)."""
+        key = _structure(sites, sizes)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _graph(sites, sizes).compile()
+        return self.evaluator.log_sum(plan, {site.name: _layout(site) for site in sites})
 
     def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``-log P_TMC`` (a differentiable scalar)."""
@@ -271,35 +280,38 @@ def _site(name: str, log_prob: torch.Tensor, site: Dict[str, Any],
     return _Site(name, log_prob, plates, indices)
 
 
-def _graph(sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]
-           ) -> Tuple[FactorGraph, Dict[str, torch.Tensor]]:
-    """The factor graph of the factors (indices named by their dims) and each factor's tensor in its order."""
+def _structure(sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]) -> tuple:
+    """A hashable key of the factor graph of ``sites`` (its plan is a function of it alone)."""
+    return (tuple((d, size, tuple(plates)) for d, (size, plates) in sorted(sizes.items())),
+            tuple((s.name, tuple(s.plates), tuple(s.indices)) for s in sites))
+
+
+def _graph(sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]) -> FactorGraph:
+    """The factor graph of the factors, its indices named by their dims."""
     g = FactorGraph()
-    for _, (_, plates) in sizes.items():
+    for plates in [p for _, p in sizes.values()] + [s.plates for s in sites]:
         for plate, _, size in plates:
-            if plate not in g.plates:
-                g.plate(plate, size)
-    for site in sites:
-        for plate, _, size in site.plates:
             if plate not in g.plates:
                 g.plate(plate, size)
     for d in sorted(sizes):
         g.index(f"dim{d}", sizes[d][0], plates=[p[0] for p in sizes[d][1]])
-    factors = {}
     for site in sites:
-        t = site.log_prob
-        n = max(t.dim(), max((-d for d in site.indices), default=0), max((-p[1] for p in site.plates), default=0))
-        t = t.reshape((1,) * (n - t.dim()) + tuple(t.shape))
-        target = [1] * n
-        for _, dim, size in site.plates:
-            target[dim] = size
-        for d in site.indices:
-            target[d] = t.shape[d]
-        t = t.expand(target)
-        order = [n + p[1] for p in site.plates] + [n + d for d in site.indices]
-        rest = [k for k in range(n) if k not in order]
-        t = t.permute(order + rest).reshape([target[k - n] for k in order]) if rest else t.permute(order)
         g.factor(site.name, [f"dim{d}" for d in site.indices], plates=[p[0] for p in site.plates])
-        factors[site.name] = t
-    return g, factors
+    return g
+
+
+def _layout(site: _Site) -> torch.Tensor:
+    """The site's log-density as the factor tensor ``(*plates, *indices)`` in its declared orders."""
+    t = site.log_prob
+    n = max(t.dim(), max((-d for d in site.indices), default=0), max((-p[1] for p in site.plates), default=0))
+    t = t.reshape((1,) * (n - t.dim()) + tuple(t.shape))
+    target = [1] * n
+    for _, dim, size in site.plates:
+        target[dim] = size
+    for d in site.indices:
+        target[d] = t.shape[d]
+    t = t.expand(target)
+    order = [n + p[1] for p in site.plates] + [n + d for d in site.indices]
+    rest = [k for k in range(n) if k not in order]
+    return t.permute(order + rest).reshape([target[k - n] for k in order]) if rest else t.permute(order)
 
