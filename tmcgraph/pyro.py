@@ -19,9 +19,9 @@ Pyro's own ``TraceTMC_ELBO`` weights a non-factorised guide by the conditional d
 ancestor instead of the mixture density, which biases ``exp(log P)``; here ``E[exp(log P)] = p(x)``.
 
 Supported: ``pyro.sample`` (``obs=`` included), ``pyro.param``, vectorised ``pyro.plate`` (nested),
-``pyro.factor``, parallel enumeration in the model or the guide, ``poutine.mask``.  Refused with an error
-naming the site: subsampled or scaled sites (``poutine.scale``, plate ``subsample_size``), sequential plates,
-``pyro.markov``, non-reparameterised guide sites, model latents the guide neither samples nor enumerates.
+``pyro.markov``, ``pyro.factor``, parallel enumeration in the model or the guide, ``poutine.mask``.  Refused
+with an error naming the site: subsampled or scaled sites (``poutine.scale``, plate ``subsample_size``),
+sequential plates, non-reparameterised guide sites, model latents the guide neither samples nor enumerates.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class _Site:
     __slots__ = ("name", "log_prob", "plates", "indices")
 
     def __init__(self, name: str, log_prob: torch.Tensor, plates: List[Tuple[str, int, int]],
-                 indices: List[int]) -> None:
+                 indices: List[Tuple[int, int]]) -> None:  # indices: (tensor dim, variable id), by dim
         self.name, self.log_prob, self.plates, self.indices = name, log_prob, plates, indices
 
 
@@ -121,18 +121,18 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
             self._guess_max_plate_nesting(model, guide, args, kwargs)
         sites, sizes, sampled, latents = self._trace_factors(model, guide, args, kwargs)
         probes = {}
-        for d, (size, plates) in sizes.items():
+        for var, (size, plates) in sizes.items():
+            name, value, d = latents[var]
             shape = [1] * max([-d] + [-p[1] for p in plates])
             shape[d] = size
             for _, dim, plate_size in plates:
                 shape[dim] = plate_size
-            value = latents[d][1]
             dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
-            probes[d] = torch.zeros(shape, dtype=dtype, device=value.device, requires_grad=True)
-            sites.append(_Site(f"probe {latents[d][0]}", probes[d], plates, [d]))
+            probes[var] = torch.zeros(shape, dtype=dtype, device=value.device, requires_grad=True)
+            sites.append(_Site(f"probe {name}", probes[var], plates, [(d, var)]))
         log_p = self._log_sum(sites, sizes)
         grads = torch.autograd.grad(log_p, list(probes.values()))
-        return {latents[d][0]: (latents[d][1], g.detach()) for d, g in zip(probes, grads)}
+        return {latents[var][0]: (latents[var][1], g.detach()) for var, g in zip(probes, grads)}
 
     def _log_sum(self, sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]
                  ) -> torch.Tensor:
@@ -188,24 +188,22 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
 
     def _trace_factors(self, model: Any, guide: Any, args: tuple, kwargs: dict
                        ) -> Tuple[List[_Site], Dict[int, Tuple[int, List[Tuple[str, int, int]]]], List[int],
-                                  Dict[int, Tuple[str, torch.Tensor]]]:
-        """Run guide and model: the factors, each sample dim's (size, plates), the sampled dims, their sites.
+                                  Dict[int, Tuple[str, torch.Tensor, int]]]:
+        """Run guide and model: the factors, each variable's (size, plates), the sampled variables, their sites.
 
-        The sites are each sample dim's ``(name, value)``.
+        Variables are Pyro's enumeration ids (a dim recycled by ``pyro.markov`` holds several); a variable's
+        site is its ``(name, value, dim)``.
         """
         nesting = int(self.max_plate_nesting)
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-        sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]] = {}  # sample dim -> (size, plates)
-        latents: Dict[int, Tuple[str, torch.Tensor]] = {}  # sample dim -> its site's name and value
+        sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]] = {}  # variable id -> (size, plates)
+        latents: Dict[int, Tuple[str, torch.Tensor, int]] = {}  # variable id -> its site's name, value and dim
         sampled: List[int] = []
         sites: List[_Site] = []
         for role, trace in (("guide", guide_trace), ("model", model_trace)):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or site["is_observed"] or type(site["fn"]).__name__ == "_Subsample":
                     continue
-                if site["infer"].get("_markov_scope") is not None:
-                    raise TMCError(f"site {name!r}: pyro.markov is not supported by TMC_ELBO yet (it recycles "
-                                   "tensor dims between sites); declare the chain without pyro.markov")
                 dim = site["infer"].get("_enumerate_dim")
                 if role == "model" and name in guide_trace.nodes:
                     continue
@@ -218,10 +216,11 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
                                    "TMC_ELBO needs reparameterised guide sites (enumerate discrete ones in the "
                                    "model instead)")
                 value = site["value"]
-                sizes[dim] = (value.shape[dim - site["fn"].event_dim], _plates(site, nesting))
-                latents[dim] = (name, value)
+                var = site["infer"]["_dim_to_id"][dim]
+                sizes[var] = (value.shape[dim - site["fn"].event_dim], _plates(site, nesting))
+                latents[var] = (name, value, dim)
                 if not enumerated:
-                    sampled.append(dim)
+                    sampled.append(var)
         for name, site in guide_trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or type(site["fn"]).__name__ == "_Subsample":
                 continue
@@ -229,7 +228,7 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
                 continue  # enumerated in the guide: summed over its support, no proposal density
             own = site["infer"]["_enumerate_dim"]
             lq = site["fn"].log_prob(site["value"])
-            parents = [d for d in sizes if d != own and -lq.dim() <= d and lq.shape[d] > 1]
+            parents = [d for d in range(-lq.dim(), -nesting) if d != own and lq.shape[d] > 1]
             if parents:
                 lq = _mixture(lq, parents)
             sites.append(_site(f"{name} proposal", -lq, site, sizes, nesting))
@@ -272,46 +271,50 @@ def _site(name: str, log_prob: torch.Tensor, site: Dict[str, Any],
     elif mask is False:
         log_prob = torch.zeros_like(log_prob)
     plates = _plates(site, nesting)
-    indices = sorted(d for d in sizes if -log_prob.dim() <= d and log_prob.shape[d] > 1)
+    ids = site["infer"].get("_dim_to_id", {})
+    indices = []
     for d in range(-log_prob.dim(), 0):
-        if log_prob.shape[d] > 1 and d not in indices and d not in {p[1] for p in plates}:
+        if log_prob.shape[d] == 1 or d in {p[1] for p in plates}:
+            continue
+        if d >= -nesting or ids.get(d) not in sizes:
             raise TMCError(f"site {site['name']!r}: its log-density varies along dim {d}, which is neither one of "
                            f"its plates {[p[0] for p in plates]} nor a sample dim")
+        indices.append((d, ids[d]))
     return _Site(name, log_prob, plates, indices)
 
 
 def _structure(sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]) -> tuple:
     """A hashable key of the factor graph of ``sites`` (its plan is a function of it alone)."""
-    return (tuple((d, size, tuple(plates)) for d, (size, plates) in sorted(sizes.items())),
+    return (tuple((var, size, tuple(plates)) for var, (size, plates) in sorted(sizes.items())),
             tuple((s.name, tuple(s.plates), tuple(s.indices)) for s in sites))
 
 
 def _graph(sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]) -> FactorGraph:
-    """The factor graph of the factors, its indices named by their dims."""
+    """The factor graph of the factors, its indices named by their variables' ids."""
     g = FactorGraph()
     for plates in [p for _, p in sizes.values()] + [s.plates for s in sites]:
         for plate, _, size in plates:
             if plate not in g.plates:
                 g.plate(plate, size)
-    for d in sorted(sizes):
-        g.index(f"dim{d}", sizes[d][0], plates=[p[0] for p in sizes[d][1]])
+    for var in sorted(sizes):
+        g.index(f"v{var}", sizes[var][0], plates=[p[0] for p in sizes[var][1]])
     for site in sites:
-        g.factor(site.name, [f"dim{d}" for d in site.indices], plates=[p[0] for p in site.plates])
+        g.factor(site.name, [f"v{var}" for _, var in site.indices], plates=[p[0] for p in site.plates])
     return g
 
 
 def _layout(site: _Site) -> torch.Tensor:
     """The site's log-density as the factor tensor ``(*plates, *indices)`` in its declared orders."""
     t = site.log_prob
-    n = max(t.dim(), max((-d for d in site.indices), default=0), max((-p[1] for p in site.plates), default=0))
+    n = max(t.dim(), max((-d for d, _ in site.indices), default=0), max((-p[1] for p in site.plates), default=0))
     t = t.reshape((1,) * (n - t.dim()) + tuple(t.shape))
     target = [1] * n
     for _, dim, size in site.plates:
         target[dim] = size
-    for d in site.indices:
+    for d, _ in site.indices:
         target[d] = t.shape[d]
     t = t.expand(target)
-    order = [n + p[1] for p in site.plates] + [n + d for d in site.indices]
+    order = [n + p[1] for p in site.plates] + [n + d for d, _ in site.indices]
     rest = [k for k in range(n) if k not in order]
     return t.permute(order + rest).reshape([target[k - n] for k in order]) if rest else t.permute(order)
 
