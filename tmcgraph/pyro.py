@@ -19,9 +19,11 @@ Pyro's own ``TraceTMC_ELBO`` weights a non-factorised guide by the conditional d
 ancestor instead of the mixture density, which biases ``exp(log P)``; here ``E[exp(log P)] = p(x)``.
 
 Supported: ``pyro.sample`` (``obs=`` included), ``pyro.param``, vectorised ``pyro.plate`` (nested),
-``pyro.markov``, ``pyro.factor``, parallel enumeration in the model or the guide, ``poutine.mask``.  Refused
-with an error naming the site: subsampled or scaled sites (``poutine.scale``, plate ``subsample_size``),
-sequential plates, non-reparameterised guide sites, model latents the guide neither samples nor enumerates.
+``pyro.markov``, ``pyro.factor``, parallel enumeration in the model or the guide, ``poutine.mask``, and
+scaled sites (``poutine.scale``, a subsampled plate) whose factor has no latent inside their plates (each
+element's factor raised to the scale).  Refused with an error naming the site: scaled sites over latents inside
+their plates, sequential plates, non-reparameterised guide sites, model latents the guide neither samples nor
+enumerates.
 """
 
 from __future__ import annotations
@@ -245,7 +247,10 @@ def _mixture(log_prob: torch.Tensor, parents: List[int]) -> torch.Tensor:
 
 
 def _plates(site: Dict[str, Any], nesting: int) -> List[Tuple[str, int, int]]:
-    """The site's vectorised plates as ``(name, dim, size)``; scaled or sequential plates are refused."""
+    """The site's vectorised plates as ``(name, dim, size)``; sequential plates are refused.
+
+    A subsampled plate's size is its subsample size.
+    """
     plates = []
     for frame in site["cond_indep_stack"]:
         if not frame.vectorized:
@@ -255,10 +260,6 @@ def _plates(site: Dict[str, Any], nesting: int) -> List[Tuple[str, int, int]]:
             raise TMCError(f"site {site['name']!r}: plate {frame.name!r} at dim {frame.dim} is beyond "
                            f"max_plate_nesting={nesting}")
         plates.append((frame.name, frame.dim, frame.size))
-    scale = site["scale"]
-    if not (isinstance(scale, (int, float)) and scale == 1.0):
-        raise TMCError(f"site {site['name']!r}: scaled log-densities (poutine.scale, or a subsampled plate) are "
-                       "not supported by TMC_ELBO: the TMC estimate of a subsample is not a scaled one")
     return sorted(plates, key=lambda p: p[1])
 
 
@@ -280,6 +281,15 @@ def _site(name: str, log_prob: torch.Tensor, site: Dict[str, Any],
             raise TMCError(f"site {site['name']!r}: its log-density varies along dim {d}, which is neither one of "
                            f"its plates {[p[0] for p in plates]} nor a sample dim")
         indices.append((d, ids[d]))
+    scale = site["scale"]
+    if not (isinstance(scale, (int, float)) and scale == 1.0):
+        own = {p[0] for p in plates}
+        local = [var for _, var in indices if own & {p[0] for p in sizes[var][1]}]
+        if local:
+            raise TMCError(f"site {site['name']!r}: a scaled log-density (poutine.scale, or a subsampled plate) "
+                           "over a latent that lives in the site's plates is not supported: the scale must apply "
+                           "to each plate element's marginal, after its own latents are summed")
+        log_prob = log_prob * scale  # no local sum between the factor and the plate product: exact semantics
     return _Site(name, log_prob, plates, indices)
 
 

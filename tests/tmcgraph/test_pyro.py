@@ -128,12 +128,17 @@ def test_svi_with_tmc_elbo_learns_the_posterior_mean():
 
 
 def test_unsupported_constructs_are_named():
-    def plated_model(x):
+    def local_model(x):
         with pyro.plate("N", 10, subsample_size=5) as idx:
-            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x[idx])
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
 
-    with pytest.raises(TMCError, match=r"site 'x': scaled log-densities"):
-        TMC_ELBO(num_particles=2, max_plate_nesting=1).log_marginal(plated_model, _empty_guide, torch.zeros(10))
+    def local_guide(x):
+        with pyro.plate("N", 10, subsample_size=5):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(TMCError, match=r"site 'z': a scaled log-density .* over a latent that lives in the site's"):
+        TMC_ELBO(num_particles=2, max_plate_nesting=1).log_marginal(local_model, local_guide, torch.zeros(10))
 
     def discrete_guide(x):
         pyro.sample("z", dist.Bernoulli(0.5))
@@ -343,3 +348,20 @@ def test_a_sampled_chain_under_pyro_markov_is_unbiased_and_equals_the_unmarked_c
                         for _ in range(n)])
     ratio = (vals - exact).exp()
     assert abs(ratio.mean().item() - 1) < 4 * ratio.std().item() / math.sqrt(n)
+
+
+def test_a_subsampled_plate_of_observations_scales_each_elements_factor():
+    """A discrete global enumerated, observations subsampled (given indices, so the value is deterministic):
+    ``log sum_k p(k) prod_{i in S} p(x_i | k)^(N / |S|)``."""
+    x = torch.tensor([0.3, -1.2, 2.5, 1.0, 0.0, 1.7])
+    subsample = torch.tensor([0, 2, 5])
+    locs, probs = torch.tensor([-1.0, 2.0]), torch.tensor([0.4, 0.6])
+
+    def model(x):
+        k = pyro.sample("k", dist.Categorical(probs), infer={"enumerate": "parallel"})
+        with pyro.plate("N", 6, subsample=subsample) as idx:
+            pyro.sample("x", dist.Normal(locs[k], 1.0), obs=x[idx])
+
+    got = TMC_ELBO(num_particles=2, max_plate_nesting=1).log_marginal(model, _empty_guide, x)
+    want = torch.logsumexp(probs.log() + 2.0 * dist.Normal(locs[:, None], 1.0).log_prob(x[subsample]).sum(-1), 0)
+    torch.testing.assert_close(got, want)
