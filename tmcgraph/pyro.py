@@ -125,16 +125,42 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         probes = {}
         for var, (size, plates) in sizes.items():
             name, value, d = latents[var]
-            shape = [1] * max([-d] + [-p[1] for p in plates])
-            shape[d] = size
-            for _, dim, plate_size in plates:
-                shape[dim] = plate_size
-            dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
-            probes[var] = torch.zeros(shape, dtype=dtype, device=value.device, requires_grad=True)
+            probes[var] = _probe(value, d, size, plates)
             sites.append(_Site(f"probe {name}", probes[var], plates, [(d, var)]))
         log_p = self._log_sum(sites, sizes)
         grads = torch.autograd.grad(log_p, list(probes.values()))
         return {latents[var][0]: (latents[var][1], g.detach()) for var, g in zip(probes, grads)}
+
+    def dregs_surrogate(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A scalar whose value is ``log P_TMC`` and whose gradient is the TMC DReGs estimator.
+
+        The same estimator as `tmcgraph.TMC.dregs_surrogate` (``form="tmc"``).  Its gradient w.r.t. the guide's
+        parameters is ``sum_i sum_k m_i(k) d log P / d z_i^k d z_i^k / d phi``, where ``m_i(k)`` is sample
+        k's share of ``P_TMC`` (`posterior_marginals`).  It is unbiased for ``grad E[log P_TMC]``, with
+        lower variance than the reparameterised gradient as K grows.  Use it for the guide's parameters
+        only (the model's take the gradient of `log_marginal`).  The guide must be factorised and
+        reparameterised: a site whose density depends on other sites' samples is refused, naming it.
+        """
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        samples: Dict[str, torch.Tensor] = {}
+        sites, sizes, sampled, latents = self._trace_factors(model, guide, args, kwargs, samples=samples)
+        norm = sum(math.log(sizes[v][0]) * math.prod(size for _, _, size in sizes[v][1]) for v in sampled)
+        probes = {v: _probe(latents[v][1], latents[v][2], *sizes[v]) for v in sampled}
+        sites = sites + [_Site(f"probe {latents[v][0]}", probes[v], sizes[v][1], [(latents[v][2], v)])
+                         for v in sampled]
+        with torch.enable_grad():
+            total = self._log_sum(sites, sizes)
+            leaves = [latents[v][1] for v in sampled]
+            grads = torch.autograd.grad(total, list(probes.values()) + leaves)
+        path = total.new_zeros(())
+        for v, m, g in zip(sampled, grads[: len(sampled)], grads[len(sampled):]):
+            name, value, _ = latents[v]
+            event = value.dim() - m.dim()
+            m = m.reshape(tuple(m.shape) + (1,) * event)
+            weight = torch.where(m > 0, m * g, torch.zeros((), dtype=g.dtype, device=g.device))
+            path = path + (weight * samples[name]).sum()
+        return total.detach() - norm + (path - path.detach())
 
     def _log_sum(self, sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]
                  ) -> torch.Tensor:
@@ -162,16 +188,25 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         return float(loss.detach())
 
     # -- tracing -----------------------------------------------------------------------------------
-    def _get_trace(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> Tuple[Any, Any]:
+    def _get_trace(self, model: Any, guide: Any, args: tuple, kwargs: dict, *,
+                   samples: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[Any, Any]:
         """``(model_trace, guide_trace)``: one enumerated run of the guide, and the model replayed against it.
 
         The guide draws ``num_particles`` samples of every sample site (mixtures over the parents' samples),
-        each on a dim of its own; the model's sites marked for parallel enumeration are enumerated.
+        each on a dim of its own; the model's sites marked for parallel enumeration are enumerated.  With
+        ``samples`` (a dict to fill), every sampled guide site's value in both traces is a detached leaf and
+        the reparameterised sample itself goes to ``samples[name]`` (for the DReGs surrogate).
         """
         nesting = int(self.max_plate_nesting)
         guide = poutine.infer_config(guide, self._sample_config)
         guide_trace = poutine.trace(EnumMessenger(first_available_dim=-1 - nesting)(guide)).get_trace(
             *args, **kwargs)
+        if samples is not None:
+            node: Any
+            for name, node in guide_trace.nodes.items():
+                if node["type"] == "sample" and not node["is_observed"] and node["infer"].get("num_samples"):
+                    samples[name] = node["value"]
+                    node["value"] = node["value"].detach().requires_grad_()
         model_trace = poutine.trace(poutine.replay(EnumMessenger()(model), trace=guide_trace)).get_trace(
             *args, **kwargs)
         return model_trace, guide_trace
@@ -188,7 +223,8 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
             return {}
         return {"enumerate": "parallel", "num_samples": self.K, "tmc": "mixture", "expand": False}
 
-    def _trace_factors(self, model: Any, guide: Any, args: tuple, kwargs: dict
+    def _trace_factors(self, model: Any, guide: Any, args: tuple, kwargs: dict, *,
+                       samples: Optional[Dict[str, torch.Tensor]] = None
                        ) -> Tuple[List[_Site], Dict[int, Tuple[int, List[Tuple[str, int, int]]]], List[int],
                                   Dict[int, Tuple[str, torch.Tensor, int]]]:
         """Run guide and model: the factors, each variable's (size, plates), the sampled variables, their sites.
@@ -197,7 +233,7 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         site is its ``(name, value, dim)``.
         """
         nesting = int(self.max_plate_nesting)
-        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs, samples=samples)
         sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]] = {}  # variable id -> (size, plates)
         latents: Dict[int, Tuple[str, torch.Tensor, int]] = {}  # variable id -> its site's name, value and dim
         sampled: List[int] = []
@@ -232,6 +268,10 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
             lq = site["fn"].log_prob(site["value"])
             parents = [d for d in range(-lq.dim(), -nesting) if d != own and lq.shape[d] > 1]
             if parents:
+                if samples is not None:
+                    raise TMCError(f"latent {name!r}: its guide density depends on other sites' samples, so TMC "
+                                   "samples it from a mixture over them; dregs_surrogate needs a factorised guide. "
+                                   "Use the reparameterised gradient of differentiable_loss")
                 lq = _mixture(lq, parents)
             sites.append(_site(f"{name} proposal", -lq, site, sizes, nesting))
         for name, site in model_trace.nodes.items():
@@ -239,6 +279,19 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
                 continue
             sites.append(_site(name, site["fn"].log_prob(site["value"]), site, sizes, nesting))
         return sites, sizes, sampled, latents
+
+
+def _probe(value: torch.Tensor, dim: int, size: int, plates: List[Tuple[str, int, int]]) -> torch.Tensor:
+    """A zero log-factor on a variable's index, laid out as Pyro lays it out.
+
+    Its gradient in ``log P`` is the posterior weight of each of the variable's samples.
+    """
+    shape = [1] * max([-dim] + [-p[1] for p in plates])
+    shape[dim] = size
+    for _, plate_dim, plate_size in plates:
+        shape[plate_dim] = plate_size
+    dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+    return torch.zeros(shape, dtype=dtype, device=value.device, requires_grad=True)
 
 
 def _mixture(log_prob: torch.Tensor, parents: List[int]) -> torch.Tensor:
