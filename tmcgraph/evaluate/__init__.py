@@ -97,7 +97,7 @@ def lower(plan: EvaluablePlan, shapes: Sequence[Tuple[int, ...]], reduce_label: 
 def _eager(plan: EvaluablePlan, tensors: Sequence[torch.Tensor], *, state: Optional[RunState],
            plate_reduce: Optional[Tuple[str, PlateReduce]]) -> torch.Tensor:
     label = plan.plate_label(plate_reduce[0]) if plate_reduce is not None else None
-    program = lower(plan, [tuple(t.shape) for t in tensors], label)
+    program = lower(plan, [t.shape for t in tensors], label)
     value = program(tensors, state, plate_reduce=None if plate_reduce is None else plate_reduce[1])
     return value + plan.constant if plan.constant else value
 

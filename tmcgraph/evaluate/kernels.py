@@ -13,7 +13,6 @@ dims, one per character of a label string.  The kernels are
   entries exactly (`_repair`).  `pair_backward` is the one backward of both,
   ``dR/da = EA * (g / T) @ EB^T``, and `PairFunction` wraps them for autograd;
   `log_contract_pair` is the exact step on labelled tensors;
-* `log_product`: the plate product, a plain sum of log-factors over dims.
 
 ``-inf`` (zero probability) is a first-class value: results are ``-inf`` exactly where every term is
 ``-inf`` and gradients stay finite (zero for terms of zero weight); no kernel produces NaN from
@@ -33,8 +32,8 @@ from opt_einsum import get_symbol
 from typing_extensions import override
 
 __all__ = [
-    "PairFunction", "PairLayout", "align", "exact_pair_forward", "log_contract", "log_contract_pair", "lower_call",
-    "log_product", "log_reduce", "lower_pair", "pair_backward", "pair_forward", "release_scratch",
+    "PairFunction", "PairLayout", "align", "exact_pair_forward", "log_contract_pair", "lower_call",
+    "log_reduce", "lower_pair", "pair_backward", "pair_forward", "release_scratch",
     "underflow_threshold",
 ]
 
@@ -133,15 +132,6 @@ def align(x: torch.Tensor, labels: str, target: str) -> torch.Tensor:
         shape += [sizes.get(c, 1) for c in target]
         x = x.reshape(shape)
     return x
-
-
-def log_product(x: torch.Tensor, labels: str, keep: str) -> torch.Tensor:
-    """Product over plate dims in the log domain: sum ``x`` over labels not in ``keep``."""
-    summed = [c for c in labels if c not in keep]
-    if summed:
-        x = x.sum(dim=_labelled_dims(x.dim(), labels, summed))
-        labels = "".join(c for c in labels if c in keep)
-    return align(x, labels, keep)
 
 
 # -- the pairwise step ----------------------------------------------------------------------------------
@@ -521,16 +511,3 @@ def _outer(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, out: str) -> torc
     ka = "".join(c for c in out if c in la)
     kb = "".join(c for c in out if c in lb)
     return align(align(a, la, ka), ka, out) + align(align(b, lb, kb), kb, out)
-
-
-def log_contract(operands: Sequence[torch.Tensor], labels: Sequence[str], out: str) -> torch.Tensor:
-    """A unary reduction, or pairwise contractions folded left to right, by the exact kernels."""
-    if len(operands) == 1:
-        return log_reduce(operands[0], labels[0], out)
-    x, lx = operands[0], labels[0]
-    for i in range(1, len(operands)):
-        rest = set("".join(labels[i + 1 :])) | set(out)
-        lo = out if i == len(operands) - 1 else "".join(dict.fromkeys(c for c in lx + labels[i] if c in rest))
-        x = log_contract_pair(x, lx, operands[i], labels[i], lo)
-        lx = lo
-    return x
