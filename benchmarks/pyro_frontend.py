@@ -107,14 +107,37 @@ def measure(name: str, K: int, repeats: int) -> Dict[str, float]:
             "pyro_over_ours": med["pyro"] / med["ours"]}
 
 
+def split(K: int, repeats: int) -> None:
+    """Median time of running the two programs under Pyro's handlers (`TMC_ELBO._get_trace`) against a step."""
+    torch.set_num_threads(1)
+    pyro.clear_param_store()
+    model, guide, x, nesting = CASES["chain T=50"]()
+    elbo = TMC_ELBO(num_particles=K, max_plate_nesting=nesting)
+    elbo.loss_and_grads(model, guide, x)
+    traced, steps = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        elbo._get_trace(model, guide, (x,), {})
+        traced.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        elbo.loss_and_grads(model, guide, x)
+        steps.append(time.perf_counter() - start)
+    print(f"chain T=50 K={K}: Pyro's tracing {1e3 * statistics.median(traced):.1f} ms of a "
+          f"{1e3 * statistics.median(steps):.1f} ms step", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--Ks", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--json", type=output_file, default=None, help="also write the rows here")
+    parser.add_argument("--split", action="store_true",
+                        help="also time, for chain T=50 at the first K, Pyro's tracing alone against a whole step")
     args = parser.parse_args(argv)
     pyro.enable_validation(False)
+    if args.split:
+        split(args.Ks[0], args.repeats)
     rows = []
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, float32, medians of {args.repeats} interleaved steps")
     for threads in args.threads:
