@@ -38,6 +38,10 @@ class GraphStructure(Protocol):
         """Plate name -> size."""
 
     @property
+    def plate_scales(self) -> Mapping[str, float]:
+        """Plate name -> its scale (plates not listed have scale 1)."""
+
+    @property
     def indices(self) -> Mapping[str, Any]:
         """Index name -> its declaration (size and plates)."""
 
@@ -342,6 +346,7 @@ def compile_graph(graph: GraphStructure, *, optimize: str = "auto", memory_limit
     sizes.update({symbol[i]: spec.size for i, spec in graph.indices.items()})
     index_plates = {symbol[i]: frozenset(spec.plates) for i, spec in graph.indices.items()}
     plate_order = {symbol[p]: k for k, p in enumerate(graph.plates)}
+    scales = graph.plate_scales
 
     def plate_labels(plates: FrozenSet[str]) -> str:
         return "".join(sorted((symbol[p] for p in plates), key=plate_order.__getitem__))
@@ -405,14 +410,16 @@ def compile_graph(graph: GraphStructure, *, optimize: str = "auto", memory_limit
             for k in members:
                 del live[k]
             keep = plate_labels(parent) + rest
-            add(ProductStage((value,), (value_labels,), keep), parent, origin)
+            scale = math.prod(scales.get(p, 1.0) for p in leaf - parent)
+            add(ProductStage((value,), (value_labels,), keep, scale), parent, origin)
     final = sorted(live)
     stages.extend(compile_stages([live[k][0] for k in final], "", sizes, input_ids=final,
                                  first_value=len(inputs) + len(stages), optimize=optimize,
                                  memory_limit=memory_limit, scan=scan))
     untouched = [i for i in graph.indices if not any(i in f.indices for f in graph.factors.values())]
     constant = sum(
-        math.log(graph.indices[i].size) * math.prod(graph.plates[p] for p in graph.indices[i].plates)
+        math.log(graph.indices[i].size)
+        * math.prod(graph.plates[p] * scales.get(p, 1.0) for p in graph.indices[i].plates)
         for i in untouched
     )
     treewidth = label_treewidth(["".join(symbol[i] for i in f.indices) for f in graph.factors.values()])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Tuple
@@ -72,7 +73,11 @@ class FactorGraph:
     the copy at the projection of its element onto the index's plates.  A factor's
     plates must include the plates of every index it touches.  An index that no
     factor touches contributes ``log K`` per copy.  The sum has no ``1/K``
-    normalisation: TMC estimators add ``-log K`` themselves.
+    normalisation: TMC estimators add ``-log K`` themselves.  A plate declared with
+    ``scale=s`` (a subsampled plate) counts each of its elements ``s`` times: for an
+    integer ``s``, exactly the plate unrolled ``s`` times over; in general, the plate's
+    product over elements (of each element's sum over the index copies local to it) is
+    raised to the power ``s``.
 
     Example::
 
@@ -88,17 +93,34 @@ class FactorGraph:
 
     def __init__(self) -> None:
         self._plates: dict = {}
+        self._scales: dict = {}
         self._indices: dict = {}
         self._factors: dict = {}
 
     # -- declaration ---------------------------------------------------------
-    def plate(self, name: str, size: int) -> "FactorGraph":
-        """Declare a plate (a set of ``size`` conditionally independent replicas)."""
+    def plate(self, name: str, size: int, *, scale: float = 1.0) -> "FactorGraph":
+        """Declare a plate (a set of ``size`` conditionally independent replicas).
+
+        Args:
+            name: the plate's name.
+            size: its number of elements (tensor dims of factors in it have this size).
+            scale: the plate stands for ``scale`` times as many elements (a subsample of ``size``
+                elements out of ``scale * size``): its product over elements, each element's factors
+                with the indices local to it already summed out, is raised to the power ``scale``
+                (``scale * sum_i log V_i`` in the log domain).  With an integer ``scale`` that is
+                exactly the plate unrolled ``scale`` times over (`tmcgraph.testing.brute_force_log_sum`
+                does so).  A positive finite float; ``1.0`` (default) is a plain plate.
+        """
         _check_name("plate", name)
         if name in self._plates or name in self._indices:
             kind = "plate" if name in self._plates else "index"
             raise TMCError(f"plate {name!r}: the name is already declared as {kind}")
-        self._plates[name] = _check_size(f"plate {name!r}", size)
+        size = _check_size(f"plate {name!r}", size)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise TMCError(f"plate {name!r}: scale must be a positive finite number, got {scale!r}")
+        self._plates[name] = size
+        if scale != 1:
+            self._scales[name] = float(scale)
         return self
 
     def index(self, name: str, size: int, *, plates: Sequence[str] = ()) -> "FactorGraph":
@@ -150,6 +172,11 @@ class FactorGraph:
         return MappingProxyType(self._plates)
 
     @property
+    def plate_scales(self) -> Mapping[str, float]:
+        """Plate name -> its ``scale`` (only plates declared with a scale other than 1)."""
+        return MappingProxyType(self._scales)
+
+    @property
     def indices(self) -> Mapping[str, IndexSpec]:
         """Index name -> `IndexSpec`."""
         return MappingProxyType(self._indices)
@@ -168,6 +195,7 @@ class FactorGraph:
         """A hashable key of the structure and sizes (what a compiled plan depends on)."""
         return (
             tuple(self._plates.items()),
+            tuple(self._scales.items()),
             tuple(self._indices.items()),
             tuple(self._factors.items()),
         )
@@ -195,4 +223,6 @@ class FactorGraph:
         return compile_graph(self, optimize=optimize, memory_limit=memory_limit, scan=scan)
 
     def __repr__(self) -> str:
-        return f"FactorGraph(plates={dict(self._plates)}, indices={len(self._indices)}, factors={len(self._factors)})"
+        scales = f", plate_scales={dict(self._scales)}" if self._scales else ""
+        return (f"FactorGraph(plates={dict(self._plates)}{scales}, indices={len(self._indices)}, "
+                f"factors={len(self._factors)})")

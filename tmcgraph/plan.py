@@ -34,6 +34,7 @@ class StepInfo:
     result_labels: str
     flops: int
     size: int
+    scale: float = 1.0  # a plate product's scale (`tmcgraph.FactorGraph.plate`)
 
 
 class Plan:
@@ -137,7 +138,7 @@ class Plan:
                 ids: Tuple[int, ...] = (value_id[stage.inputs[0]],)
                 size = math.prod(self._sizes_of(stage.output_labels))
                 flops = math.prod(self._sizes_of(labels))
-                infos.append(StepInfo("product", ids, (labels,), stage.output_labels, flops, size))
+                infos.append(StepInfo("product", ids, (labels,), stage.output_labels, flops, size, stage.scale))
                 ssa.append(ids)
                 value_id.append(next_id)
                 next_id += 1
@@ -209,8 +210,11 @@ class Plan:
                 (self.inputs[i].name if i < len(self.inputs) else f"#{i - len(self.inputs)}") + self._names_of(lab)
                 for i, lab in zip(step.operands, step.operand_labels)
             )
-            verb = {"product": "plate-product", "scan": f"parallel-scan of {len(step.operands)} values"}.get(
-                step.kind, "contract")
+            verb = "contract"
+            if step.kind == "product":
+                verb = "plate-product" + (f" (scale {step.scale:g})" if step.scale != 1.0 else "")
+            elif step.kind == "scan":
+                verb = f"parallel-scan of {len(step.operands)} values"
             lines.append(
                 f"    #{n}: {verb} {operands} -> {self._names_of(step.result_labels)}"
                 f"   {step.flops:.3g} FLOPs, {step.size:,} elements"

@@ -19,17 +19,23 @@ Pyro's own ``TraceTMC_ELBO`` weights a non-factorised guide by the conditional d
 ancestor instead of the mixture density, which biases ``exp(log P)``; here ``E[exp(log P)] = p(x)``.
 
 Supported: ``pyro.sample`` (``obs=`` included), ``pyro.param``, vectorised ``pyro.plate`` (nested),
-``pyro.markov``, ``pyro.factor``, parallel enumeration in the model or the guide, ``poutine.mask``, and
-scaled sites (``poutine.scale``, a subsampled plate) whose factor has no latent inside their plates (each
-element's factor raised to the scale).  Refused with an error naming the site: scaled sites over latents inside
-their plates, sequential plates, non-reparameterised guide sites, model latents the guide neither samples nor
-enumerates.
+``pyro.markov``, ``pyro.factor``, parallel enumeration in the model or the guide, ``poutine.mask``,
+subsampled plates (``pyro.plate(..., subsample_size=B)`` of N elements: the plate's product over its
+elements, each with its own latents summed, is raised to the power N / B; `tmcgraph.FactorGraph.plate`'s
+``scale``), ``poutine.scale`` around the whole model and guide (one scale common to every site scales
+``log P``, as Pyro's ELBOs do), and other ``poutine.scale`` on sites whose factor has no latent inside
+their plates (the factor raised to the scale, as Pyro's ``TraceTMC_ELBO`` does).
+
+Refused with an error naming the site: ``poutine.scale`` over latents inside the site's plates, sequential
+plates, non-reparameterised guide sites, model latents the guide neither samples nor enumerates, guide
+latents the model lacks, sequential enumeration, and programs that fail when each latent holds K samples
+along a dim of its own (Python control flow on sampled values: the error names the last site reached).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -48,12 +54,35 @@ from .plan import Plan
 __all__ = ["TMC_ELBO"]
 
 
+_Plate = Tuple[str, int, int, float]  # a vectorised plate: (name, dim, size, scale = full size / size)
+_Sizes = Dict[int, Tuple[int, List[_Plate]]]  # variable id -> (its size, its plates)
+
+
+class _Traced(NamedTuple):
+    """One traced run of guide and model, as factors.
+
+    Attributes:
+        sites: the factors.
+        sizes: variable id -> (its size: K or its support's, its plates).
+        sampled: the sampled variables (the others are enumerated).
+        latents: variable id -> its site's ``(name, value, dim)``.
+        scale: the ``poutine.scale`` common to every site (1 unless a handler scales the whole program):
+            ``log P`` is this times the contraction's.
+    """
+
+    sites: List["_Site"]
+    sizes: _Sizes
+    sampled: List[int]
+    latents: Dict[int, Tuple[str, torch.Tensor, int]]
+    scale: float
+
+
 class _Site:
     """One factor: a site's log-density laid out over its plates and sample indices."""
 
     __slots__ = ("name", "log_prob", "plates", "indices")
 
-    def __init__(self, name: str, log_prob: torch.Tensor, plates: List[Tuple[str, int, int]],
+    def __init__(self, name: str, log_prob: torch.Tensor, plates: List[_Plate],
                  indices: List[Tuple[int, int]]) -> None:  # indices: (tensor dim, variable id), by dim
         self.name, self.log_prob, self.plates, self.indices = name, log_prob, plates, indices
 
@@ -101,9 +130,8 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         """``log P_TMC``: a differentiable scalar whose exp is unbiased for the model's ``p(x)``."""
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
-        sites, sizes, sampled, _ = self._trace_factors(model, guide, args, kwargs)
-        norm = sum(math.log(sizes[d][0]) * math.prod(size for _, _, size in sizes[d][1]) for d in sampled)
-        return self._log_sum(sites, sizes) - norm
+        t = self._trace_factors(model, guide, args, kwargs)
+        return t.scale * (self._log_sum(t.sites, t.sizes) - _log_k(t.sizes, t.sampled))
 
     def posterior_marginals(self, model: Any, guide: Any, *args: Any, **kwargs: Any
                             ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
@@ -121,7 +149,7 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         """
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
-        sites, sizes, sampled, latents = self._trace_factors(model, guide, args, kwargs)
+        sites, sizes, _, latents, _ = self._trace_factors(model, guide, args, kwargs)
         probes = {}
         for var, (size, plates) in sizes.items():
             name, value, d = latents[var]
@@ -129,7 +157,8 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
             sites.append(_Site(f"probe {name}", probes[var], plates, [(d, var)]))
         log_p = self._log_sum(sites, sizes)
         grads = torch.autograd.grad(log_p, list(probes.values()))
-        return {latents[var][0]: (latents[var][1], g.detach()) for var, g in zip(probes, grads)}
+        return {latents[var][0]: (latents[var][1], g.detach() / _scale(sizes[var][1]))
+                for var, g in zip(probes, grads)}
 
     def dregs_surrogate(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """A scalar whose value is ``log P_TMC`` and whose gradient is the TMC DReGs estimator.
@@ -144,8 +173,7 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
         samples: Dict[str, torch.Tensor] = {}
-        sites, sizes, sampled, latents = self._trace_factors(model, guide, args, kwargs, samples=samples)
-        norm = sum(math.log(sizes[v][0]) * math.prod(size for _, _, size in sizes[v][1]) for v in sampled)
+        sites, sizes, sampled, latents, scale = self._trace_factors(model, guide, args, kwargs, samples=samples)
         probes = {v: _probe(latents[v][1], latents[v][2], *sizes[v]) for v in sampled}
         sites = sites + [_Site(f"probe {latents[v][0]}", probes[v], sizes[v][1], [(latents[v][2], v)])
                          for v in sampled]
@@ -157,13 +185,12 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         for v, m, g in zip(sampled, grads[: len(sampled)], grads[len(sampled):]):
             name, value, _ = latents[v]
             event = value.dim() - m.dim()
-            m = m.reshape(tuple(m.shape) + (1,) * event)
+            m = m.reshape(tuple(m.shape) + (1,) * event) / _scale(sizes[v][1])  # sample k's share of its element
             weight = torch.where(m > 0, m * g, torch.zeros((), dtype=g.dtype, device=g.device))
             path = path + (weight * samples[name]).sum()
-        return total.detach() - norm + (path - path.detach())
+        return scale * (total.detach() - _log_k(sizes, sampled) + (path - path.detach()))
 
-    def _log_sum(self, sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]
-                 ) -> torch.Tensor:
+    def _log_sum(self, sites: List[_Site], sizes: _Sizes) -> torch.Tensor:
         """The contraction of the factors, by the plan of their structure (compiled once per structure)."""
         key = _structure(sites, sizes)
         plan = self._plans.get(key)
@@ -199,17 +226,34 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         """
         nesting = int(self.max_plate_nesting)
         guide = poutine.infer_config(guide, self._sample_config)
-        guide_trace = poutine.trace(EnumMessenger(first_available_dim=-1 - nesting)(guide)).get_trace(
-            *args, **kwargs)
+        guide_trace = self._run("guide", EnumMessenger(first_available_dim=-1 - nesting)(guide), args, kwargs)
         if samples is not None:
             node: Any
             for name, node in guide_trace.nodes.items():
                 if node["type"] == "sample" and not node["is_observed"] and node["infer"].get("num_samples"):
                     samples[name] = node["value"]
                     node["value"] = node["value"].detach().requires_grad_()
-        model_trace = poutine.trace(poutine.replay(EnumMessenger()(model), trace=guide_trace)).get_trace(
-            *args, **kwargs)
+        model_trace = self._run("model", poutine.replay(EnumMessenger()(model), trace=guide_trace), args, kwargs)
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"] and name not in model_trace.nodes \
+                    and type(site["fn"]).__name__ != "_Subsample":
+                raise TMCError(f"latent {name!r}: the guide samples it, but the model has no site of that name "
+                               "(a guide site must propose one of the model's latents)")
         return model_trace, guide_trace
+
+    def _run(self, role: str, fn: Any, args: tuple, kwargs: dict) -> Any:
+        """Trace one run of ``fn``; an error names the last site it reached and why TMC may have caused it."""
+        tracer = poutine.trace(fn)
+        try:
+            return tracer.get_trace(*args, **kwargs)
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            reached = [name for name, site in tracer.msngr.trace.nodes.items() if site["type"] == "sample"]
+            where = f"after site {reached[-1]!r}" if reached else "before its first sample site"
+            raise TMCError(f"TMC_ELBO: the {role} failed {where} ({type(err).__name__}: {str(err).splitlines()[0]}). "
+                           f"Under TMC every latent holds num_particles={self.K} samples (or its support) along a "
+                           "tensor dim of its own, left of the plates: the program must be vectorised over them (no "
+                           "Python control flow on sampled values, Vindex to index by them), and its site set must not "
+                           "depend on sampled values") from err
 
     def _sample_config(self, site: Any) -> Any:
         """A guide site's enumeration (a ``poutine.infer_config`` function).
@@ -219,25 +263,23 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
         """
         if site["type"] != "sample" or site["is_observed"] or type(site["fn"]).__name__ == "_Subsample":
             return {}
+        _check_enumerate(site)
         if site["infer"].get("enumerate") == "parallel" and site["infer"].get("num_samples") is None:
             return {}
         return {"enumerate": "parallel", "num_samples": self.K, "tmc": "mixture", "expand": False}
 
     def _trace_factors(self, model: Any, guide: Any, args: tuple, kwargs: dict, *,
-                       samples: Optional[Dict[str, torch.Tensor]] = None
-                       ) -> Tuple[List[_Site], Dict[int, Tuple[int, List[Tuple[str, int, int]]]], List[int],
-                                  Dict[int, Tuple[str, torch.Tensor, int]]]:
-        """Run guide and model: the factors, each variable's (size, plates), the sampled variables, their sites.
+                       samples: Optional[Dict[str, torch.Tensor]] = None) -> _Traced:
+        """Run guide and model: their factors, variables and scale (`_Traced`).
 
-        Variables are Pyro's enumeration ids (a dim recycled by ``pyro.markov`` holds several); a variable's
-        site is its ``(name, value, dim)``.
+        Variables are Pyro's enumeration ids (a dim recycled by ``pyro.markov`` holds several).
         """
         nesting = int(self.max_plate_nesting)
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs, samples=samples)
-        sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]] = {}  # variable id -> (size, plates)
+        sizes: _Sizes = {}
         latents: Dict[int, Tuple[str, torch.Tensor, int]] = {}  # variable id -> its site's name, value and dim
         sampled: List[int] = []
-        sites: List[_Site] = []
+        terms: List[Tuple[str, torch.Tensor, Any]] = []  # (factor name, log-density, its site)
         for role, trace in (("guide", guide_trace), ("model", model_trace)):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or site["is_observed"] or type(site["fn"]).__name__ == "_Subsample":
@@ -245,6 +287,7 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
                 dim = site["infer"].get("_enumerate_dim")
                 if role == "model" and name in guide_trace.nodes:
                     continue
+                _check_enumerate(site)
                 if dim is None:
                     raise TMCError(f"latent {name!r}: the {role} samples it, but the guide does not; sample it in "
                                    "the guide, or mark it infer={'enumerate': 'parallel'} in the model")
@@ -273,22 +316,35 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
                                    "samples it from a mixture over them; dregs_surrogate needs a factorised guide. "
                                    "Use the reparameterised gradient of differentiable_loss")
                 lq = _mixture(lq, parents)
-            sites.append(_site(f"{name} proposal", -lq, site, sizes, nesting))
+            terms.append((f"{name} proposal", -lq, site))
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
                 continue
-            sites.append(_site(name, site["fn"].log_prob(site["value"]), site, sizes, nesting))
-        return sites, sizes, sampled, latents
+            terms.append((name, site["fn"].log_prob(site["value"]), site))
+        # poutine.scale beyond the subsampled plates' own: one scale common to every site (a handler around the
+        # whole model and guide) scales log P itself, as Pyro's ELBOs do; other scales raise a site's factor
+        residual = [_residual(site, nesting) for _, _, site in terms]
+        common = residual[0] if residual and all(_same(r, residual[0]) for r in residual) else 1.0
+        sites = [_site(name, lp, site, sizes, nesting, r / common) for (name, lp, site), r in zip(terms, residual)]
+        return _Traced(sites, sizes, sampled, latents, common)
 
 
-def _probe(value: torch.Tensor, dim: int, size: int, plates: List[Tuple[str, int, int]]) -> torch.Tensor:
+def _check_enumerate(site: Dict[str, Any]) -> None:
+    """Refuse ``infer={"enumerate": "sequential"}`` (and unknown strategies), naming the site."""
+    how = site["infer"].get("enumerate")
+    if how not in (None, "parallel"):
+        raise TMCError(f"latent {site['name']!r}: infer={{'enumerate': {how!r}}} is not supported; TMC_ELBO sums "
+                       "over a site's support in one vectorised pass: use 'parallel'")
+
+
+def _probe(value: torch.Tensor, dim: int, size: int, plates: List[_Plate]) -> torch.Tensor:
     """A zero log-factor on a variable's index, laid out as Pyro lays it out.
 
     Its gradient in ``log P`` is the posterior weight of each of the variable's samples.
     """
     shape = [1] * max([-dim] + [-p[1] for p in plates])
     shape[dim] = size
-    for _, plate_dim, plate_size in plates:
+    for _, plate_dim, plate_size, _ in plates:
         shape[plate_dim] = plate_size
     dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
     return torch.zeros(shape, dtype=dtype, device=value.device, requires_grad=True)
@@ -299,10 +355,10 @@ def _mixture(log_prob: torch.Tensor, parents: List[int]) -> torch.Tensor:
     return torch.logsumexp(log_prob, dim=parents, keepdim=True) - sum(math.log(log_prob.shape[d]) for d in parents)
 
 
-def _plates(site: Dict[str, Any], nesting: int) -> List[Tuple[str, int, int]]:
-    """The site's vectorised plates as ``(name, dim, size)``; sequential plates are refused.
+def _plates(site: Dict[str, Any], nesting: int) -> List[_Plate]:
+    """The site's vectorised plates as ``(name, dim, size, scale)``; sequential plates are refused.
 
-    A subsampled plate's size is its subsample size.
+    A subsampled plate's size is its subsample size, and its scale the full size over that.
     """
     plates = []
     for frame in site["cond_indep_stack"]:
@@ -312,12 +368,26 @@ def _plates(site: Dict[str, Any], nesting: int) -> List[Tuple[str, int, int]]:
         if frame.dim < -nesting:
             raise TMCError(f"site {site['name']!r}: plate {frame.name!r} at dim {frame.dim} is beyond "
                            f"max_plate_nesting={nesting}")
-        plates.append((frame.name, frame.dim, frame.size))
+        plates.append((frame.name, frame.dim, frame.size,
+                       1.0 if frame.full_size is None else frame.full_size / frame.size))
     return sorted(plates, key=lambda p: p[1])
 
 
-def _site(name: str, log_prob: torch.Tensor, site: Dict[str, Any],
-          sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]], nesting: int) -> _Site:
+def _residual(site: Dict[str, Any], nesting: int) -> Any:
+    """A site's ``poutine.scale`` beyond its subsampled plates' scales: a float, or a tensor over its plates."""
+    scale = site["scale"]  # a Python number, or a tensor (Pyro's subsampling makes a 0-dim one, in float32)
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0:
+        scale = scale.item()
+    return scale / _scale(_plates(site, nesting))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two scales are equal Python numbers (up to float32 rounding)."""
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6)
+
+
+def _site(name: str, log_prob: torch.Tensor, site: Dict[str, Any], sizes: _Sizes, nesting: int,
+          scale: Any) -> _Site:
     """Lay ``log_prob`` out as a factor over the site's plates (expanded) and the sample dims it varies along."""
     mask = site["mask"]  # poutine.mask: a masked-out entry contributes nothing (log-density 0)
     if isinstance(mask, torch.Tensor):
@@ -334,31 +404,40 @@ def _site(name: str, log_prob: torch.Tensor, site: Dict[str, Any],
             raise TMCError(f"site {site['name']!r}: its log-density varies along dim {d}, which is neither one of "
                            f"its plates {[p[0] for p in plates]} nor a sample dim")
         indices.append((d, ids[d]))
-    scale = site["scale"]
-    if not (isinstance(scale, (int, float)) and scale == 1.0):
+    if not _same(scale, 1.0):  # a site's own scale (what subsampled plates and the common scale leave)
         own = {p[0] for p in plates}
         local = [var for _, var in indices if own & {p[0] for p in sizes[var][1]}]
         if local:
-            raise TMCError(f"site {site['name']!r}: a scaled log-density (poutine.scale, or a subsampled plate) "
-                           "over a latent that lives in the site's plates is not supported: the scale must apply "
-                           "to each plate element's marginal, after its own latents are summed")
-        log_prob = log_prob * scale  # no local sum between the factor and the plate product: exact semantics
+            raise TMCError(f"site {site['name']!r}: a poutine.scale over a latent that lives in the site's plates is "
+                           "not supported: the scale must apply to each plate element's marginal, after its own "
+                           "latents are summed (subsample the plate instead: pyro.plate(..., subsample_size=...))")
+        log_prob = log_prob * scale  # the factor raised to its scale (tempered), as Pyro's TraceTMC_ELBO does
     return _Site(name, log_prob, plates, indices)
 
 
-def _structure(sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]) -> tuple:
+def _scale(plates: List[_Plate]) -> float:
+    """The product of the plates' scales: how many elements each element of the site's plates stands for."""
+    return math.prod(p[3] for p in plates)
+
+
+def _log_k(sizes: _Sizes, sampled: List[int]) -> float:
+    """``sum log K`` over the sampled variables' copies (a subsampled plate's element counts ``scale`` times)."""
+    return sum(math.log(sizes[v][0]) * math.prod(p[2] * p[3] for p in sizes[v][1]) for v in sampled)
+
+
+def _structure(sites: List[_Site], sizes: _Sizes) -> tuple:
     """A hashable key of the factor graph of ``sites`` (its plan is a function of it alone)."""
     return (tuple((var, size, tuple(plates)) for var, (size, plates) in sorted(sizes.items())),
             tuple((s.name, tuple(s.plates), tuple(s.indices)) for s in sites))
 
 
-def _graph(sites: List[_Site], sizes: Dict[int, Tuple[int, List[Tuple[str, int, int]]]]) -> FactorGraph:
+def _graph(sites: List[_Site], sizes: _Sizes) -> FactorGraph:
     """The factor graph of the factors, its indices named by their variables' ids."""
     g = FactorGraph()
     for plates in [p for _, p in sizes.values()] + [s.plates for s in sites]:
-        for plate, _, size in plates:
+        for plate, _, size, scale in plates:
             if plate not in g.plates:
-                g.plate(plate, size)
+                g.plate(plate, size, scale=scale)
     for var in sorted(sizes):
         g.index(f"v{var}", sizes[var][0], plates=[p[0] for p in sizes[var][1]])
     for site in sites:
@@ -372,7 +451,7 @@ def _layout(site: _Site) -> torch.Tensor:
     n = max(t.dim(), max((-d for d, _ in site.indices), default=0), max((-p[1] for p in site.plates), default=0))
     t = t.reshape((1,) * (n - t.dim()) + tuple(t.shape))
     target = [1] * n
-    for _, dim, size in site.plates:
+    for _, dim, size, _ in site.plates:
         target[dim] = size
     for d, _ in site.indices:
         target[d] = t.shape[d]

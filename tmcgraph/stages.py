@@ -80,11 +80,16 @@ class EinsumStage:
 
 @dataclass(frozen=True)
 class ProductStage:
-    """Sum the log-value ``inputs[0]`` over the plate dims not in ``output_labels``."""
+    """Sum the log-value ``inputs[0]`` over the plate dims not in ``output_labels``, times ``scale``.
+
+    ``scale`` is the product of the summed plates' scales (`tmcgraph.FactorGraph.plate`): a subsampled
+    plate's product is raised to that power.
+    """
 
     inputs: Tuple[int]
     input_labels: Tuple[str]
     output_labels: str
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -26,17 +26,29 @@ STRUCTURES = ("random", "chain", "tree", "loop", "grid")
 def brute_force_log_sum(graph: FactorGraph, factors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``log sum exp`` over every joint assignment of every unrolled index copy, in float64.
 
+    A plate of integer ``scale`` s (`FactorGraph.plate`) is unrolled s times over: its ``s * size``
+    elements repeat the factor tensors' ``size`` ones.
+
     Args:
         graph: the declaration.
         factors: name -> tensor ``(*batch, *plates, *indices)``.
 
     Returns:
         float64 tensor ``(*batch,)``.
+
+    Raises:
+        TMCError: a plate scale that is not an integer, or too many assignments to enumerate.
     """
+    unrolled = {}
+    for p, size in graph.plates.items():
+        scale = graph.plate_scales.get(p, 1.0)
+        if scale != int(scale):
+            raise TMCError(f"brute force unrolls plate {p!r} scale times over; its scale {scale} is not an integer")
+        unrolled[p] = size * int(scale)
     axis: Dict[Tuple[str, Tuple[int, ...]], int] = {}
     sizes: List[int] = []
     for name, index in graph.indices.items():
-        for coords in itertools.product(*(range(graph.plates[p]) for p in index.plates)):
+        for coords in itertools.product(*(range(unrolled[p]) for p in index.plates)):
             axis[(name, coords)] = len(axis)
             sizes.append(index.size)
     n = len(sizes)
@@ -49,9 +61,10 @@ def brute_force_log_sum(graph: FactorGraph, factors: Mapping[str, torch.Tensor])
     for fname, spec in graph.factors.items():
         t = factors[fname].to(torch.float64)
         nb = t.dim() - len(spec.plates) - len(spec.indices)
-        for pcoords in itertools.product(*(range(graph.plates[p]) for p in spec.plates)):
+        for pcoords in itertools.product(*(range(unrolled[p]) for p in spec.plates)):
             where = dict(zip(spec.plates, pcoords))
-            sub = t[(Ellipsis,) + tuple(pcoords) + (slice(None),) * len(spec.indices)]
+            at = tuple(c % graph.plates[p] for p, c in zip(spec.plates, pcoords))  # the element it repeats
+            sub = t[(Ellipsis,) + at + (slice(None),) * len(spec.indices)]
             axes = [axis[(i, tuple(where[p] for p in graph.indices[i].plates))] for i in spec.indices]
             order = sorted(range(len(axes)), key=axes.__getitem__)
             sub = sub.permute(list(range(nb)) + [nb + o for o in order])

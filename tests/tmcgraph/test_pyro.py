@@ -127,18 +127,51 @@ def test_svi_with_tmc_elbo_learns_the_posterior_mean():
     assert abs(pyro.param("loc").item() - 1.0) < 0.2  # the posterior N(1, 1/2)
 
 
+def _chain_model_one(x):
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
 def test_unsupported_constructs_are_named():
     def local_model(x):
-        with pyro.plate("N", 10, subsample_size=5) as idx:
+        with pyro.plate("N", 10), pyro.poutine.scale(scale=3.0):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
-    def local_guide(x):
-        with pyro.plate("N", 10, subsample_size=5):
+    def local_guide(x):  # unscaled: the model's scale is the model's alone
+        with pyro.plate("N", 10):
             pyro.sample("z", dist.Normal(0.0, 1.0))
 
-    with pytest.raises(TMCError, match=r"site 'z': a scaled log-density .* over a latent that lives in the site's"):
+    with pytest.raises(TMCError, match=r"site 'z': a poutine.scale over a latent that lives in the site's plates"):
         TMC_ELBO(num_particles=2, max_plate_nesting=1).log_marginal(local_model, local_guide, torch.zeros(10))
+
+    def chain_guide(x):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def branching_model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if z > 0:  # Python control flow on a sampled value: z holds K samples
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    with pytest.raises(TMCError, match=r"the model failed after site 'z' \(RuntimeError: Boolean value.*"
+                                       r"num_particles=2 samples"):
+        TMC_ELBO(num_particles=2).log_marginal(branching_model, chain_guide, torch.tensor(1.0))
+
+    def extra_guide(x):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("u", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(TMCError, match=r"latent 'u': the guide samples it, but the model has no site"):
+        TMC_ELBO(num_particles=2).log_marginal(_chain_model_one, extra_guide, torch.tensor(1.0))
+
+    def sequential_model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        c = pyro.sample("c", dist.Bernoulli(0.5), infer={"enumerate": "sequential"})
+        pyro.sample("x", dist.Normal(z + c, 1.0), obs=x)
+
+    with pytest.raises(TMCError, match=r"latent 'c': infer=\{'enumerate': 'sequential'\} is not supported"):
+        TMC_ELBO(num_particles=2).log_marginal(sequential_model, chain_guide, torch.tensor(1.0))
 
     def discrete_guide(x):
         pyro.sample("z", dist.Bernoulli(0.5))
@@ -396,3 +429,166 @@ def test_the_dregs_surrogate_has_the_value_of_log_p_and_the_reparameterised_grad
     assert (dregs.std(0) * 3 < reparam.std(0)).all()
     with pytest.raises(TMCError, match=r"latent 'z2': its guide density depends on other sites' samples"):
         elbo.dregs_surrogate(_chain, _dependent_guide, x)
+
+
+def _subsampled_local_model(x, subsample):
+    with pyro.plate("N", len(x), subsample=subsample) as idx:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+
+
+def test_a_subsampled_plate_with_local_latents_scales_each_elements_marginal():
+    """On one draw: ``log P = (N / B) sum_{i in S} log mean_k w_ik`` (each element's local sum taken, then its
+    log scaled), with ``w_ik = p(z_ik) p(x_i | z_ik) / q(z_ik)``; the posterior weights still sum to 1 per
+    element, and the DReGs surrogate has the same value."""
+    x = torch.tensor([0.3, -1.2, 2.5, 1.0, 0.0, 1.7, -0.4])
+    subsample = torch.tensor([1, 4, 6])
+    seen = {}
+
+    def guide(x, subsample):
+        loc = pyro.param("sub_loc", torch.zeros(7))
+        with pyro.plate("N", len(x), subsample=subsample) as idx:
+            seen["q"] = dist.Normal(loc[idx], 0.8)
+            seen["z"] = pyro.sample("z", seen["q"])
+
+    K = 5
+    elbo = TMC_ELBO(num_particles=K, max_plate_nesting=1)
+    pyro.set_rng_seed(3)
+    got = elbo.log_marginal(_subsampled_local_model, guide, x, subsample)
+    z = seen["z"].reshape(K, 3)
+    log_w = dist.Normal(0.0, 1.0).log_prob(z) + dist.Normal(z, 1.0).log_prob(x[subsample]) - seen["q"].log_prob(z)
+    want = 7 / 3 * (log_w.logsumexp(0) - math.log(K)).sum()
+    torch.testing.assert_close(got, want)
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(elbo.dregs_surrogate(_subsampled_local_model, guide, x, subsample), want)
+    pyro.set_rng_seed(3)
+    _, weights = elbo.posterior_marginals(_subsampled_local_model, guide, x, subsample)["z"]
+    torch.testing.assert_close(weights.reshape(K, 3), torch.softmax(log_w, 0))
+
+
+def test_subsampled_enumerated_locals_equal_trace_enum_elbo_and_the_full_data():
+    """A Gaussian mixture with its assignments enumerated and the data subsampled, the component locations a
+    sampled global with a point-mass guide: equals Pyro's TraceEnum_ELBO, which scales each element's marginal
+    the same way; with the data repeated twice over, half the data subsampled equals the full data."""
+    from pyro.ops.indexing import Vindex
+
+    probs = torch.tensor([0.3, 0.7])
+
+    def model(x, subsample):
+        locs = pyro.sample("locs", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
+        with pyro.plate("N", len(x), subsample=subsample) as idx:
+            c = pyro.sample("c", dist.Categorical(probs), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(Vindex(locs)[..., c], 1.0), obs=x[idx])
+
+    def guide(x, subsample):
+        pyro.sample("locs", dist.Delta(torch.tensor([-1.0, 1.5]), event_dim=1))
+
+    half = torch.tensor([0.3, -1.2, 2.5, 1.0, 0.0])
+    x = torch.cat([half, half])
+    elbo = TMC_ELBO(num_particles=3, max_plate_nesting=1)
+    sub = torch.arange(5)
+    ours = elbo.log_marginal(model, guide, x, sub)
+    theirs = -TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, x, sub)
+    assert abs(ours.item() - theirs) < 1e-4
+    torch.testing.assert_close(ours, elbo.log_marginal(model, guide, x, torch.arange(10)))
+    unscaled = elbo.log_marginal(model, guide, half, sub)  # power: the scale matters
+    assert abs(ours.item() - unscaled.item()) > 1.0
+
+
+# -- the structures of Pyro's own enumeration tests (tests/infer/test_enum.py), written here ---------------------
+def _probs(seed, *shape):
+    return torch.softmax(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), -1).requires_grad_()
+
+
+def _two_unrelated_plates(p):  # a -> b in plate M=2; c -> d in plate N=3
+    with pyro.plate("a_axis", 2):
+        a = pyro.sample("a", dist.Categorical(p[0]))
+        pyro.sample("b", dist.Categorical(p[1][a]), obs=torch.tensor([0, 1]))
+    with pyro.plate("c_axis", 3):
+        c = pyro.sample("c", dist.Categorical(p[2]))
+        pyro.sample("d", dist.Categorical(p[3][c]), obs=torch.tensor([0, 0, 1]))
+
+
+def _global_into_two_plates(p):  # b <- a -> c, b and c in different plates
+    a = pyro.sample("a", dist.Categorical(p[0]))
+    with pyro.plate("b_axis", 2):
+        pyro.sample("b", dist.Categorical(p[1][a]), obs=torch.tensor([0, 1]))
+    with pyro.plate("c_axis", 3):
+        pyro.sample("c", dist.Categorical(p[2][a]), obs=torch.tensor([0, 0, 1]))
+
+
+def _global_into_nested_plates(p):  # a -> b, b in two nested plates: two plate contractions in one step
+    a = pyro.sample("a", dist.Categorical(p[0]))
+    with pyro.plate("outer", 2), pyro.plate("inner", 2):
+        pyro.sample("b", dist.Categorical(p[1][a]), obs=torch.tensor([[0, 1], [0, 0]]))
+
+
+def _chain_through_nested_plates(p):  # a -> b (outer) -> c (outer x inner), c also depends on a
+    from pyro.ops.indexing import Vindex
+
+    a = pyro.sample("a", dist.Categorical(p[0]))
+    with pyro.plate("outer", 2):
+        b = pyro.sample("b", dist.Categorical(p[1][a]))
+        with pyro.plate("inner", 2):
+            pyro.sample("c", dist.Categorical(Vindex(p[2])[a, b]), obs=torch.tensor([[0, 1], [0, 0]]))
+
+
+def _batched_hmm(p):  # a plate of 3 sequences, pyro.markov over 4 steps, Gaussian emissions
+    x = torch.tensor([[0.1, 1.2, -0.3, 2.0], [1.5, 0.7, 0.2, -1.0], [0.0, 0.3, 2.2, 1.1]])
+    with pyro.plate("sequences", 3):
+        s = 0
+        for t in pyro.markov(range(4)):
+            s = pyro.sample(f"s_{t}", dist.Categorical(p[0][s]))
+            pyro.sample(f"x_{t}", dist.Normal(p[1][s], 1.0), obs=x[:, t])
+
+
+def _second_order_hmm(p):  # s_t depends on s_{t-1} and s_{t-2}: pyro.markov(history=2)
+    from pyro.ops.indexing import Vindex
+
+    x = torch.tensor([0.1, 1.2, -0.3, 2.0, 0.5])
+    s_prev, s = 0, 0
+    for t in pyro.markov(range(5), history=2):
+        s_prev, s = s, pyro.sample(f"s_{t}", dist.Categorical(Vindex(p[0])[s_prev, s]))
+        pyro.sample(f"x_{t}", dist.Normal(p[1][s], 1.0), obs=x[t])
+
+
+def _factorial_hmm(p):  # two independent chains w, v; each observation depends on both (Pyro's hmm.py model_3)
+    from pyro.ops.indexing import Vindex
+
+    x = torch.tensor([0.1, 1.2, -0.3, 2.0])
+    w = v = 0
+    for t in pyro.markov(range(4)):
+        w = pyro.sample(f"w_{t}", dist.Categorical(p[0][w]))
+        v = pyro.sample(f"v_{t}", dist.Categorical(p[1][v]))
+        pyro.sample(f"x_{t}", dist.Normal(Vindex(p[2])[w, v], 1.0), obs=x[t])
+
+
+ENUM_MODELS = {
+    "two_unrelated_plates": (_two_unrelated_plates, 1, lambda: [_probs(0, 2), _probs(1, 2, 2), _probs(2, 2),
+                                                                _probs(3, 2, 2)]),
+    "global_into_two_plates": (_global_into_two_plates, 1, lambda: [_probs(0, 2), _probs(1, 2, 2), _probs(2, 2, 2)]),
+    "global_into_nested_plates": (_global_into_nested_plates, 2, lambda: [_probs(0, 2), _probs(1, 2, 2)]),
+    "chain_through_nested_plates": (_chain_through_nested_plates, 2, lambda: [_probs(0, 2), _probs(1, 2, 2),
+                                                                              _probs(2, 2, 2, 2)]),
+    "batched_hmm": (_batched_hmm, 1, lambda: [_probs(0, 3, 3), torch.tensor([-1.0, 0.5, 2.0], requires_grad=True)]),
+    "second_order_hmm": (_second_order_hmm, 0, lambda: [_probs(0, 3, 3, 3),
+                                                        torch.tensor([-1.0, 0.5, 2.0], requires_grad=True)]),
+    "factorial_hmm": (_factorial_hmm, 0, lambda: [_probs(0, 2, 2), _probs(1, 3, 3),
+                                                  torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+                                                  .requires_grad_()]),
+}
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+@pytest.mark.parametrize("name", list(ENUM_MODELS))
+def test_pyros_enumeration_test_models_equal_trace_enum_elbo(name, scale):
+    """Every latent enumerated in the model (empty guide): log P is exact and equals TraceEnum_ELBO's, value and
+    gradient, also with a poutine.scale around the whole model (Pyro's tests run scale 1 and 10)."""
+    body, nesting, make = ENUM_MODELS[name]
+    params = make()
+    model = pyro.poutine.scale(pyro.infer.config_enumerate(body, default="parallel"), scale=scale)
+    ours = TMC_ELBO(num_particles=2, max_plate_nesting=nesting).log_marginal(model, _empty_guide, params)
+    theirs = -TraceEnum_ELBO(max_plate_nesting=nesting).differentiable_loss(model, _empty_guide, params)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

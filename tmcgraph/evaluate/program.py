@@ -132,7 +132,7 @@ class _Reduce:
 
 @dataclass(frozen=True)
 class _Product:
-    """Plate product: plain sum over ``dims`` of value ``src``.
+    """Plate product: plain sum over ``dims`` of value ``src``, times ``scale`` (a subsampled plate's).
 
     With ``reduce`` (a sharded plate) the sum is laid out as ``full`` (every data-batch label) and handed to the
     caller's all-reduce.
@@ -144,10 +144,13 @@ class _Product:
     labels: str = ""  # the sum's labels (with reduce)
     full: str = ""
     full_shape: Tuple[int, ...] = ()
+    scale: float = 1.0
 
     def run(self, env: List, tensors: Sequence[torch.Tensor], k: int, st: _State) -> torch.Tensor:
         x = env[self.src]
         value = x.sum(dim=self.dims) if self.dims else x
+        if self.scale != 1.0:
+            value = value * self.scale
         if self.reduce and st.plate_reduce is not None:
             value = st.plate_reduce(align(value, self.labels, self.full).expand(self.full_shape))
         return value
@@ -438,9 +441,11 @@ class StepProgram:
                 keep = "".join(c for i, c in enumerate(lab) if i not in dims)
                 if reduce_label is not None and reduce_label in lab and reduce_label not in stage.output_labels:
                     full = full_batch + "".join(c for c in keep if c not in batch_set)
-                    vals.append(emit(_Product(v, dims, True, keep, full, tuple(sizes[c] for c in full)), full))
+                    vals.append(emit(_Product(v, dims, True, keep, full, tuple(sizes[c] for c in full),
+                                              stage.scale), full))
                 else:
-                    vals.append(emit(_Product(v, dims), keep) if dims else v)
+                    vals.append(emit(_Product(v, dims, scale=stage.scale), keep)
+                                if dims or stage.scale != 1.0 else v)
                 continue
             if stage.slices:
                 vals.append(self._sliced(stage, srcs, labels, blabels, sizes, emit))
@@ -600,7 +605,7 @@ class StepProgram:
             elif isinstance(instr, _Product):
                 shape = self._shapes[instr.src]
                 keep_shape = [1 if d in instr.dims else n for d, n in enumerate(shape)]
-                add(instr.src, g.reshape(keep_shape).expand(shape))
+                add(instr.src, (g if instr.scale == 1.0 else g * instr.scale).reshape(keep_shape).expand(shape))
             elif isinstance(instr, _Outer):  # a broadcast sum: sum the gradient back to each side
                 for src, perm, shape in ((instr.a, instr.perm_a, instr.shape_a), (instr.b, instr.perm_b,
                                                                                  instr.shape_b)):
