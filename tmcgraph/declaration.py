@@ -413,9 +413,45 @@ class ModelBase:
 
         (the bootstrap proposal of `tmcgraph.smc`); this model is unchanged.
         """
-        other = copy.copy(self)
+        other = self._copy()
         other._sites = {n: dataclasses.replace(s, proposal=s.fn, proposal_parents=s.parents)
                         if s.kind == "latent" and not s.enumerate else s for n, s in self._sites.items()}
+        other._sites_view = MappingProxyType(other._sites)
+        return other
+
+    def with_proposals(self: _M, proposals: Mapping[str, DistFn]) -> _M:
+        """A copy in which the latents named in ``proposals`` are proposed from those functions (no parents).
+
+        Learnable proposals (`tmcgraph.learn.mean_field`) are attached this way; this model is unchanged.
+
+        Args:
+            proposals: sampled latent -> a function of no arguments returning its proposal distribution, laid out
+                as the model's tensor layout says (`tmcgraph.model`).
+
+        Raises:
+            TMCError: a name that is not a sampled latent, or a proposal that is not callable.
+        """
+        sampled = [n for n in self.latents() if not self._sites[n].enumerate]
+        for name, q in proposals.items():
+            if name not in sampled:
+                raise TMCError(f"with_proposals: {name!r} is not a sampled latent; sampled latents: {sampled}")
+            if not callable(q):
+                raise TMCError(f"with_proposals: the proposal of latent {name!r} must be callable, got "
+                               f"{type(q).__name__}")
+        other = self._copy()
+        other._sites = {n: dataclasses.replace(s, proposal=proposals[n], proposal_parents=())
+                        if n in proposals else s for n, s in self._sites.items()}
+        other._sites_view = MappingProxyType(other._sites)
+        # a markov family draws its members from the family's proposal in one call: one whose members get other
+        # proposals is traced member by member (and so is a family observing it)
+        changed = {k for k, f in self._families.items() if set(f.members) & set(proposals)}
+        other._families = {k: f for k, f in self._families.items() if k not in changed and f.of not in changed}
+        return other
+
+    def _copy(self: _M) -> _M:
+        """A shallow copy whose sites, plates and families can be replaced without touching this model."""
+        other = copy.copy(self)
+        other._sites = dict(self._sites)
         other._sites_view = MappingProxyType(other._sites)
         other._plates = dict(self._plates)
         other._plates_view = MappingProxyType(other._plates)

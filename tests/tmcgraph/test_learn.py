@@ -1,0 +1,245 @@
+"""tmcgraph.learn: exponential-family proposals, and fit's four methods against closed-form posteriors."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+import tmcgraph
+from tmcgraph import TMCError
+from tmcgraph.learn import FAMILIES, fit, mean_field
+from tmcgraph.learn import families as fam
+
+
+# -- families ------------------------------------------------------------------------------------------------
+def _random_family(name, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = FAMILIES[name](["N"], [3], ["N"], (4,) if name == "dirichlet" else (),
+                       **({"num_categories": 5} if name == "categorical" else {}))
+    with torch.no_grad():
+        for p in q.parameters():
+            p.copy_(0.8 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return q
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_mean_parameters_are_the_expected_statistics_and_moment_matching_inverts_them(name):
+    """``mean_parameters`` equals a Monte Carlo average of ``statistics`` over 200k samples, and
+    ``set_mean_parameters`` recovers the distribution from them (the moment-matching map is the inverse)."""
+    q = _random_family(name, 1)
+    with torch.no_grad():
+        z = q.site_distribution().sample((200_000,))  # (S, N, 1, *event)
+        mc = q.statistics(z).mean(0).squeeze(1)
+        m = q.mean_parameters()
+        torch.testing.assert_close(mc, m, atol=0.03, rtol=0.03)
+        other = _random_family(name, 2)
+        other.set_mean_parameters(m)
+        torch.testing.assert_close(other.mean_parameters(), m, atol=1e-4, rtol=1e-4)
+        if name != "categorical":  # logits are identified only up to a constant
+            for a, b in zip(q.params().values(), other.params().values()):
+                torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_inverse_digamma():
+    x = torch.tensor([1e-3, 0.05, 0.7, 1.0, 3.3, 40.0, 1e4], dtype=torch.float64)
+    torch.testing.assert_close(fam.inverse_digamma(torch.digamma(x)), x, rtol=1e-8, atol=0)
+
+
+def test_qem_step_moves_the_mean_parameters_by_the_moving_average():
+    q = _random_family("gamma", 3)
+    target = _random_family("gamma", 4).mean_parameters().detach()
+    before = q.mean_parameters().detach()
+    q.qem_step(target, 0.25)
+    torch.testing.assert_close(q.mean_parameters().detach(), 0.75 * before + 0.25 * target, atol=1e-4, rtol=1e-4)
+    with pytest.raises(TMCError, match=r"lr must be in \(0, 1\]"):
+        q.qem_step(target, 1.5)
+    with pytest.raises(TMCError, match=r"posterior statistics of shape \(2,\), expected \(3, 2\)"):
+        q.qem_step(torch.zeros(2), 0.5)
+
+
+def test_a_proposal_is_laid_out_over_the_models_plates():
+    m = tmcgraph.Model().plate("N", 3).plate("T", 4)
+    m.latent("a", prior=lambda: Normal(torch.zeros(4), 1.0), plates=["T"])
+    m.latent("b", prior=lambda: Normal(torch.zeros(3, 4), 1.0), plates=["T", "N"])
+    qs = mean_field(m)
+    assert qs["a"]().batch_shape == (1, 4) and qs["b"]().batch_shape == (3, 4)
+    assert qs["b"].loc.shape == (4, 3)  # the latent's own plate order, as posterior samples are laid out
+    with torch.no_grad():
+        qs["b"].loc.copy_(torch.arange(12.0).reshape(4, 3))
+    torch.testing.assert_close(qs["b"]().mean, torch.arange(12.0).reshape(4, 3).T)
+    with pytest.raises(TMCError, match=r"families names \['c'\], which are not sampled latents"):
+        mean_field(m, {"c": "normal"})
+    with pytest.raises(TMCError, match=r"latent 'a': unknown family 'cauchy'"):
+        mean_field(m, {"a": "cauchy"})
+
+
+# -- fit against a closed-form posterior ---------------------------------------------------------------------
+N = 6
+
+
+def _hierarchical(theta=None):
+    """mu ~ N(0, 1); z_n ~ N(mu, 1); x_n ~ N(z_n, 1): a Gaussian posterior over (mu, z) in closed form."""
+    m = tmcgraph.Model().plate("N", N)
+    if theta is None:
+        m.latent("mu", prior=lambda: Normal(0.0, 1.0))
+        m.latent("z", prior=lambda mu: Normal(mu, 1.0), plates=["N"])
+    else:  # mu a learnable parameter of the model
+        m.latent("z", prior=lambda: Normal(theta, 1.0), plates=["N"])
+    m.observe("x", lambda z: Normal(z, 1.0), plates=["N"])
+    return m
+
+
+X = torch.tensor([0.4, 2.1, -0.3, 1.7, 0.9, 2.6])
+
+
+def _exact():
+    prec = torch.zeros(N + 1, N + 1, dtype=torch.float64)
+    prec[0, 0] = 1 + N
+    prec[0, 1:] = prec[1:, 0] = -1
+    prec[1:, 1:] = 2 * torch.eye(N, dtype=torch.float64)
+    cov = torch.linalg.inv(prec)
+    mean = cov @ torch.cat([torch.zeros(1, dtype=torch.float64), X.double()])
+    return mean.float(), cov.diagonal().sqrt().float()
+
+
+def test_one_qem_step_with_lr_1_sets_the_proposals_to_the_posterior_marginals():
+    """With lr=1 one step moment-matches each Normal proposal to one TMC draw's posterior moments; averaged over
+    eight draws of K=1000 they are the exact marginal means and standard deviations."""
+    mean, sd = _exact()
+    got_mean, got_sd = [], []
+    m = _hierarchical()
+    for seed in range(8):
+        broad = mean_field(m, init={"mu": {"scale": 2.0}, "z": {"scale": 2.0}})  # covers the posterior
+        q = fit(m, {"x": X}, method="qem", K=1000, steps=1, lr=1.0, proposals=broad, progress=False,
+                seed=seed).proposals
+        got_mean.append(torch.cat([q["mu"].loc.detach().reshape(1), q["z"].loc.detach()]))
+        got_sd.append(torch.cat([q["mu"].log_scale.exp().detach().reshape(1), q["z"].log_scale.exp().detach()]))
+    torch.testing.assert_close(torch.stack(got_mean).mean(0), mean, atol=0.06, rtol=0)
+    torch.testing.assert_close(torch.stack(got_sd).mean(0), sd, atol=0.06, rtol=0)
+
+
+@pytest.mark.parametrize("method,lr,steps", [("qem", 0.2, 150), ("rws", 0.05, 300)])
+def test_inclusive_kl_methods_learn_the_posterior_marginals(method, lr, steps):
+    """RWS and QEM minimise the inclusive KL: for a factorised Gaussian family the optimum is the exact marginals,
+    means and standard deviations alike."""
+    mean, sd = _exact()
+    r = fit(_hierarchical(), {"x": X}, method=method, K=16, steps=steps, lr=lr, progress=False, seed=1)
+    q = r.proposals
+    got_mean = torch.cat([q["mu"].loc.detach().reshape(1), q["z"].loc.detach()])
+    got_sd = torch.cat([q["mu"].log_scale.exp().detach().reshape(1), q["z"].log_scale.exp().detach()])
+    assert (got_mean - mean).abs().max() < 0.2
+    assert (got_sd - sd).abs().max() < 0.15
+
+
+def test_the_rws_test_has_power(monkeypatch):
+    """Wake-phi with its sign flipped (descending the weighted log q) moves the proposals away."""
+    import tmcgraph.learn.fitting as fit_module
+
+    right = fit_module._weighted_log_q
+    monkeypatch.setattr(fit_module, "_weighted_log_q", lambda q, post, n: -right(q, post, n))
+    mean, _ = _exact()
+    r = fit(_hierarchical(), {"x": X}, method="rws", K=16, steps=300, lr=0.05, progress=False, seed=1)
+    got_mean = torch.cat([r.proposals["mu"].loc.detach().reshape(1), r.proposals["z"].loc.detach()])
+    assert (got_mean - mean).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("method,K,steps", [("vi", 1, 600), ("dregs", 16, 300)])
+def test_gradient_methods_learn_the_posterior_means(method, K, steps):
+    """The proposals' locations, averaged over the second half of the run, are the posterior means (the optimum of
+    the mean-field bound's and of DReGs' means alike).  VI runs at K=1: its reparameterised gradient for the
+    proposal loses signal as K grows (Rainforth et al., 2018), which DReGs repairs, so DReGs runs at K=16."""
+    mean, _ = _exact()
+    seen = []
+
+    def average(step, result):
+        if step >= steps // 2:
+            seen.append(torch.cat([result.proposals["mu"].loc.detach().reshape(1), result.proposals["z"].loc.detach()]))
+
+    r = fit(_hierarchical(), {"x": X}, method=method, K=K, steps=steps, lr=0.05, progress=False, seed=2,
+            callback=average)
+    assert (torch.stack(seen).mean(0) - mean).abs().max() < 0.12
+    elbo = torch.tensor(r.history["elbo"])
+    assert elbo[-50:].mean() > elbo[:20].mean()  # the bound rose
+    exact = torch.distributions.MultivariateNormal(torch.zeros(N), torch.eye(N) + 1.0 + torch.eye(N)).log_prob(X)
+    assert elbo[-100:].mean() < exact + 0.05  # and stays below log p(x) (Jensen), up to noise
+
+
+@pytest.mark.parametrize("method", ["rws", "qem", "vi"])
+def test_wake_theta_learns_a_model_parameter_by_maximum_likelihood(method):
+    """z_n ~ N(theta, 1), x_n ~ N(z_n, 1): the marginal likelihood peaks at theta = mean(x)."""
+    theta = torch.nn.Parameter(torch.tensor(-1.0))
+    lr = {"qem": 0.3}.get(method, 0.05)
+    fit(_hierarchical(theta), {"x": X}, method=method, K=16, steps=300, lr=lr, model_params=[theta],
+        progress=False, seed=3)
+    assert abs(theta.item() - X.mean().item()) < 0.15
+
+
+# -- runs: seeds, checkpoints, interruption -------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["vi", "qem"])
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, method):
+    whole = fit(_hierarchical(), {"x": X}, method=method, K=8, steps=20, progress=False, seed=5)
+    path = str(tmp_path / "run.pt")
+    fit(_hierarchical(), {"x": X}, method=method, K=8, steps=12, progress=False, seed=5, checkpoint=path,
+        checkpoint_every=5)
+    resumed = fit(_hierarchical(), {"x": X}, method=method, K=8, steps=20, progress=False, seed=5, checkpoint=path)
+    assert resumed.history["elbo"] == whole.history["elbo"]
+    for n in whole.proposals:
+        for a, b in zip(whole.proposals[n].parameters(), resumed.proposals[n].parameters()):
+            assert torch.equal(a, b)
+
+
+def test_an_interrupted_run_saves_and_resumes_without_losing_work(tmp_path):
+    whole = fit(_hierarchical(), {"x": X}, method="rws", K=8, steps=15, progress=False, seed=6)
+    path = str(tmp_path / "run.pt")
+
+    def interrupt(step, result):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_hierarchical(), {"x": X}, method="rws", K=8, steps=15, progress=False, seed=6, checkpoint=path,
+            checkpoint_every=100, callback=interrupt)
+    assert torch.load(path, weights_only=False)["step"] == 7  # step 6 finished before the callback raised
+    resumed = fit(_hierarchical(), {"x": X}, method="rws", K=8, steps=15, progress=False, seed=6, checkpoint=path)
+    assert resumed.history["elbo"] == whole.history["elbo"]
+    with pytest.raises(TMCError, match="checkpoint .* is of another run"):
+        fit(_hierarchical(), {"x": X}, method="qem", K=8, steps=15, progress=False, seed=6, checkpoint=path)
+
+
+def test_fit_errors_name_the_argument():
+    m = _hierarchical()
+    with pytest.raises(TMCError, match="unknown method 'hmc'"):
+        fit(m, {"x": X}, method="hmc")
+    with pytest.raises(TMCError, match=r"lr must be in \(0, 1\] for method 'qem'"):
+        fit(m, {"x": X}, method="qem", lr=2.0)
+    with pytest.raises(TMCError, match=r"latents \['z'\] have none"):
+        fit(m, {"x": X}, method="qem", proposals={"mu": mean_field(m)["mu"], "z": lambda: Normal(0.0, 1.0)})
+    with pytest.raises(TMCError, match="with_proposals: 'x' is not a sampled latent"):
+        m.with_proposals({"x": lambda: Normal(0.0, 1.0)})
+
+
+def test_with_proposals_on_a_markov_family_traces_it_member_by_member():
+    """A markov family's members drawn from new proposals: the family is dropped from the copy (its one-call
+    draw would use the family's own proposal), and the estimate is the plain chain's on the same draw."""
+    m = tmcgraph.Model()
+    m.markov("z", 4, init=lambda: Normal(0.0, 1.0), transition=lambda prev: Normal(0.5 * prev, 1.0),
+             proposal=lambda: Normal(0.0, 1.0))
+    m.observe_each("x", "z", lambda z: Normal(z, 1.0))
+    qs = mean_field(m)
+    other = m.with_proposals(qs)
+    assert not other.families and m.families
+    data = {f"x_{t}": torch.tensor(float(t)) for t in range(4)}
+    torch.manual_seed(0)
+    value = other.compile(K=4).log_marginal(data)
+    assert torch.isfinite(value) and value.requires_grad
+    value.backward()
+    assert all(q.loc.grad is not None for q in qs.values())
+    # unbiased for p(x) with the new proposals: x ~ N(0, C + I), C_st = 0.5^|s-t| (1 - 0.25^(min+1)) / 0.75
+    idx = torch.arange(4.0)
+    lo = torch.minimum(idx[:, None], idx[None, :])
+    cov = 0.5 ** (idx[:, None] - idx[None, :]).abs() * (1 - 0.25 ** (lo + 1)) / 0.75 + torch.eye(4)
+    exact = torch.distributions.MultivariateNormal(torch.zeros(4), cov).log_prob(torch.arange(4.0))
+    est = other.compile(K=4)
+    ratio = torch.stack([(est.log_marginal(data).detach() - exact).exp() for _ in range(400)])
+    assert abs(ratio.mean().item() - 1) < 4 * ratio.std().item() / math.sqrt(400)
