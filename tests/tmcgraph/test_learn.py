@@ -243,3 +243,38 @@ def test_with_proposals_on_a_markov_family_traces_it_member_by_member():
     est = other.compile(K=4)
     ratio = torch.stack([(est.log_marginal(data).detach() - exact).exp() for _ in range(400)])
     assert abs(ratio.mean().item() - 1) < 4 * ratio.std().item() / math.sqrt(400)
+
+
+# -- held-out evaluation and data sets ----------------------------------------------------------------------
+def test_predictive_log_likelihood_is_the_closed_form_posterior_predictive():
+    """mu ~ N(0, 1), x_n ~ N(mu, 1): the held-out y ~ N(m 1, I + v 11^T) given x, m and v the posterior's."""
+    x, y = torch.tensor([0.3, 1.9, 0.8, 1.2, 2.2]), torch.tensor([1.0, -0.4, 2.5])
+    m = tmcgraph.Model().plate("N", 5)
+    m.latent("mu", prior=lambda: Normal(0.0, 1.0))
+    m.observe("x", lambda mu: Normal(mu, 1.0), plates=["N"])
+    v = 1.0 / (1 + len(x))
+    exact = torch.distributions.MultivariateNormal(v * x.sum() * torch.ones(3), torch.eye(3) + v).log_prob(y)
+    torch.manual_seed(0)
+    got = tmcgraph.learn.predictive_log_likelihood(
+        m.compile(K=4000), {"x": x}, lambda s: Normal(s["mu"][:, None], 1.0).log_prob(y).sum(-1), num_samples=20000)
+    assert abs(got.item() - exact.item()) < 0.03
+    with pytest.raises(TMCError, match=r"test_log_likelihood returned shape \(20000, 3\), expected \(20000,\)"):
+        tmcgraph.learn.predictive_log_likelihood(m.compile(K=10), {"x": x},
+                                                 lambda s: Normal(s["mu"][:, None], 1.0).log_prob(y),
+                                                 num_samples=20000)
+
+
+def test_the_radon_data_set_loads_its_model_and_held_out_split():
+    from tmcgraph.datasets import radon
+
+    ds = radon.load()
+    assert ds.train["log_radon"].shape == ds.test["log_radon"].shape == (4, 150)
+    assert ds.train["log_radon"][0, :3].tolist() == pytest.approx([0.875468731, 0.832909107, 1.68639895])
+    m = ds.model()
+    assert set(m.latents()) == {"global_mean", "global_log_sigma", "state_mean", "state_log_sigma",
+                                "beta_uranium", "beta_basement"}
+    torch.manual_seed(0)
+    r = fit(m, ds.train, method="qem", K=3, steps=2, progress=False)
+    assert all(math.isfinite(e) for e in r.history["elbo"])
+    samples = r.estimator.posterior(ds.train).sample(7)
+    assert ds.test_log_likelihood(samples).shape == (7,)

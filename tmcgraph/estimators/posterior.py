@@ -98,11 +98,13 @@ class Posterior:
         model = self._model
         topo = {n: k for k, n in enumerate(model.latents())}
         order = sorted(topo, key=lambda n: (len(model.sites[n].plates), topo[n]))
-        fac = {n: f.unsqueeze(0).expand((num_samples,) + tuple(f.shape)) for n, f in self._fac.items()}
+        # a sample dim of size 1 broadcasts: only the factors of latents already drawn (clamped) carry the
+        # num_samples dim, so the steps that touch none of them (a big plate product, say) run once, not N times
+        fac = {n: f.unsqueeze(0) for n, f in self._fac.items()}
         out: Dict[str, torch.Tensor] = {}
         for n in order:
             extra = len(factor_indices(model, self._trace.layout.index_of, n)) - 1
-            leaf = fac[n].clone().requires_grad_()
+            leaf = fac[n].expand((num_samples,) + tuple(fac[n].shape[1:])).clone().requires_grad_()
             with torch.enable_grad():
                 total = self._log_sum({**fac, n: leaf})
                 (g,) = torch.autograd.grad(total.sum(), [leaf])

@@ -5,7 +5,7 @@ proposals (`families`).  See docs/learning.md for the estimators' definitions.
 """
 
 from .families import FAMILIES, Beta, Categorical, Dirichlet, ExpFamily, Gamma, Normal, mean_field
-from .fitting import METHODS, FitResult, fit
+from .fitting import METHODS, FitResult, fit, predictive_log_likelihood
 
 __all__ = ["Beta", "Categorical", "Dirichlet", "ExpFamily", "FAMILIES", "FitResult", "Gamma", "METHODS", "Normal",
-           "fit", "mean_field"]
+           "fit", "mean_field", "predictive_log_likelihood"]

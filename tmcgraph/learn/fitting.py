@@ -32,7 +32,7 @@ from ..estimators import TMC
 from ..model import Model
 from .families import ExpFamily, mean_field
 
-__all__ = ["FitResult", "METHODS", "fit"]
+__all__ = ["FitResult", "METHODS", "fit", "predictive_log_likelihood"]
 
 #: the methods of `fit`
 METHODS = ("vi", "dregs", "rws", "qem")
@@ -234,3 +234,30 @@ def _load(path: str, result: FitResult, optimizer: Optional[torch.optim.Optimize
     torch.set_rng_state(state["rng"])
     result.history = state["history"]
     return int(state["step"])
+
+
+def predictive_log_likelihood(estimator: TMC, data: Mapping[str, object],
+                              test_log_likelihood: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], *,
+                              num_samples: int = 1000) -> torch.Tensor:
+    """``log (1/N) sum_n p(x_test | z_n)``: held-out data's log-likelihood under N joint posterior samples.
+
+    The samples ``z_n`` are drawn through one TMC draw's contraction (`tmcgraph.Posterior.sample`), the
+    definition of the massively parallel learning papers (their "predictive log-likelihood").
+
+    Args:
+        estimator: the (fitted) model's estimator.
+        data: the training observations.
+        test_log_likelihood: ``f(samples) -> (N,)``, samples as latent -> ``(N, *plates, *event)``
+            (`tmcgraph.datasets.Dataset.test_log_likelihood`).
+        num_samples: N.
+
+    Returns:
+        a 0-dim tensor (no gradient).
+    """
+    with torch.no_grad():
+        samples = estimator.posterior(data).sample(num_samples)
+        log_lik = test_log_likelihood({n: v for n, v in samples.items() if not n.startswith("@")})
+        if tuple(log_lik.shape) != (num_samples,):
+            raise TMCError(f"predictive_log_likelihood: test_log_likelihood returned shape {tuple(log_lik.shape)}, "
+                           f"expected ({num_samples},)")
+        return log_lik.logsumexp(0) - torch.log(torch.tensor(float(num_samples), dtype=log_lik.dtype))
