@@ -6,6 +6,9 @@ is measured outside the timed part.  Printed: the ELBO (``log P_TMC`` averaged o
 the last predictive log-likelihood, and the median seconds per step; with ``--json`` the whole curves (against
 steps and against cumulative seconds), with ``--figure`` one figure of both curves per method and K.
 
+The latents the papers draw jointly share one sample index (`tmcgraph.datasets.Dataset.groups`) unless
+``--no-groups``.
+
 Run: python benchmarks/hierarchical.py --dataset radon --Ks 3 10 --steps 300 [--threads 1] [--json F] [--figure F]
 """
 
@@ -28,6 +31,8 @@ LRS = {"vi": 0.05, "dregs": 0.05, "rws": 0.05, "qem": 0.1}
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="radon")
+    parser.add_argument("--folder", default=None, help="the data folder of a data set not shipped (chimpanzees)")
+    parser.add_argument("--no-groups", action="store_true", help="one index per latent, not the papers' groups")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--Ks", type=int, nargs="+", default=[3, 10])
     parser.add_argument("--steps", type=int, default=300)
@@ -41,10 +46,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ds = importlib.import_module(f"tmcgraph.datasets.{args.dataset}").load()
+    module = importlib.import_module(f"tmcgraph.datasets.{args.dataset}")
+    ds = module.load(args.folder) if args.folder else module.load()
+    options = {} if args.no_groups else {"groups": ds.groups}
     model = ds.model()
     runs: List[Dict] = []
-    print(f"{ds.name}: {args.steps} steps, seed {args.seed}, torch threads {torch.get_num_threads()}")
+    print(f"{ds.name}: {args.steps} steps, seed {args.seed}, torch threads {torch.get_num_threads()}, "
+          f"groups {options.get('groups', ())}")
     for K in args.Ks:
         for method in args.methods:
             curve: List = []
@@ -56,7 +64,7 @@ def main(argv=None) -> int:
                     curve.append((step + 1, sum(result.history["seconds"]), float(pll)))
 
             r = fit(model, ds.train, method=method, K=K, steps=args.steps, lr=LRS[method], seed=args.seed,
-                    progress=False, callback=evaluate)
+                    progress=False, callback=evaluate, estimator_options=options)
             elbo = r.history["elbo"]
             tail = statistics.fmean(elbo[-args.tail:])
             per_step = statistics.median(r.history["seconds"])

@@ -30,7 +30,7 @@ is an error naming the site.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 from .declaration import DistFn, Family, ModelBase, Site
 from .estimators import TMC
@@ -72,6 +72,7 @@ class Model(ModelBase):
         backend: str = "eager",
         shard: Optional["Shard"] = None,
         scan: str = "auto",
+        groups: Sequence[Sequence[str]] = (),
     ) -> TMC:
         """Build the TMC estimator: the factor graph of sample indices, compiled once.
 
@@ -92,8 +93,15 @@ class Model(ModelBase):
                 this model declares the plate with the size of this process's shard).
             scan: contract chains of factors by a parallel scan: ``"auto"``, ``"always"``
                 or ``"never"``, as in `tmcgraph.FactorGraph.compile`.
+            groups: lists of sampled latents (same plates, same K) that share one sample
+                index: the k-th samples of a group's latents are drawn together (each from its
+                proposal given the same sample's group parents) and weighed as one joint sample,
+                as IWAE weighs all latents.  A group of g latents costs K where separate indices
+                cost up to K^g in the factors that touch them all (the massively parallel
+                papers group a model's global latents so).
 
         Returns:
             a `tmcgraph.TMC` estimator.
         """
-        return TMC(self, K, optimize=optimize, memory_limit=memory_limit, backend=backend, shard=shard, scan=scan)
+        return TMC(self, K, optimize=optimize, memory_limit=memory_limit, backend=backend, shard=shard, scan=scan,
+                   groups=groups)

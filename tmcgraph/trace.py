@@ -392,6 +392,8 @@ class Tracer:
         args: List[torch.Tensor] = []
         own_args: List[torch.Tensor] = []
         mix: List[int] = []
+        choices: Dict[str, torch.Tensor] = {}  # parent index -> the ancestor of each sample (one per index: the
+        # latents of a group share an index, and a joint sample's members are chosen together)
         with rng(name) if rng is not None else contextlib.nullcontext():
             for p in site.proposal_parents:
                 parent = model.sites[p]
@@ -400,11 +402,12 @@ class Tracer:
                     own_args.append(values[p])
                     continue
                 pidx = layout.index_of[p]
-                choice = torch.randint(layout.index_sizes[pidx], layout.template([own], site.plates),
-                                       device=values[p].device)
-                args.append(_select(values[p], event_dims[p], layout.index_pos[pidx], pos, choice))
+                if pidx not in choices:
+                    choices[pidx] = torch.randint(layout.index_sizes[pidx], layout.template([own], site.plates),
+                                                  device=values[p].device)
+                    mix.append(layout.index_pos[pidx])
+                args.append(_select(values[p], event_dims[p], layout.index_pos[pidx], pos, choices[pidx]))
                 own_args.append(values[p])
-                mix.append(layout.index_pos[pidx])
             # a proposal varies along the latent's own index only through its latent parents' selected samples
             latent_parents = any(model.sites[p].kind == "latent" for p in site.proposal_parents)
             # with no proposal given, the prior is the proposal: a failure is the prior's

@@ -278,3 +278,71 @@ def test_the_radon_data_set_loads_its_model_and_held_out_split():
     assert all(math.isfinite(e) for e in r.history["elbo"])
     samples = r.estimator.posterior(ds.train).sample(7)
     assert ds.test_log_likelihood(samples).shape == (7,)
+
+
+def test_the_bus_breakdown_data_set():
+    from tmcgraph.datasets import bus_breakdown
+
+    ds = bus_breakdown.load()
+    assert ds.train["delayed"].shape == ds.test["delayed"].shape == (2, 3, 150)
+    assert ds.train["delayed"].mean().item() == pytest.approx(0.6656, abs=1e-4)
+    est = ds.model().compile(K=3, groups=ds.groups)
+    assert "psi+phi+sigma_beta+mu_beta" in est.graph.indices
+    torch.manual_seed(0)
+    assert torch.isfinite(est.log_marginal(ds.train))
+    samples = est.posterior(ds.train).sample(5)
+    assert ds.test_log_likelihood(samples).shape == (5,)
+
+
+def test_the_occupancy_data_set_and_its_held_out_likelihood_summing_presence_out():
+    from tmcgraph.datasets import occupancy
+
+    ds = occupancy.load()
+    assert ds.train["seen"].shape == (12, 6, 200, 5) and ds.test["seen"].shape == (12, 6, 100, 5)
+    torch.manual_seed(0)
+    est = ds.model().compile(K=2, groups=ds.groups)
+    assert torch.isfinite(est.log_marginal(ds.train))
+    samples = {n: v for n, v in est.posterior(ds.train).sample(2).items() if not n.startswith("@")}
+    got = ds.test_log_likelihood(samples)
+    # the same sum, site by site, for the first sample: log sum_z p(z) prod_r p(seen_r | z)
+    weather, quality = occupancy._columns()["weather"][:, :, 200:], occupancy._columns()["quality"][:, :, 200:]
+    total = 0.0
+    for b in range(12):
+        for y in range(6):
+            logit_z = samples["bird_year_mean"][0, b, y] * weather[b, y] * samples["beta"][0, b]
+            per_z = []
+            for z in (0.0, 1.0):
+                logit_seen = samples["alpha"][0, b] * quality[b, y] * z - 10.0 * (1 - z)
+                seen = torch.distributions.Bernoulli(logits=logit_seen[:, None]).log_prob(ds.test["seen"][b, y]).sum(-1)
+                per_z.append(torch.distributions.Bernoulli(logits=logit_z).log_prob(torch.tensor(z)) + seen)
+            total += torch.logsumexp(torch.stack(per_z), 0).sum().item()
+    assert got[0].item() == pytest.approx(total, rel=1e-5)
+
+
+def test_the_chimpanzees_data_set_reads_a_users_file_grouped_by_block(tmp_path, monkeypatch):
+    """A file in the rethinking package's format (rows shuffled): trials are grouped by actor and block, ordered
+    by trial number, and the last two of each block held out."""
+    from tmcgraph.datasets import chimpanzees
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for actor in range(1, 8):
+        for block in range(1, 7):
+            for r in range(12):
+                trial = 12 * (block - 1) + r + 1
+                pulled = int(torch.randint(2, (1,), generator=gen))
+                rows.append(f"{actor};NA;{r % 2};{block};{trial};{(r // 2) % 2};0;{pulled}")
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    header = '"actor";"recipient";"condition";"block";"trial";"prosoc.left";"chose.prosoc";"pulled.left"'
+    (tmp_path / "chimpanzees.csv").write_text("\n".join([header] + [rows[i] for i in order]) + "\n")
+    ds = chimpanzees.load(tmp_path)
+    want = torch.tensor([float(r.split(";")[-1]) for r in rows]).reshape(7, 6, 12)
+    torch.testing.assert_close(ds.train["pulled_left"], want[..., :10])
+    torch.testing.assert_close(ds.test["pulled_left"], want[..., 10:])
+    monkeypatch.delenv("TMCGRAPH_DATA", raising=False)
+    with pytest.raises(TMCError, match="chimpanzees.csv not found in None"):
+        chimpanzees.load()
+    torch.manual_seed(0)
+    est = ds.model().compile(K=3, groups=ds.groups)
+    samples = est.posterior(ds.train).sample(4)
+    assert ds.test_log_likelihood(samples).shape == (4,)

@@ -7,13 +7,19 @@ states its source and licence in its module's docstring and in docs/learning.md.
 
 * `radon`: log radon levels of houses in 4 US states, 300 zip codes each (Gelman and Hill, 2007); held out: the
   second half of each state's zip codes.
+* `bus_breakdown`: whether NYC school-bus delays exceeded 30 minutes, 2 years x 3 boroughs x 300 incidents (NYC
+  Open Data); held out: the second half of each borough's incidents.
+* `occupancy`: 12 bird species seen or not on 5 visits to 300 sites in 6 years (North American Breeding Bird
+  Survey), each site's presence a discrete latent; held out: the last 100 sites.
+* `chimpanzees`: 7 chimpanzees' lever pulls in 6 blocks of 12 trials (Silk et al., 2005); read from a folder you
+  give (GPL-3 data, not shipped); held out: the last 2 trials of each block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Tuple
 
 import torch
 
@@ -38,6 +44,7 @@ class Dataset:
             as latent -> ``(N, *plates of the latent, *event)`` (`tmcgraph.Posterior.sample`'s layout).
         source: where the data come from.
         licence: the data's licence.
+        groups: the latents the papers draw jointly, one sample index per group (``Model.compile``'s ``groups``).
     """
 
     name: str
@@ -47,3 +54,4 @@ class Dataset:
     test_log_likelihood: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
     source: str
     licence: str
+    groups: Tuple[Tuple[str, ...], ...] = ()

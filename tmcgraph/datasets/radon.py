@@ -80,4 +80,5 @@ def load() -> Dataset:
         source="US EPA National Residential Radon Survey via Gelman and Hill (2007); selection of Heap, Bowyer and "
                "Aitchison (alan-ppl/alan)",
         licence="US federal government work, public domain in the US",
+        groups=(("global_mean", "global_log_sigma"),),
     )

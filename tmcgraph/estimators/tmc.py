@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.distributions import constraints
@@ -38,11 +38,12 @@ class TMC(GraphEstimator):
         backend: ``"eager"`` or ``"compiled"``: how the plan runs (`Plan.log_sum`).
         scan: whether chains of factors are contracted by a parallel scan (``"auto"``,
             ``"always"``, ``"never"``; `tmcgraph.FactorGraph.compile`).
+        groups: tuples of latents that share one sample index (`tmcgraph.Model.compile`'s ``groups``).
     """
 
     def __init__(self, model: Model, K: Union[int, Mapping[str, int]], *, optimize: str = "auto",
                  memory_limit: Optional[int] = None, backend: str = "eager", shard: Optional[Shard] = None,
-                 scan: str = "auto") -> None:
+                 scan: str = "auto", groups: Sequence[Sequence[str]] = ()) -> None:
         latents = model.latents()
         self.shard = _check_shard(model, shard, backend)
         if shard is not None:
@@ -66,9 +67,13 @@ class TMC(GraphEstimator):
             self.K = {n: check_k(n, K[n]) for n in sampled}
         else:
             self.K = {n: check_k(n, K) for n in sampled}
-        sizes = {n: self.K[n] if n in self.K else enumerated_size(model, n) for n in latents}
         index_of = {n: n for n in latents}
-        plates = {n: model.sites[n].plates for n in latents}
+        self.groups = _check_groups(model, groups, self.K)
+        for members in self.groups:
+            for n in members:
+                index_of[n] = "+".join(members)  # one index: the members' k-th samples are drawn together
+        sizes = {index_of[n]: self.K[n] if n in self.K else enumerated_size(model, n) for n in latents}
+        plates = {index_of[n]: model.sites[n].plates for n in latents}
         super().__init__(model, index_of, sizes, plates, optimize=optimize, memory_limit=memory_limit,
                          backend=backend, scan=scan)
 
@@ -168,9 +173,9 @@ class TMC(GraphEstimator):
             # log K of the sampled index copies in the sharded plate, summed over the shards (once per shapes);
             # the same collective checks that every process evaluates the same batch shape
             plate = self.shard.plate
-            local = sum(math.log(tr.layout.index_sizes[n]) * math.prod(self.model.plates[p]
-                                                                          for p in self.model.sites[n].plates)
-                        for n in self._sampled if plate in self.model.sites[n].plates)
+            local = sum(math.log(tr.layout.index_sizes[i]) * math.prod(self.model.plates[p]
+                                                                          for p in self._index_plates[i])
+                        for i in self._sampled_indices() if plate in self._index_plates[i])
             gathered = self.shard.gather_objects((tuple(tr.layout.batch), local))
             batches = [b for b, _ in gathered]
             if any(b != batches[0] for b in batches):
@@ -268,6 +273,31 @@ class TMC(GraphEstimator):
 
     def __repr__(self) -> str:
         return f"TMC(K={self.K}, plan={self.plan if self._plans else 'built at first evaluation'})"
+
+
+def _check_groups(model: Model, groups: Sequence[Sequence[str]], K: Mapping[str, int]) -> Tuple[Tuple[str, ...], ...]:
+    """Validate ``groups``: sampled latents, each in one group, one K and the same plates within a group."""
+    if isinstance(groups, str) or any(isinstance(g, str) for g in groups):
+        raise TMCError(f"groups must be a list of lists of latent names, got {groups!r}")
+    out = tuple(tuple(g) for g in groups)
+    seen: Dict[str, int] = {}
+    for k, members in enumerate(out):
+        if len(members) < 2:
+            raise TMCError(f"group {list(members)}: a group needs at least two latents")
+        for n in members:
+            if n not in K:
+                raise TMCError(f"group {list(members)}: {n!r} is not a sampled latent; sampled latents: {list(K)}")
+            if n in seen:
+                raise TMCError(f"group {list(members)}: latent {n!r} is already in group {list(out[seen[n]])}")
+            seen[n] = k
+        if len({K[n] for n in members}) != 1:
+            raise TMCError(f"group {list(members)}: its latents have different K {[K[n] for n in members]}; a group "
+                           "shares one index of K samples")
+        plates = {model.sites[n].plates for n in members}
+        if len(plates) != 1:
+            raise TMCError(f"group {list(members)}: its latents live in different plates "
+                           f"{ {n: list(model.sites[n].plates) for n in members} }; a group shares one index")
+    return out
 
 
 def _in_support(layout: Layout, data: Mapping[str, object], supports: Mapping[str, constraints.Constraint]) -> bool:

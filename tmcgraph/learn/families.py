@@ -376,6 +376,7 @@ FAMILIES: Dict[str, Type[ExpFamily]] = {c.name: c for c in (Normal, Gamma, Beta,
 
 
 def mean_field(model: ModelBase, families: Optional[Mapping[str, str]] = None, *, default: str = "normal",
+               data: Optional[Mapping[str, object]] = None,
                event_shapes: Optional[Mapping[str, Sequence[int]]] = None,
                init: Optional[Mapping[str, Mapping[str, float]]] = None) -> Dict[str, ExpFamily]:
     """One learnable proposal per sampled latent of ``model``, with parameters per element of its plates.
@@ -387,7 +388,9 @@ def mean_field(model: ModelBase, families: Optional[Mapping[str, str]] = None, *
             ``"categorical"``); latents not listed get ``default``.  Choose by the prior's support: real,
             positive, unit interval, simplex, finite.
         default: the family of unlisted latents.
-        event_shapes: latent -> its event shape (default ``()``).
+        data: observations; if given, one draw of the model (its current proposals, K=1) reads every latent's
+            event shape, so ``event_shapes`` is not needed.
+        event_shapes: latent -> its event shape (default: read from ``data``, else ``()``).
         init: latent -> keyword arguments of its family (``loc``/``scale``, ``concentration``/``rate``, ...,
             ``num_categories``).
 
@@ -401,6 +404,13 @@ def mean_field(model: ModelBase, families: Optional[Mapping[str, str]] = None, *
         if unknown:
             raise TMCError(f"mean_field: {what} names {unknown}, which are not sampled latents; sampled latents: "
                            f"{sampled}")
+    if data is not None:
+        from ..estimators import TMC
+
+        tr, _, _ = TMC(model, 1)._trace(data)
+        for name in sampled:
+            ev = tr.event_dims[name]
+            event_shapes.setdefault(name, tuple(tr.values[name].shape[tr.values[name].dim() - ev:]) if ev else ())
     out: Dict[str, ExpFamily] = {}
     for name in sampled:
         family = families.get(name, default)

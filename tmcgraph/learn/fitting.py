@@ -74,7 +74,8 @@ def fit(model: Model, data: Mapping[str, object], *, method: str = "vi", K: int 
         K: samples per latent.
         steps: the total number of steps (a resumed run continues up to it).
         lr: Adam's learning rate, or QEM's moving-average step in ``(0, 1]`` (default `DEFAULT_LR`).
-        proposals: latent -> learnable proposal (default ``mean_field(model)``: a Normal per latent).  QEM
+        proposals: latent -> learnable proposal (default ``mean_field(model, data=data)``: a Normal per latent,
+            of the latent's event shape).  QEM
             needs every sampled latent's proposal to be an `ExpFamily`.
         model_params: the model's own learnable parameters (wake-theta / ``log P`` gradient).
         seed: seeds torch's generator at the start (``None``: leave it); a resumed run restores the generator's
@@ -101,7 +102,7 @@ def fit(model: Model, data: Mapping[str, object], *, method: str = "vi", K: int 
     if not (isinstance(lr, (int, float)) and lr > 0) or (method == "qem" and lr > 1):
         raise TMCError(f"fit: lr must be {'in (0, 1]' if method == 'qem' else 'positive'} for method "
                        f"{method!r}, got {lr!r}")
-    qs = dict(proposals) if proposals is not None else mean_field(model)
+    qs = dict(proposals) if proposals is not None else mean_field(model, data=data)
     sampled = [n for n in model.latents() if not model.sites[n].enumerate]
     if method == "qem":
         missing = [n for n in sampled if not isinstance(qs.get(n), ExpFamily)]
