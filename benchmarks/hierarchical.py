@@ -3,7 +3,9 @@
 For each method and K, ``fit`` runs ``--steps`` steps from the same seed; every ``--eval-every`` steps the
 held-out predictive log-likelihood (`tmcgraph.learn.predictive_log_likelihood`, ``--samples`` posterior samples)
 is measured outside the timed part.  Printed: the ELBO (``log P_TMC`` averaged over the last ``--tail`` steps),
-the last predictive log-likelihood, and the median seconds per step; with ``--json`` the whole curves (against
+the last predictive log-likelihood, and the median seconds per step; with ``--reference`` (a NUTS run of
+`benchmarks/nuts_reference.py`) the fitted posterior's means against NUTS's, as the root mean square of their
+difference in NUTS standard deviations over every latent element.  With ``--json`` the whole curves (against
 steps and against cumulative seconds), with ``--figure`` one figure of both curves per method and K.
 
 The latents the papers draw jointly share one sample index (`tmcgraph.datasets.Dataset.groups`) unless
@@ -28,16 +30,36 @@ from tmcgraph.learn import METHODS, fit, predictive_log_likelihood
 LRS = {"vi": 0.05, "dregs": 0.05, "rws": 0.05, "qem": 0.1}
 
 
+def moment_error(estimator, data, reference: Dict, draws: int) -> float:
+    """Root mean square over every latent element of ``(E_TMC[z] - E_NUTS[z]) / sd_NUTS[z]``.
+
+    ``E_TMC`` averages the posterior means of ``draws`` TMC draws (`tmcgraph.TMC.moments`) of the fitted model.
+    """
+    with torch.no_grad():
+        means = [estimator.moments(data) for _ in range(draws)]
+    errors = []
+    for name, ref in reference["mean"].items():
+        got = torch.stack([m[name] for m in means]).mean(0)
+        sd = torch.tensor(reference["var"][name]).clamp_min(1e-12).sqrt()
+        errors.append(((got - torch.tensor(ref)) / sd).flatten())
+    return float(torch.cat(errors).pow(2).mean().sqrt())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="radon")
     parser.add_argument("--folder", default=None, help="the data folder of a data set not shipped (chimpanzees)")
     parser.add_argument("--no-groups", action="store_true", help="one index per latent, not the papers' groups")
+    parser.add_argument("--reference", default=None,
+                        help="a benchmarks/nuts_reference.py JSON: report the posterior means' error against it")
+    parser.add_argument("--moment-draws", type=int, default=10,
+                        help="TMC draws averaged for the fitted posterior's means (with --reference)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--Ks", type=int, nargs="+", default=[3, 10])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--chunk-size", type=int, default=None, help="posterior samples per pass (memory)")
     parser.add_argument("--tail", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -50,6 +72,10 @@ def main(argv=None) -> int:
     ds = module.load(args.folder) if args.folder else module.load()
     options = {} if args.no_groups else {"groups": ds.groups}
     model = ds.model()
+    reference = None
+    if args.reference:
+        with open(args.reference) as f:
+            reference = json.load(f)
     runs: List[Dict] = []
     print(f"{ds.name}: {args.steps} steps, seed {args.seed}, torch threads {torch.get_num_threads()}, "
           f"groups {options.get('groups', ())}")
@@ -60,7 +86,8 @@ def main(argv=None) -> int:
             def evaluate(step, result, curve=curve):
                 if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                     pll = predictive_log_likelihood(result.estimator, ds.train, ds.test_log_likelihood,
-                                                    num_samples=args.samples)
+                                                    num_samples=args.samples, latents=ds.test_latents,
+                                                    chunk_size=args.chunk_size)
                     curve.append((step + 1, sum(result.history["seconds"]), float(pll)))
 
             r = fit(model, ds.train, method=method, K=K, steps=args.steps, lr=LRS[method], seed=args.seed,
@@ -68,10 +95,11 @@ def main(argv=None) -> int:
             elbo = r.history["elbo"]
             tail = statistics.fmean(elbo[-args.tail:])
             per_step = statistics.median(r.history["seconds"])
+            error = None if reference is None else moment_error(r.estimator, ds.train, reference, args.moment_draws)
             print(f"K={K:<4d} {method:<6s} ELBO {tail:10.2f}   predictive ll {curve[-1][2]:10.2f}   "
-                  f"{1e3 * per_step:7.1f} ms/step")
+                  f"{1e3 * per_step:7.1f} ms/step" + ("" if error is None else f"   mean error vs NUTS {error:.3f}"))
             runs.append({"K": K, "method": method, "lr": LRS[method], "elbo": elbo, "seconds": r.history["seconds"],
-                         "predictive": curve})
+                         "predictive": curve, "mean_error_vs_nuts": error})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dataset": ds.name, "steps": args.steps, "seed": args.seed, "runs": runs}, f)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -45,6 +45,7 @@ class Dataset:
         source: where the data come from.
         licence: the data's licence.
         groups: the latents the papers draw jointly, one sample index per group (``Model.compile``'s ``groups``).
+        test_latents: the latents ``test_log_likelihood`` reads (``None``: all), the only ones to sample for it.
     """
 
     name: str
@@ -55,3 +56,4 @@ class Dataset:
     source: str
     licence: str
     groups: Tuple[Tuple[str, ...], ...] = ()
+    test_latents: Optional[Tuple[str, ...]] = None

@@ -106,4 +106,5 @@ def load() -> Dataset:
         licence="US federal government work (USGS), public domain in the US",
         groups=(("bird_mean_mean", "bird_mean_log_var", "alpha_mean", "alpha_log_var", "beta_mean",
                  "beta_log_var"), ("bird_mean", "alpha", "beta")),
+        test_latents=("alpha", "beta", "bird_year_mean"),  # the held-out sites' presence is summed out
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, ContextManager, Dict, Mapping, Optional
+from typing import Callable, ContextManager, Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -80,7 +80,8 @@ class Posterior:
         extra = v.dim() - w.dim()
         return (w.reshape(tuple(w.shape) + (1,) * extra).to(v.dtype) * v).sum(dim=w.dim() - 1)
 
-    def sample(self, num_samples: int) -> Dict[str, torch.Tensor]:
+    def sample(self, num_samples: int, *, latents: Optional[Sequence[str]] = None,
+               chunk_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """Importance samples drawn through the contraction (backward sampling).
 
         Draws ``num_samples`` joint index assignments from the TMC posterior over
@@ -89,15 +90,38 @@ class Posterior:
         conditioned on the latents drawn before (fewer plates first), by one
         contraction with the earlier choices clamped.
 
+        Args:
+            num_samples: the number of joint samples.
+            latents: draw only these latents, from their joint posterior (the others summed out, as the
+                contraction does): cheaper when the rest are many (local latents) and not needed.
+            chunk_size: draw at most this many samples per pass (memory: a pass holds the clamped factors
+                with a batch of ``chunk_size``); the chunks are independent draws, concatenated.
+
         Returns:
             latent -> ``(num_samples, *batch, *plates, *event)`` values, and
             ``"@index:<latent>"`` -> ``(num_samples, *batch, *plates)`` indices.
         """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise TMCError(f"num_samples must be a positive int, got {num_samples!r}")
+        for what, n in (("num_samples", num_samples), ("chunk_size", 1 if chunk_size is None else chunk_size)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise TMCError(f"{what} must be a positive int, got {n!r}")
         model = self._model
         topo = {n: k for k, n in enumerate(model.latents())}
-        order = sorted(topo, key=lambda n: (len(model.sites[n].plates), topo[n]))
+        if latents is not None:
+            unknown = [n for n in latents if n not in topo]
+            if isinstance(latents, str) or unknown:
+                raise TMCError(f"sample: latents must be a list of latents of the model; unknown {unknown or latents!r}"
+                               f", latents: {list(topo)}")
+        wanted = set(topo if latents is None else latents)
+        order = sorted(wanted, key=lambda n: (len(model.sites[n].plates), topo[n]))
+        if chunk_size is not None and chunk_size < num_samples:
+            parts = [self._sample(min(chunk_size, num_samples - start), order)
+                     for start in range(0, num_samples, chunk_size)]
+            return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+        return self._sample(num_samples, order)
+
+    def _sample(self, num_samples: int, order: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """`sample` of the latents in ``order`` (the order they are drawn in), in one pass."""
+        model = self._model
         # a sample dim of size 1 broadcasts: only the factors of latents already drawn (clamped) carry the
         # num_samples dim, so the steps that touch none of them (a big plate product, say) run once, not N times
         fac = {n: f.unsqueeze(0) for n, f in self._fac.items()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.distributions import constraints
@@ -270,6 +270,44 @@ class TMC(GraphEstimator):
         """
         tr, plan, norm = self._trace(data)
         return Posterior(self.model, tr, plan, norm, lambda fs: self._log_sum(plan, fs, share=False), self._rng)
+
+    def moments(self, data: Mapping[str, object],
+                statistics: Optional[Mapping[str, Callable[[torch.Tensor], torch.Tensor]]] = None
+                ) -> Dict[str, torch.Tensor]:
+        """Posterior expectations ``E[f(z)]`` per plate element, from one TMC draw (`Posterior.mean`).
+
+        Args:
+            data: observation name -> value ``(*batch, *plates, *event)``.
+            statistics: latent -> ``f``, applied to samples ``(*batch, *plates, K, *event)`` and returning
+                ``(*batch, *plates, K, *out)``; default: the identity for every latent (posterior means).
+
+        Returns:
+            latent -> ``(*batch, *plates of the latent, *out)``.  Self-normalised: consistent as K grows.
+        """
+        post = self.posterior(data)
+        fns = statistics if statistics is not None else {n: None for n in self.model.latents()}
+        return {n: post.mean(n, fn) for n, fn in fns.items()}
+
+    def marginals(self, data: Mapping[str, object]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Each latent's samples and their posterior weights, from one TMC draw.
+
+        Returns:
+            latent -> ``(samples (*batch, *plates, K, *event), weights (*batch, *plates, K))``; the weights sum
+            to 1 over K (`Posterior.marginals`).
+        """
+        post = self.posterior(data)
+        return {n: (post.samples[n], post.marginals[n]) for n in self.model.latents()}
+
+    def importance_sample(self, data: Mapping[str, object], num_samples: int) -> Dict[str, torch.Tensor]:
+        """``num_samples`` joint samples from one TMC draw's posterior over sample combinations.
+
+        Drawn through the contraction (`Posterior.sample`): each is a combination of the draw's samples, with
+        probability proportional to its importance weight.
+
+        Returns:
+            latent -> ``(num_samples, *batch, *plates, *event)``.
+        """
+        return {n: v for n, v in self.posterior(data).sample(num_samples).items() if not n.startswith("@")}
 
     def __repr__(self) -> str:
         return f"TMC(K={self.K}, plan={self.plan if self._plans else 'built at first evaluation'})"

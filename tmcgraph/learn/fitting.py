@@ -239,7 +239,8 @@ def _load(path: str, result: FitResult, optimizer: Optional[torch.optim.Optimize
 
 def predictive_log_likelihood(estimator: TMC, data: Mapping[str, object],
                               test_log_likelihood: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], *,
-                              num_samples: int = 1000) -> torch.Tensor:
+                              num_samples: int = 1000, latents: Optional[Sequence[str]] = None,
+                              chunk_size: Optional[int] = None) -> torch.Tensor:
     """``log (1/N) sum_n p(x_test | z_n)``: held-out data's log-likelihood under N joint posterior samples.
 
     The samples ``z_n`` are drawn through one TMC draw's contraction (`tmcgraph.Posterior.sample`), the
@@ -251,12 +252,15 @@ def predictive_log_likelihood(estimator: TMC, data: Mapping[str, object],
         test_log_likelihood: ``f(samples) -> (N,)``, samples as latent -> ``(N, *plates, *event)``
             (`tmcgraph.datasets.Dataset.test_log_likelihood`).
         num_samples: N.
+        latents: the latents ``test_log_likelihood`` reads (default all): only these are drawn
+            (`tmcgraph.Posterior.sample`'s ``latents``; `tmcgraph.datasets.Dataset.test_latents`).
+        chunk_size: at most this many samples per pass (memory).
 
     Returns:
         a 0-dim tensor (no gradient).
     """
     with torch.no_grad():
-        samples = estimator.posterior(data).sample(num_samples)
+        samples = estimator.posterior(data).sample(num_samples, latents=latents, chunk_size=chunk_size)
         log_lik = test_log_likelihood({n: v for n, v in samples.items() if not n.startswith("@")})
         if tuple(log_lik.shape) != (num_samples,):
             raise TMCError(f"predictive_log_likelihood: test_log_likelihood returned shape {tuple(log_lik.shape)}, "
