@@ -85,7 +85,7 @@ def fit(model: Model, data: Mapping[str, object], *, method: str = "vi", K: int 
         checkpoint_every: steps between checkpoints.
         progress: show a tqdm progress bar with the latest ``log P``.
         callback: ``callback(step, result)`` after every step, outside the timed part (held-out evaluation).
-        estimator_options: keyword arguments of ``Model.compile`` (``optimize``, ``memory_limit``, ...).
+        estimator_options: keyword arguments of ``Model.compile`` (``groups``, ``optimize``, ``memory_limit``, ...).
 
     Returns:
         a `FitResult`.
@@ -220,7 +220,7 @@ def _save(path: str, result: FitResult, optimizer: Optional[torch.optim.Optimize
 def _load(path: str, result: FitResult, optimizer: Optional[torch.optim.Optimizer],
           model_params: List[torch.nn.Parameter], **run: Any) -> int:
     """Restore a checkpoint into ``result``, the optimizer, the parameters and the generator; returns its step."""
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     if state["run"] != run:
         raise TMCError(f"fit: checkpoint {path!r} is of another run ({state['run']}, this one is {run}); remove it "
                        "or give another path")
