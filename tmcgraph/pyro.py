@@ -323,9 +323,11 @@ class TMC_ELBO(ELBO):  # noqa: N801 (Pyro's naming)
             terms.append((name, site["fn"].log_prob(site["value"]), site))
         # poutine.scale beyond the subsampled plates' own: one scale common to every site (a handler around the
         # whole model and guide) scales log P itself, as Pyro's ELBOs do; other scales raise a site's factor
-        residual = [_residual(site, nesting) for _, _, site in terms]
+        plates = [_plates(site, nesting) for _, _, site in terms]
+        residual = [_residual(site, p) for (_, _, site), p in zip(terms, plates)]
         common = residual[0] if residual and all(_same(r, residual[0]) for r in residual) else 1.0
-        sites = [_site(name, lp, site, sizes, nesting, r / common) for (name, lp, site), r in zip(terms, residual)]
+        sites = [_site(name, lp, site, p, sizes, nesting, r / common)
+                 for (name, lp, site), p, r in zip(terms, plates, residual)]
         return _Traced(sites, sizes, sampled, latents, common)
 
 
@@ -373,12 +375,12 @@ def _plates(site: Dict[str, Any], nesting: int) -> List[_Plate]:
     return sorted(plates, key=lambda p: p[1])
 
 
-def _residual(site: Dict[str, Any], nesting: int) -> Any:
+def _residual(site: Dict[str, Any], plates: List[_Plate]) -> Any:
     """A site's ``poutine.scale`` beyond its subsampled plates' scales: a float, or a tensor over its plates."""
     scale = site["scale"]  # a Python number, or a tensor (Pyro's subsampling makes a 0-dim one, in float32)
     if isinstance(scale, torch.Tensor) and scale.dim() == 0:
         scale = scale.item()
-    return scale / _scale(_plates(site, nesting))
+    return scale / _scale(plates)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -386,15 +388,14 @@ def _same(a: Any, b: Any) -> bool:
     return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6)
 
 
-def _site(name: str, log_prob: torch.Tensor, site: Dict[str, Any], sizes: _Sizes, nesting: int,
-          scale: Any) -> _Site:
+def _site(name: str, log_prob: torch.Tensor, site: Dict[str, Any], plates: List[_Plate], sizes: _Sizes,
+          nesting: int, scale: Any) -> _Site:
     """Lay ``log_prob`` out as a factor over the site's plates (expanded) and the sample dims it varies along."""
     mask = site["mask"]  # poutine.mask: a masked-out entry contributes nothing (log-density 0)
     if isinstance(mask, torch.Tensor):
         log_prob = torch.where(mask, log_prob, torch.zeros((), dtype=log_prob.dtype, device=log_prob.device))
     elif mask is False:
         log_prob = torch.zeros_like(log_prob)
-    plates = _plates(site, nesting)
     ids = site["infer"].get("_dim_to_id", {})
     indices = []
     for d in range(-log_prob.dim(), 0):

@@ -96,12 +96,14 @@ class ExpFamily(nn.Module):
         layout_plates: every plate of the model, in declaration order (the tensor layout's plate dims).
         event_shape: the latent's event shape.
 
-    Subclasses define ``_distribution(**params)`` over constrained parameters, ``statistics``,
-    ``mean_parameters`` and ``set_mean_parameters``.
+    Subclasses set ``family`` (the torch distribution, whose arguments are the keys of ``params``) and define
+    ``params``, ``statistics``, ``mean_parameters`` and ``set_mean_parameters``.
     """
 
     #: the family's name in `FAMILIES`
     name = "expfamily"
+    #: the torch distribution class, called with ``params()``
+    family: type = Distribution
     #: a proposal without parents, for `tmcgraph.Model`'s inspection of a site function's arguments
     __signature__ = inspect.Signature()
 
@@ -121,11 +123,17 @@ class ExpFamily(nn.Module):
     # -- the distribution ---------------------------------------------------------------------------------
     def forward(self) -> Distribution:
         """The proposal, its parameters in the model's tensor layout ``(*plate dims, *event)``."""
-        return self._distribution(**{k: self._to_layout(v) for k, v in self.params().items()})
+        return self._distribution({k: self._to_layout(v) for k, v in self.params().items()})
 
     def site_distribution(self) -> Distribution:
         """The proposal laid out as posterior samples are: batch ``(*plates of the latent, 1)``, for the K dim."""
-        return self._distribution(**{k: v.unsqueeze(len(self.plate_shape)) for k, v in self.params().items()})
+        return self._distribution({k: v.unsqueeze(len(self.plate_shape)) for k, v in self.params().items()})
+
+    def _distribution(self, params: Dict[str, torch.Tensor]) -> Distribution:
+        """``family(**params)``, independent over the event dims the family does not make its own."""
+        d = self.family(**params)
+        extra = len(self.event_shape) - len(d.event_shape)
+        return Independent(d, extra) if extra else d
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """``log q(z)`` of samples laid out ``(*plates of the latent, K, *event)``: ``(*plates, K)``."""
@@ -133,9 +141,6 @@ class ExpFamily(nn.Module):
 
     def params(self) -> Dict[str, torch.Tensor]:
         """The constrained parameters, each ``(*plate sizes, *parameter event)``."""
-        raise NotImplementedError
-
-    def _distribution(self, **params: torch.Tensor) -> Distribution:
         raise NotImplementedError
 
     def statistics(self, z: torch.Tensor) -> torch.Tensor:
@@ -189,6 +194,7 @@ class Normal(ExpFamily):
     """``Normal(loc, exp(log_scale))``, independent over the event dims; statistics ``(z, z^2)`` (last dim 2)."""
 
     name = "normal"
+    family = torch.distributions.Normal
 
     def __init__(self, plates: Sequence[str] = (), plate_sizes: Sequence[int] = (),
                  layout_plates: Optional[Sequence[str]] = None, event_shape: Sequence[int] = (), *,
@@ -200,11 +206,6 @@ class Normal(ExpFamily):
     @override
     def params(self) -> Dict[str, torch.Tensor]:
         return {"loc": self.loc, "scale": self.log_scale.exp()}
-
-    @override
-    def _distribution(self, **p: torch.Tensor) -> Distribution:
-        d: Distribution = torch.distributions.Normal(p["loc"], p["scale"])
-        return Independent(d, len(self.event_shape)) if self.event_shape else d
 
     @override
     def statistics(self, z: torch.Tensor) -> torch.Tensor:
@@ -226,6 +227,7 @@ class Gamma(ExpFamily):
     """``Gamma(exp(log_concentration), exp(log_rate))``; statistics ``(log z, z)`` (last dim 2)."""
 
     name = "gamma"
+    family = torch.distributions.Gamma
 
     def __init__(self, plates: Sequence[str] = (), plate_sizes: Sequence[int] = (),
                  layout_plates: Optional[Sequence[str]] = None, event_shape: Sequence[int] = (), *,
@@ -237,11 +239,6 @@ class Gamma(ExpFamily):
     @override
     def params(self) -> Dict[str, torch.Tensor]:
         return {"concentration": self.log_concentration.exp(), "rate": self.log_rate.exp()}
-
-    @override
-    def _distribution(self, **p: torch.Tensor) -> Distribution:
-        d: Distribution = torch.distributions.Gamma(p["concentration"], p["rate"])
-        return Independent(d, len(self.event_shape)) if self.event_shape else d
 
     @override
     def statistics(self, z: torch.Tensor) -> torch.Tensor:
@@ -263,6 +260,7 @@ class Beta(ExpFamily):
     """``Beta(exp(log_concentration1), exp(log_concentration0))``; statistics ``(log z, log(1 - z))``."""
 
     name = "beta"
+    family = torch.distributions.Beta
 
     def __init__(self, plates: Sequence[str] = (), plate_sizes: Sequence[int] = (),
                  layout_plates: Optional[Sequence[str]] = None, event_shape: Sequence[int] = (), *,
@@ -274,11 +272,6 @@ class Beta(ExpFamily):
     @override
     def params(self) -> Dict[str, torch.Tensor]:
         return {"concentration1": self.log_concentration1.exp(), "concentration0": self.log_concentration0.exp()}
-
-    @override
-    def _distribution(self, **p: torch.Tensor) -> Distribution:
-        d: Distribution = torch.distributions.Beta(p["concentration1"], p["concentration0"])
-        return Independent(d, len(self.event_shape)) if self.event_shape else d
 
     @override
     def statistics(self, z: torch.Tensor) -> torch.Tensor:
@@ -304,6 +297,7 @@ class Dirichlet(ExpFamily):
     """
 
     name = "dirichlet"
+    family = torch.distributions.Dirichlet
 
     def __init__(self, plates: Sequence[str] = (), plate_sizes: Sequence[int] = (),
                  layout_plates: Optional[Sequence[str]] = None, event_shape: Sequence[int] = (2,), *,
@@ -316,10 +310,6 @@ class Dirichlet(ExpFamily):
     @override
     def params(self) -> Dict[str, torch.Tensor]:
         return {"concentration": self.log_concentration.exp()}
-
-    @override
-    def _distribution(self, **p: torch.Tensor) -> Distribution:
-        return torch.distributions.Dirichlet(p["concentration"])
 
     @override
     def statistics(self, z: torch.Tensor) -> torch.Tensor:
@@ -339,6 +329,7 @@ class Categorical(ExpFamily):
     """``Categorical(logits=logits)`` over ``num_categories``; statistics ``one_hot(z)`` (last dim the categories)."""
 
     name = "categorical"
+    family = torch.distributions.Categorical
 
     def __init__(self, plates: Sequence[str] = (), plate_sizes: Sequence[int] = (),
                  layout_plates: Optional[Sequence[str]] = None, event_shape: Sequence[int] = (), *,
@@ -353,10 +344,6 @@ class Categorical(ExpFamily):
     @override
     def params(self) -> Dict[str, torch.Tensor]:
         return {"logits": self.logits}
-
-    @override
-    def _distribution(self, **p: torch.Tensor) -> Distribution:
-        return torch.distributions.Categorical(logits=p["logits"])
 
     @override
     def statistics(self, z: torch.Tensor) -> torch.Tensor:

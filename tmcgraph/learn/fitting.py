@@ -122,8 +122,11 @@ def fit(model: Model, data: Mapping[str, object], *, method: str = "vi", K: int 
         torch.manual_seed(seed)
     if checkpoint is not None and os.path.exists(checkpoint):
         start = _load(checkpoint, result, optimizer, model_params, method=method, K=K, seed=seed)
+    def save(done: int) -> None:
+        if checkpoint is not None:
+            _save(checkpoint, result, optimizer, model_params, done, method=method, K=K, seed=seed)
+
     bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"fit {method} K={K}", leave=False)
-    step = start
     try:
         for step in range(start, steps):
             began = time.perf_counter()
@@ -132,20 +135,16 @@ def fit(model: Model, data: Mapping[str, object], *, method: str = "vi", K: int 
             result.history["elbo"].append(elbo)
             bar.update(1)
             bar.set_postfix(elbo=f"{elbo:.3f}", refresh=False)
-            if checkpoint is not None and (step + 1) % checkpoint_every == 0:
-                _save(checkpoint, result, optimizer, model_params, step + 1, method=method, K=K, seed=seed)
+            if (step + 1) % checkpoint_every == 0:
+                save(step + 1)
             if callback is not None:
                 callback(step, result)
     except KeyboardInterrupt:
-        if checkpoint is not None:
-            _save(checkpoint, result, optimizer, model_params, len(result.history["elbo"]), method=method, K=K,
-                  seed=seed)
+        save(len(result.history["elbo"]))
         raise
     finally:
         bar.close()
-    if checkpoint is not None:
-        _save(checkpoint, result, optimizer, model_params, len(result.history["elbo"]), method=method, K=K,
-              seed=seed)
+    save(len(result.history["elbo"]))
     return result
 
 
@@ -160,8 +159,7 @@ def _step(method: str, est: TMC, data: Mapping[str, object], qs: Mapping[str, An
         value = float(log_p.detach())
     elif method == "dregs":
         surrogate = est.dregs_surrogate(data).sum()
-        grads = torch.autograd.grad(-surrogate, q_params, allow_unused=True)
-        _set_grads(q_params, grads)
+        (-surrogate).backward(inputs=list(q_params))  # the proposals' gradient only
         value = float(surrogate.detach())
         if model_params:  # the surrogate's gradient is the proposals' only: the model's take log P's
             (-est.log_marginal(data).sum()).backward(inputs=model_params)
@@ -193,12 +191,6 @@ def _weighted_log_q(q: Any, post: Any, name: str) -> torch.Tensor:
         raise TMCError(f"fit: method 'rws' needs the proposal of latent {name!r} to be a tmcgraph.learn family "
                        f"(its log-density over posterior samples), got {type(q).__name__}")
     return (weights.detach() * q.log_prob(samples.detach())).sum()
-
-
-def _set_grads(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> None:
-    for p, g in zip(params, grads):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
 
 
 def _state(result: FitResult, optimizer: Optional[torch.optim.Optimizer], model_params: List[torch.nn.Parameter],
