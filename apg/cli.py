@@ -13,6 +13,7 @@ from tmcgraph.arguments import HelpFormatter, non_negative_int, output_dir, posi
 
 from . import models
 from .errors import APGError
+from .resampling import SCHEMES
 
 __all__ = ["build_parser", "main"]
 
@@ -70,6 +71,9 @@ def _add_train(sub: argparse._SubParsersAction, problem: models.Problem) -> None
     p.add_argument("--streams", type=positive_int, default=None, metavar="S",
                    help="random streams: each batch is split into S slices with a generator each (default 1, or "
                         "the number of processes under torchrun, which trains data-parallel: a multiple of it)")
+    p.add_argument("--resampling", choices=list(SCHEMES), default=None,
+                   help=f"resampling before every block update (default: {base.resampling}; the official code's "
+                        "samplers resample systematically, multinomial is the textbook scheme)")
     p.add_argument("--compile", action="store_true",
                    help="run each iteration's sampler and loss as a torch.compile'd program (one stream; the "
                         "first iterations compile, for minutes on a CPU; docs/performance.md has the speed-up)")
@@ -91,7 +95,7 @@ def _train(args: argparse.Namespace) -> int:
                 "lr": args.lr, "lr_final": args.lr_final, "threads": args.threads, "init": args.init,
                 "batch_size": args.batch, "num_datasets": args.datasets, "log_every": args.log_every,
                 "checkpoint_every": args.checkpoint_every, "device": args.device,
-                "compile": True if args.compile else None}
+                "compile": True if args.compile else None, "resampling": args.resampling}
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     settings["streams"] = args.streams if args.streams is not None else world
     settings = {k: v for k, v in settings.items() if v is not None}

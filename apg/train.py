@@ -45,7 +45,9 @@ from tqdm import tqdm
 from . import models
 from .errors import APGError
 from .models.base import Problem
+from .models.common import resolve_device
 from .objectives import phi_loss, theta_loss
+from .resampling import SCHEMES
 from .sampler import Result, run
 from .trained import Trained, load_proposals
 
@@ -56,7 +58,7 @@ FLAGS = {"model": "MODEL", "method": "--method", "iterations": "--iterations", "
          "num_particles": "--particles", "num_sweeps": "--sweeps", "lr": "--lr", "lr_final": "--lr-final",
          "num_datasets": "--datasets", "seed": "--seed", "log_every": "--log-every",
          "checkpoint_every": "--checkpoint-every", "threads": "--threads", "init": "--init", "streams": "--streams",
-         "device": "--device", "compile": "--compile"}
+         "device": "--device", "compile": "--compile", "resampling": "--resampling"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class TrainConfig:
     streams: int = 1  # random streams per batch: the batch is split into this many slices, one generator each
     device: str = "cpu"  # where the networks, the data and the sampler run ("cuda", "cuda:1", ...)
     compile: bool = False  # run each iteration's sampler and loss as a torch.compile'd program (one stream)
+    resampling: str = "systematic"  # the scheme before every block update (apg.resampling.SCHEMES)
 
     def __post_init__(self) -> None:
         problem = models.get(self.model)
@@ -103,13 +106,9 @@ class TrainConfig:
                            "(--sweeps)")
         if not (self.lr > 0 and self.lr_final > 0):
             raise APGError(f"lr and lr_final must be positive, got {self.lr} and {self.lr_final} (--lr, --lr-final)")
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise APGError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r} "
-                           "(--device)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise APGError(f"device {self.device!r}: this torch has no CUDA device available (--device)")
+        resolve_device(self.device)
+        if self.resampling not in SCHEMES:
+            raise APGError(f"resampling must be one of {list(SCHEMES)}, got {self.resampling!r} (--resampling)")
         if not isinstance(self.compile, bool):
             raise APGError(f"compile must be True or False, got {self.compile!r} (--compile)")
         if self.compile and self.streams != 1:
@@ -189,7 +188,7 @@ def _check_resumable(files: _RunFiles, cfg: TrainConfig, problem: Problem) -> No
     with open(files.config) as f:
         saved = json.load(f)
     saved = {**{k: v for k, v in asdict(TrainConfig(model=cfg.model, method=cfg.method)).items()
-                if k in ("streams", "device", "compile")}, **saved}  # runs from before these settings
+                if k in ("streams", "device", "compile", "resampling")}, **saved}  # runs from before these settings
     if saved != asdict(cfg):
         raise _settings_clash(files.out_dir, saved, cfg)
     saved_problem = problem.config()  # runs from before problem.json: the default settings
@@ -344,7 +343,7 @@ def _gradients(learner: _Learner, sampler: Any, problem: Problem, cfg: TrainConf
         xj = x if cfg.streams == 1 else x[j * size:(j + 1) * size]
         if compiled is not None:  # an eager iteration of a compiled run draws from the same stream
             _set_rng_state(device, g.get_state())
-        res = run(sampler, xj, cfg.num_particles, cfg.num_sweeps, objective=True,
+        res = run(sampler, xj, cfg.num_particles, cfg.num_sweeps, objective=True, scheme=cfg.resampling,
                   learn_model=problem.theta_terms if learner.theta else False,
                   record_log_joint=log_now, generator=g if compiled is None else None)
         loss = phi_loss(res.sweeps)
@@ -489,14 +488,14 @@ def _compiled_loss(sampler: Any, problem: Problem, cfg: TrainConfig, theta: bool
     from tmcgraph.evaluate.compiled import distribution_validation
 
     def iteration_loss(x: torch.Tensor) -> torch.Tensor:
-        res = run(sampler, x, cfg.num_particles, cfg.num_sweeps, objective=True,
+        res = run(sampler, x, cfg.num_particles, cfg.num_sweeps, objective=True, scheme=cfg.resampling,
                   learn_model=problem.theta_terms if theta else False)
         loss = phi_loss(res.sweeps)
         return loss + theta_loss(res.sweeps) if theta else loss
 
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        run(sampler, x, cfg.num_particles, cfg.num_sweeps)
+        run(sampler, x, cfg.num_particles, cfg.num_sweeps, scheme=cfg.resampling)
     fn = torch.compile(iteration_loss, dynamic=False)
 
     def call(x: torch.Tensor) -> torch.Tensor:

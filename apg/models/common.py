@@ -6,9 +6,13 @@ import argparse
 import csv
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from tmcgraph.arguments import positive_int
+import torch
 
-__all__ = ["add_sampler_arguments", "cell", "chunks", "metrics_columns", "option", "save_figure", "training_curves"]
+from tmcgraph.arguments import positive_int
+from tmcgraph.resampling import SCHEMES
+
+__all__ = ["add_resampling_argument", "add_sampler_arguments", "cell", "chunks", "metrics_columns", "option",
+           "resolve_device", "save_figure", "training_curves"]
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -37,6 +41,27 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, *, datasets: int, see
                         help=f"particles L of the RWS {rws_rows}")
     parser.add_argument("--sweeps", type=positive_int, nargs="+", default=list(sweeps), metavar="K",
                         help="sweeps K of the APG rows")
+    add_resampling_argument(parser)
+
+
+def add_resampling_argument(parser: argparse.ArgumentParser) -> None:
+    """``--resampling``: the scheme the evaluated samplers resample with before every block update."""
+    parser.add_argument("--resampling", choices=list(SCHEMES), default="systematic",
+                        help="resampling before every block update (multinomial: the textbook scheme, more "
+                             "variance)")
+
+
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """``torch.device(name)``, or an `APGError` naming ``flag`` when it is not a device or has no CUDA behind it."""
+    from ..errors import APGError
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise APGError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {name!r} ({flag})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise APGError(f"device {name!r}: this torch has no CUDA device available ({flag})")
+    return dev
 
 
 def cell(v: Optional[float], width: int = 9, digits: int = 3) -> str:

@@ -111,12 +111,56 @@ def test_cli_trains_on_mnist_files_and_evaluates(tmp_path, capsys):
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert [(r["T"], r["D"], r["sweeps"]) for r in res["rows"]] == [(3, 1, 1), (3, 1, 2), (3, 2, 1), (3, 2, 2)]
-    assert all(set(r) == {"method", "T", "D", "sweeps", "mse", "mse_blank"} for r in res["rows"])
+    assert all(set(r) == {"method", "T", "D", "sweeps", "mse", "mse_frame", "mse_blank"} for r in res["rows"])
+    assert all(abs(r["mse_frame"] - 1024 * r["mse"]) < 1e-9 for r in res["rows"])  # summed over 32x32 pixels
     assert res["settings"]["digits"] == "MNIST"
+    assert res["settings"]["held_out_digits"] == "last sixth of MNIST's training images (no t10k file)"
+    # with MNIST's test file beside it, all training images train and the test images are held out
+    test_images = (torch.rand(12, 28, 28, generator=g) * 255).to(torch.uint8)
+    _write_idx(str(mnist_dir / "t10k-images-idx3-ubyte.gz"), test_images)
+    problem = t.problem.with_config(t.problem.config())
+    train_digits, held_out, source = problem.digit_split()
+    torch.testing.assert_close(train_digits, expected)
+    torch.testing.assert_close(held_out, torch.nn.functional.interpolate(
+        test_images.float().unsqueeze(1) / 255, size=(8, 8), mode="bilinear", align_corners=False,
+        antialias=True).squeeze(1).clamp(0, 1))
+    assert source == "MNIST test set"
+    rc = main(["evaluate", "bmnist", "--checkpoint", str(tmp_path / "runs"), "--T", "3", "--D", "1",
+               "--videos", "2", "--particles", "2", "--sweeps", "1", "2", "--json", "--quiet", "--device", "cpu",
+               "--resampling", "multinomial"])
+    assert rc == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert (settings["held_out_digits"], settings["resampling"], settings["device"]) == ("MNIST test set",
+                                                                                         "multinomial", "cpu")
+    if not torch.cuda.is_available():
+        rc = main(["evaluate", "bmnist", "--checkpoint", str(tmp_path / "runs"), "--device", "cuda", "--quiet"])
+        assert rc == 2 and "no CUDA device available (--device)" in capsys.readouterr().err
     # a missing directory is a clear error, not a traceback
     rc = main(["train", "bmnist", "--out", str(tmp_path / "x"), "--iterations", "1", "--mnist-dir",
                str(tmp_path / "nowhere"), "--quiet"])
     assert rc == 2 and "--mnist-dir" in capsys.readouterr().err
+
+
+def test_the_papers_position_network_trains_and_evaluates(tmp_path, capsys):
+    """``--where-net paper``: appendix E's position network (FC hidden[0] tanh, two heads of FC hidden[1] tanh) is
+    stored with the run, rebuilt from it, and its kernel's density is that of the Normal it draws from."""
+    out = tmp_path / "runs" / "apg"
+    assert main(["train", "bmnist", "--out", str(out), "--iterations", "2", "--batch", "2", "--particles", "2",
+                 "--sweeps", "2", "--datasets", "10", "--where-net", "paper", "--quiet", "--json"]) == 0
+    capsys.readouterr()
+    t = load_proposals(str(out / "proposals.pt"))
+    nets = t.proposals
+    assert t.problem.settings.where_net == "paper" and nets.where_kind == "paper"
+    assert [m.out_features for m in nets.where_net if isinstance(m, torch.nn.Linear)] == [200]  # cpu: (200, 100)
+    assert [m.out_features for m in nets.where_loc if isinstance(m, torch.nn.Linear)] == [100, 2]
+    frame, digit = torch.rand(3, 32, 32), torch.rand(3, 8, 8)
+    loc, scale = nets.where_params(frame, digit)
+    assert loc.abs().max() < 1 and (scale > 0).all()
+    assert main(["evaluate", "bmnist", "--checkpoint", str(tmp_path / "runs"), "--T", "3", "--D", "1",
+                 "--videos", "2", "--particles", "2", "--sweeps", "1", "2", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["where_net"] == "paper"
+    with pytest.raises(APGError, match="where_net"):
+        BMNISTSettings(where_net="lstm")
 
 
 def test_shipped_checkpoint_tracks_longer_videos_with_more_digits(capsys):

@@ -99,14 +99,29 @@ def test_cli_train_and_evaluate_at_tiny_sizes(tmp_path, capsys):
                 "--batch", "4", "--particles", "3", "--datasets", "40", "--log-every", "1", "--quiet"]
         if method.startswith("apg"):
             args += ["--sweeps", "2"]
+        if method == "apg":
+            args += ["--resampling", "multinomial"]
         assert main(args) == 0
         assert os.path.exists(tmp_path / "runs" / method / "proposals.pt")
     capsys.readouterr()
     figs = tmp_path / "figs"
     assert main(["evaluate", "gmm", "--checkpoint", str(tmp_path / "runs"), "--json", "--plots", str(figs),
                  "--datasets", "3", "--particles", "4", "--rws-particles", "6", "--sweeps", "2", "3",
-                 "--budget", "12", "--budget-sweeps", "1", "3"]) == 0
+                 "--budget", "12", "--budget-sweeps", "1", "3", "--fig2-blocks", "blocked", "joint",
+                 "--resampling", "multinomial", "--convergence-sweeps", "3", "--bpg-factor", "2",
+                 "--hmc-leapfrog", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
+    with open(tmp_path / "runs" / "apg" / "config.json") as f:
+        assert json.load(f)["resampling"] == "multinomial"
+    assert out["settings"]["resampling"] == "multinomial"
+    assert out["fig2"]["sweeps"] == [1, 3] and set(out["fig2"]["joint"]) == {"log_joint_mean", "log_joint_sd",
+                                                                            "ess_joint_mean"}
+    assert set(out["fig2"]["blocked"]) == {"log_joint_mean", "log_joint_sd", "ess_globals_mean",
+                                           "ess_assignments_mean"}
+    assert set(out["convergence"]["log_joint_mean"]) == {"APG (L=4)", "BPG (L=8)", "Gibbs (L=4)",
+                                                         "HMC-RWS (L=4, LF=2)"}
+    assert all(len(v) == 3 for v in out["convergence"]["log_joint_mean"].values())
+    assert (figs / "convergence.png").stat().st_size > 0
     assert main(["evaluate", "gmm", "--checkpoint", str(tmp_path / "runs"), "--quiet",
                  "--datasets", "3", "--particles", "4", "--rws-particles", "6", "--sweeps", "2", "3"]) == 0
     assert "APG (K=3)" in capsys.readouterr().out
@@ -180,7 +195,7 @@ def test_bad_values_are_usage_errors(argv, message, capsys):
 def test_flags_that_need_plots_and_version(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # one help line per option
     assert main(["evaluate", "gmm", "--budget", "10", "--datasets", "1", "--quiet"]) == 2
-    assert "--budget set(s) up Fig. 2, which is drawn only with --plots" in capsys.readouterr().err
+    assert "--budget set(s) up a figure, which is drawn only with --plots" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("apg ")

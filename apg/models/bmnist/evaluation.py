@@ -10,6 +10,7 @@ sweeps with L particles, and after each sweep K in ``sweeps`` the reconstruction
 * ``mse``: the mean over videos, frames and pixels of ``(x - x_hat)^2``, where ``x_hat`` is the
   posterior-mean reconstruction (`.model.posterior_reconstruction`: the particles' Bernoulli
   means averaged with their normalised weights after sweep K; K = 1 is the one-shot proposal).
+* ``mse_frame``: the same summed over a frame's pixels (``mse * H^2``): the official code's units, per frame.
 * ``mse_blank``: the same for an empty reconstruction (``x_hat = 0``, i.e. the mean of ``x^2``): a scale
   for ``mse`` (a sampler that explains nothing scores about this).
 
@@ -32,8 +33,7 @@ from tmcgraph.plots import pyplot
 from ...errors import APGError
 from ...sampler import run
 from ..base import Trained
-from ..common import option, save_figure, training_curves
-from .digits import split_digits
+from ..common import add_resampling_argument, option, resolve_device, save_figure, training_curves
 from .model import DigitDecoder, posterior_reconstruction
 from .networks import BMNISTProposals
 from .simulate import simulate
@@ -52,6 +52,8 @@ class EvalConfig:
         seed: seed of the videos and of the sampler.
         particles: L.
         sweeps: the sweep counts K reported (the sampler runs ``max(sweeps)``).
+        resampling: the scheme before every block update.
+        device: where the networks, the videos and the sampler run.
     """
 
     frames: Sequence[int] = (10, 50)
@@ -60,6 +62,8 @@ class EvalConfig:
     seed: int = 12345
     particles: int = 10
     sweeps: Sequence[int] = (1, 2, 3, 5, 8, 12)
+    resampling: str = "systematic"
+    device: str = "cpu"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,21 +81,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sweep counts K reported (1: the one-shot proposal)")
     parser.add_argument("--mnist-dir", default=None, metavar="DIR",
                         help="MNIST's IDX files, for checkpoints trained on MNIST (default: the directory the "
-                             "checkpoint was trained with)")
+                             "checkpoint was trained with); the held-out digits are its test set "
+                             "(t10k-images-idx3-ubyte[.gz]) if there, else the last sixth of its training images")
+    add_resampling_argument(parser)
+    parser.add_argument("--device", default=d.device, metavar="DEV",
+                        help="where to evaluate: cpu (default), cuda, cuda:1, ...")
 
 
 def mse_rows(problem: Any, nets: BMNISTProposals, decoder: DigitDecoder, frames: torch.Tensor, num_digits: int,
              particles: int, sweeps: Sequence[int], generator: torch.Generator,
-             one_shot: bool = False) -> Tuple[List[Dict[str, Any]], Any]:
+             one_shot: bool = False, scheme: str = "systematic") -> Tuple[List[Dict[str, Any]], Any]:
     """MSE after each sweep count in ``sweeps`` on ``frames (B, T, H, H)``.
 
-    Rows ``{"sweeps", "mse", "mse_blank"}`` and the `apg.sampler.Result` (states after every sweep).
+    Rows ``{"sweeps", "mse", "mse_frame", "mse_blank"}`` and the `apg.sampler.Result` (states after every sweep).
+    The networks, ``frames`` and ``generator`` must be on one device.
     """
     T = frames.shape[-3]
     sampler = problem.sampler(nets, decoder, num_digits=num_digits, num_frames=T, one_shot=one_shot)
     K = 1 if one_shot else max(sweeps)
     with torch.no_grad():
-        res = run(sampler, frames, particles, K, record_log_joint=True, record_states=True, generator=generator)
+        res = run(sampler, frames, particles, K, record_log_joint=True, record_states=True, scheme=scheme,
+                  generator=generator)
     blank = float((frames ** 2).mean())
     assert res.trajectory is not None  # recorded
     rows = []
@@ -101,7 +111,9 @@ def mse_rows(problem: Any, nets: BMNISTProposals, decoder: DigitDecoder, frames:
         state, log_w = res.trajectory[k - 1], res.sweeps[k - 1].log_weights
         assert log_w is not None  # recorded
         recon = posterior_reconstruction(decoder, res._replace(state=state, log_weights=log_w), frames.shape[-1])
-        rows.append({"sweeps": k, "mse": float(((recon - frames) ** 2).mean()), "mse_blank": blank})
+        mse = float(((recon - frames) ** 2).mean())
+        rows.append({"sweeps": k, "mse": mse, "mse_frame": mse * frames.shape[-1] * frames.shape[-2],
+                     "mse_blank": blank})
     return rows, res
 
 
@@ -137,9 +149,11 @@ def evaluate_bmnist(trained: Dict[str, Trained], options: Mapping[str, Any], *, 
                      digits=tuple(option(options, "digits", (train_D, train_D + 1))),
                      num_videos=option(options, "videos", d.num_videos), seed=option(options, "seed", d.seed),
                      particles=option(options, "particles", d.particles),
-                     sweeps=tuple(option(options, "sweeps", d.sweeps)))
+                     sweeps=tuple(option(options, "sweeps", d.sweeps)),
+                     resampling=option(options, "resampling", d.resampling), device=option(options, "device", d.device))
     assert cfg.digits is not None
-    _, test_digits = split_digits(problem.digits())
+    device = resolve_device(cfg.device)
+    _, test_digits, held_out = problem.digit_split()
     bar = tqdm(total=len(trained) * len(cfg.frames) * len(cfg.digits), disable=not progress,
                desc="evaluate bmnist", unit="setting")
     rows: List[Dict[str, Any]] = []
@@ -149,12 +163,12 @@ def evaluate_bmnist(trained: Dict[str, Trained], options: Mapping[str, Any], *, 
         for T in cfg.frames:
             for D in cfg.digits:
                 frames = simulate(cfg.num_videos, problem.cfg, test_digits, seed=cfg.seed + 1000 * D + T,
-                                  num_digits=D, num_frames=T)["frames"]
-                g = torch.Generator().manual_seed(cfg.seed)
-                nets, decoder = t.proposals, t.model
+                                  num_digits=D, num_frames=T)["frames"].to(device)
+                g = torch.Generator(device=device).manual_seed(cfg.seed)
+                nets, decoder = t.proposals.to(device), t.model.to(device)
                 assert isinstance(nets, BMNISTProposals) and isinstance(decoder, DigitDecoder)
                 found, res = mse_rows(problem, nets, decoder, frames, D, cfg.particles, cfg.sweeps, g,
-                                      one_shot=one_shot)
+                                      one_shot=one_shot, scheme=cfg.resampling)
                 rows.extend({"method": method, "T": T, "D": D, **r} for r in found)
                 if method == "apg" and T == min(cfg.frames):
                     examples[D] = (frames, res)
@@ -164,8 +178,9 @@ def evaluate_bmnist(trained: Dict[str, Trained], options: Mapping[str, Any], *, 
         "rows": rows,
         "settings": {"videos": cfg.num_videos, "seed": cfg.seed, "particles": cfg.particles,
                      "profile": problem.config()["profile"], "digits": "MNIST" if problem.settings.mnist_dir
-                     else "scikit-learn 8x8", "trained_D": train_D,
-                     "trained_T": problem.cfg.num_frames}}
+                     else "scikit-learn 8x8", "held_out_digits": held_out, "trained_D": train_D,
+                     "trained_T": problem.cfg.num_frames, "where_net": problem.settings.where_net,
+                     "resampling": cfg.resampling, "device": str(device)}}
     if plots is not None:
         os.makedirs(plots, exist_ok=True)
         figures = {"fig4": _fig4(rows, os.path.join(plots, "fig4.png"))}
@@ -181,21 +196,25 @@ def evaluate_bmnist(trained: Dict[str, Trained], options: Mapping[str, Any], *, 
 
 
 def format_table(out: Dict[str, Any]) -> str:
-    """The MSE table: one line per (method, T, D), one column per sweep count, and ``mse_blank``."""
+    """The MSE tables, per pixel and per frame: one line per (method, T, D), one column per sweep count, and blank."""
     rows = out["rows"]
     sweeps = sorted({r["sweeps"] for r in rows})
     s = out["settings"]
-    lines = [f"Fig. 4: reconstruction MSE per pixel against sweeps K ({s['videos']} held-out videos per row, "
+    H = s["profile"]["canvas"]
+    lines = [f"Fig. 4: reconstruction MSE against sweeps K ({s['videos']} held-out videos per row, "
              f"L={s['particles']}, seed {s['seed']}; trained on D={s['trained_D']}, T={s['trained_T']}; "
-             f"{s['profile']['canvas']}x{s['profile']['canvas']} canvas, {s['digits']} digits)",
-             f"{'method':>6} {'T':>4} {'D':>3} " + " ".join(f"{'K=' + str(k):>8}" for k in sweeps)
-             + f" {'blank':>8}"]
+             f"{H}x{H} canvas, {s['digits']} digits; held out: {s.get('held_out_digits', '?')})"]
     keys = sorted({(r["method"], r["T"], r["D"]) for r in rows}, key=lambda x: (x[0] != "apg", x[1], x[2]))
-    for m, T, D in keys:
-        by_k = {r["sweeps"]: r for r in rows if (r["method"], r["T"], r["D"]) == (m, T, D)}
-        cells = " ".join(f"{by_k[k]['mse']:>8.5f}" if k in by_k else f"{'-':>8}" for k in sweeps)
-        blank = next(iter(by_k.values()))["mse_blank"]
-        lines.append(f"{m.upper():>6} {T:>4} {D:>3} {cells} {blank:>8.5f}")
+    for unit, scale, fmt in (("per pixel", 1, ">8.5f"), (f"per frame (summed over its {H * H} pixels, the official "
+                                                          "code's units)", H * H, ">8.2f")):
+        lines.append(f"MSE {unit}:")
+        lines.append(f"{'method':>6} {'T':>4} {'D':>3} " + " ".join(f"{'K=' + str(k):>8}" for k in sweeps)
+                     + f" {'blank':>8}")
+        for m, T, D in keys:
+            by_k = {r["sweeps"]: r for r in rows if (r["method"], r["T"], r["D"]) == (m, T, D)}
+            cells = " ".join(f"{by_k[k]['mse'] * scale:{fmt}}" if k in by_k else f"{'-':>8}" for k in sweeps)
+            blank = next(iter(by_k.values()))["mse_blank"] * scale
+            lines.append(f"{m.upper():>6} {T:>4} {D:>3} {cells} {blank:{fmt}}")
     if "figures" in out:
         lines.append("figures: " + ", ".join(out["figures"].values()))
     return "\n".join(lines)
@@ -235,7 +254,8 @@ def _fig3(decoder: DigitDecoder, frames: torch.Tensor, res: Any, path: str, vide
     what = res.state["what"][video, best]  # (D, 10)
     H = frames.shape[-1]
     with torch.no_grad():
-        recon = reconstruct(decoder, what.unsqueeze(0), where.transpose(0, 1), H)  # (T, H, H)
+        recon = reconstruct(decoder, what.unsqueeze(0), where.transpose(0, 1), H).cpu()  # (T, H, H)
+    frames, where = frames.cpu(), where.cpu()
     T = min(max_frames, frames.shape[-3])
     h = decoder.digit
     fig, axes = plt.subplots(2, T, figsize=(1.1 * T, 2.4), squeeze=False)

@@ -3,10 +3,23 @@
 * ``q(where_t | x_t, what)``: digit by digit, the frame's residual (the frame minus
   the digits already placed) is correlated with the digit's decoded image at
   every whole-pixel position (``conv2d``); a softmax over the positions gives a
-  map whose soft-argmax, corrected by an MLP of the map (FC tanh), is the mean
-  of a Normal over the position; the MLP also gives its scale.  The digit is
+  map, and a network of the map gives a Normal over the position.  The digit is
   then placed at the drawn position and subtracted before the next digit is
-  found ("digits found one at a time").
+  found ("digits found one at a time", as in the official code).  Two networks
+  (``where_net``):
+
+  - ``"soft-argmax"`` (ours): the map is the correlation divided by the digit's
+    squared norm, times a learned sharpness; the Normal's mean is the map's
+    soft-argmax plus a correction by an MLP of the map (FC ``hidden[1]`` tanh),
+    which also gives the scale.  It starts at the soft-argmax, so it tracks from
+    the first iteration.
+  - ``"paper"`` (appendix E): the softmax of the raw correlation, FC
+    ``hidden[0]`` tanh, then two heads of FC ``hidden[1]`` tanh: the mean through
+    a final FC 2 tanh (positions lie in [-1, 1]) and the log-scale through a
+    linear FC 2 (the appendix lists tanh for both outputs; a tanh log-scale
+    would keep every scale above 1/e of the canvas, so the official code's
+    linear log-scale head is used).  With the paper profile's hidden sizes
+    (400, 200) this is FC 400 + two FC 200 heads.
 * ``q(what | x, where)``: each frame cropped at each digit's position
   (spatial transformer), an MLP per crop (FC ReLU, FC ReLU) to a Normal's mean
   and log-scale, averaged over the frames (the neural sufficient statistic).
@@ -28,7 +41,10 @@ from torch import nn
 from .model import WHAT_DIM, DigitDecoder
 from .simulate import BMNISTConfig, crop, place
 
-__all__ = ["BMNISTProposals", "correlate"]
+__all__ = ["BMNISTProposals", "WHERE_NETS", "correlate"]
+
+#: the position kernel's networks (see the module docstring)
+WHERE_NETS = ("soft-argmax", "paper")
 
 
 def correlate(frames: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
@@ -53,22 +69,33 @@ class BMNISTProposals(nn.Module):
 
     Args:
         cfg: the profile (canvas and digit sizes).
-        hidden: hidden units of the position MLP and of the crop MLP's two layers.
+        hidden: hidden units of the crop MLP's two layers and of the position network (``"soft-argmax"``:
+            ``hidden[1]``; ``"paper"``: ``hidden[0]``, then ``hidden[1]`` per head).
+        where_net: ``"soft-argmax"`` or ``"paper"`` (see the module docstring).
     """
 
-    def __init__(self, cfg: BMNISTConfig, hidden: Tuple[int, int] = (400, 200)) -> None:
+    def __init__(self, cfg: BMNISTConfig, hidden: Tuple[int, int] = (400, 200), where_net: str = "soft-argmax") -> None:
         super().__init__()
+        if where_net not in WHERE_NETS:
+            raise ValueError(f"where_net must be one of {list(WHERE_NETS)}, got {where_net!r}")
         self.cfg = cfg
+        self.where_kind = where_net
         P = cfg.canvas - cfg.digit + 1
         self.positions = P
         grid = torch.linspace(-1.0, 1.0, P) if P > 1 else torch.zeros(1)
         self.grid: torch.Tensor
         self.register_buffer("grid", grid, persistent=False)
-        self.sharpness = nn.Parameter(torch.tensor(4.0))  # softmax temperature of the correlation map
-        last = nn.Linear(hidden[1], 4)
-        nn.init.zeros_(last.weight)  # starts at the soft-argmax of the correlation map
-        nn.init.zeros_(last.bias)
-        self.where_net = nn.Sequential(nn.Linear(P * P, hidden[1]), nn.Tanh(), last)
+        if where_net == "soft-argmax":
+            self.sharpness = nn.Parameter(torch.tensor(4.0))  # softmax temperature of the correlation map
+            last = nn.Linear(hidden[1], 4)
+            nn.init.zeros_(last.weight)  # starts at the soft-argmax of the correlation map
+            nn.init.zeros_(last.bias)
+            self.where_net = nn.Sequential(nn.Linear(P * P, hidden[1]), nn.Tanh(), last)
+        else:
+            self.where_net = nn.Sequential(nn.Linear(P * P, hidden[0]), nn.Tanh())
+            self.where_loc = nn.Sequential(nn.Linear(hidden[0], hidden[1]), nn.Tanh(), nn.Linear(hidden[1], 2),
+                                           nn.Tanh())
+            self.where_log_scale = nn.Sequential(nn.Linear(hidden[0], hidden[1]), nn.Tanh(), nn.Linear(hidden[1], 2))
         h = cfg.digit
         self.what_net = nn.Sequential(nn.Linear(h * h, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]),
                                       nn.ReLU(), nn.Linear(hidden[1], 2 * WHAT_DIM))
@@ -91,6 +118,9 @@ class BMNISTProposals(nn.Module):
         ``residual (..., H, H)``, ``digit (..., h, h)`` -> Normal ``loc, scale (..., 2)`` over its position ``(x, y)``.
         """
         corr = correlate(residual, digit)  # (..., P, P): rows are y, columns x
+        if self.where_kind == "paper":
+            h = self.where_net(torch.softmax(corr.flatten(-2), -1))
+            return self.where_loc(h), self.where_log_scale(h).exp()
         norm = digit.flatten(-2).pow(2).sum(-1).clamp_min(1e-6)  # scale-free map: correlation / |digit|^2
         logits = self.sharpness * corr / norm.unsqueeze(-1).unsqueeze(-1) * self.positions
         m = torch.softmax(logits.flatten(-2), -1)  # (..., P*P)

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from ...errors import APGError
 from ...sampler import Result, Sampler
 from ..base import Method, Problem, Trained
-from .digits import load_digits, split_digits
+from .digits import digit_split, load_digits, split_digits
 from .model import DigitDecoder, posterior_reconstruction
-from .networks import BMNISTProposals
+from .networks import WHERE_NETS, BMNISTProposals
 from .sampler import apg_sampler
 from .simulate import CPU, PROFILES, BMNISTConfig, Videos
 
@@ -43,21 +44,30 @@ class BMNISTSettings:
     Attributes:
         profile: canvas and digit sizes, D and T of the training videos (`.simulate.PROFILES`).
         mnist_dir: MNIST's IDX files (``--mnist-dir``); empty: scikit-learn's bundled digits.
-        proposal_hidden: hidden units of the crop MLP's two layers (the position MLP has ``[1]``).
+        proposal_hidden: hidden units of the crop MLP's two layers (the soft-argmax position MLP has ``[1]``;
+            the paper's position network ``[0]`` then two heads of ``[1]``).
         decoder_hidden: hidden units of the digit decoder's two layers.
+        where_net: the position kernel's network: ``"soft-argmax"`` (ours) or ``"paper"`` (appendix E; see
+            `.networks.BMNISTProposals`).
     """
 
     profile: BMNISTConfig = CPU
     mnist_dir: str = ""
     proposal_hidden: Tuple[int, int] = (200, 100)
     decoder_hidden: Tuple[int, int] = (100, 200)
+    where_net: str = "soft-argmax"
+
+    def __post_init__(self) -> None:
+        if self.where_net not in WHERE_NETS:
+            raise APGError(f"where_net must be one of {list(WHERE_NETS)}, got {self.where_net!r} (--where-net)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BMNISTSettings":
         """The settings stored by `config` (missing keys take their defaults)."""
         return cls(profile=BMNISTConfig(**d.get("profile", {})), mnist_dir=d.get("mnist_dir", ""),
                    proposal_hidden=tuple(d.get("proposal_hidden", (200, 100))),  # type: ignore[arg-type]
-                   decoder_hidden=tuple(d.get("decoder_hidden", (100, 200))))  # type: ignore[arg-type]
+                   decoder_hidden=tuple(d.get("decoder_hidden", (100, 200))),  # type: ignore[arg-type]
+                   where_net=d.get("where_net", "soft-argmax"))
 
 
 class BMNISTProblem(Problem):
@@ -78,6 +88,7 @@ class BMNISTProblem(Problem):
     def __init__(self, settings: BMNISTSettings = BMNISTSettings()) -> None:
         self.settings = settings
         self._digits: Optional[torch.Tensor] = None
+        self._split: Optional[Tuple[torch.Tensor, torch.Tensor, str]] = None
 
     @property
     def cfg(self) -> BMNISTConfig:
@@ -100,13 +111,18 @@ class BMNISTProblem(Problem):
                             help="video profile: cpu (32x32 canvas, 8x8 digits, D=3, T=10) or paper (96x96, 28x28)")
         parser.add_argument("--mnist-dir", default=None, metavar="DIR",
                             help="MNIST's IDX files (train-images-idx3-ubyte[.gz]); default: scikit-learn's bundled "
-                                 "8x8 digits, resized to the profile's digit size")
+                                 "8x8 digits, resized to the profile's digit size; with t10k-images-idx3-ubyte[.gz] "
+                                 "there too, the evaluation's digits come from MNIST's test set")
+        parser.add_argument("--where-net", choices=WHERE_NETS, default="soft-argmax",
+                            help="the position kernel: soft-argmax (ours: the correlation map's soft-argmax plus an "
+                                 "MLP correction) or paper (appendix E: FC 400 tanh, two FC 200 tanh heads)")
 
     @override
     def from_arguments(self, args: argparse.Namespace) -> "BMNISTProblem":
         profile = PROFILES[getattr(args, "profile", None) or "cpu"]
         hidden = dict(proposal_hidden=(400, 200), decoder_hidden=(200, 400)) if profile == PROFILES["paper"] else {}
         return BMNISTProblem(BMNISTSettings(profile=profile, mnist_dir=getattr(args, "mnist_dir", None) or "",
+                                            where_net=getattr(args, "where_net", None) or "soft-argmax",
                                             **hidden))  # type: ignore[arg-type]
 
     def digits(self) -> torch.Tensor:
@@ -115,11 +131,17 @@ class BMNISTProblem(Problem):
             self._digits = load_digits(self.cfg.digit, self.settings.mnist_dir or None)
         return self._digits
 
+    def digit_split(self) -> Tuple[torch.Tensor, torch.Tensor, str]:
+        """``(train, held_out, source)`` digit images ``(n, h, h)`` (`.digits.digit_split`)."""
+        if self._split is None:
+            self._split = digit_split(self.cfg.digit, self.settings.mnist_dir or None)
+        return self._split
+
     @override
     def make_proposals(self, method: str) -> BMNISTProposals:
         self.method(method)
-        nets = BMNISTProposals(self.cfg, hidden=self.settings.proposal_hidden)
-        nets.set_template(split_digits(self.digits())[0])
+        nets = BMNISTProposals(self.cfg, hidden=self.settings.proposal_hidden, where_net=self.settings.where_net)
+        nets.set_template(self.digit_split()[0])
         return nets
 
     @override
@@ -135,7 +157,7 @@ class BMNISTProblem(Problem):
 
     @override
     def training_data(self, num_datasets: int, seed: int) -> Any:
-        train, _ = split_digits(self.digits())
+        train = self.digit_split()[0]
         return Videos(num_datasets, self.cfg, train, seed=seed + 7919)
 
     @override

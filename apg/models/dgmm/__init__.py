@@ -123,7 +123,7 @@ class DGMMProblem(Problem):
         cfg = EvalConfig(num_datasets=get("datasets", d.num_datasets), seed=get("seed", d.seed),
                          apg_particles=get("particles", d.apg_particles),
                          rws_particles=get("rws_particles", d.rws_particles), sweeps=tuple(get("sweeps", d.sweeps)),
-                         num_points=get("points", d.num_points))
+                         num_points=get("points", d.num_points), resampling=get("resampling", d.resampling))
         return evaluate_dgmm(nets, cfg, plots=plots, metrics=metrics, progress=progress)
 
     @override

@@ -63,16 +63,17 @@ PAPER_TABLE_1B = [
 class EvalConfig:
     """Settings of an evaluation.
 
-    (defaults: 20 test datasets of 200 points, APG L=20, RWS L=300: the sample budget of APG at K=15).
+    (defaults: 100 test datasets of 200 points, APG L=20, RWS L=300: the sample budget of APG at K=15).
     """
 
-    num_datasets: int = 20
+    num_datasets: int = 100
     seed: int = 12345
     apg_particles: int = 20
     rws_particles: int = 300
     sweeps: Sequence[int] = (5, 10, 15)
     num_points: int = 200
     chunk: int = 2000  # datasets x particles per batched call (bounds memory)
+    resampling: str = "systematic"  # the scheme before every block update (apg.resampling.SCHEMES)
 
 
 def true_log_joint(truth: Dict[str, torch.Tensor], cfg: DGMMConfig) -> torch.Tensor:
@@ -92,7 +93,7 @@ def centres_found(mu: torch.Tensor, log_weights: torch.Tensor, true_mu: torch.Te
 
 
 def _row(nets: DGMMProposals, decoder: Decoder, x: torch.Tensor, true_mu: torch.Tensor, L: int, K: int,
-         chunk: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+         chunk: int, scheme: str, generator: torch.Generator) -> Dict[str, torch.Tensor]:
     """Last-sweep mean log joint, ESS/L (joint and per block) and centres found at K sweeps.
 
     (K = 1: the one-shot proposal).
@@ -101,7 +102,7 @@ def _row(nets: DGMMProposals, decoder: Decoder, x: torch.Tensor, true_mu: torch.
     joint = [joint_block(sampler.blocks, sampler.log_joint)] if K > 1 else None
     out: Dict[str, List[torch.Tensor]] = {k: [] for k in ("log_joint", "joint", "globals", "locals", "found")}
     for s in chunks(x.shape[0], max(1, chunk // L)):
-        res = run(sampler, x[s], L, K, record_log_joint=True, generator=generator)
+        res = run(sampler, x[s], L, K, record_log_joint=True, scheme=scheme, generator=generator)
         last = res.sweeps[-1]
         out["log_joint"].append(last.mean_log_joint())
         out["found"].append(centres_found(res.state["mu"], res.log_weights, true_mu[s]).double())
@@ -110,7 +111,8 @@ def _row(nets: DGMMProposals, decoder: Decoder, x: torch.Tensor, true_mu: torch.
             continue
         out["globals"].append(last.ess["mu"])
         out["locals"].append(last.ess["local"])
-        out["joint"].append(run(sampler, x[s], L, K, blocks=joint, generator=generator).sweeps[-1].ess["joint"])
+        out["joint"].append(run(sampler, x[s], L, K, blocks=joint, scheme=scheme,
+                                generator=generator).sweeps[-1].ess["joint"])
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
@@ -146,7 +148,7 @@ def evaluate_dgmm(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalCo
     rows: List[Dict[str, Any]] = []
     with torch.no_grad():
         nets, dec = trained["rws"]
-        r = _row(nets, dec, x, truth["mu"], cfg.rws_particles, 1, cfg.chunk, g)
+        r = _row(nets, dec, x, truth["mu"], cfg.rws_particles, 1, cfg.chunk, cfg.resampling, g)
         bar.update(1)
         base = r["log_joint"]
         rows.append({"method": "RWS", "sweeps": 1, "particles": cfg.rws_particles, "log_joint": _mean(base),
@@ -154,7 +156,7 @@ def evaluate_dgmm(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalCo
                      "radius": round(float(dec.radius.detach()), 4), "centres_found": _mean(r["found"])})
         nets, dec = trained["apg"]
         for K in cfg.sweeps:
-            r = _row(nets, dec, x, truth["mu"], cfg.apg_particles, K, cfg.chunk, g)
+            r = _row(nets, dec, x, truth["mu"], cfg.apg_particles, K, cfg.chunk, cfg.resampling, g)
             bar.update(1)
             rows.append({"method": "APG", "sweeps": K, "particles": cfg.apg_particles,
                          "log_joint": _mean(r["log_joint"]), "delta_log_joint": _mean(r["log_joint"] - base),
@@ -167,7 +169,7 @@ def evaluate_dgmm(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalCo
         gibbs_lj, gibbs_found = [], []
         exact = exact_sampler(nets, model_cfg.radius)
         for s in chunks(x.shape[0], max(1, cfg.chunk // cfg.apg_particles)):
-            res = run(exact, x[s], cfg.apg_particles, K, record_log_joint=True, generator=g)
+            res = run(exact, x[s], cfg.apg_particles, K, record_log_joint=True, scheme=cfg.resampling, generator=g)
             gibbs_lj.append(res.sweeps[-1].mean_log_joint())
             gibbs_found.append(centres_found(res.state["mu"], res.log_weights, truth["mu"][s]).double())
         bar.update(1)
@@ -178,7 +180,8 @@ def evaluate_dgmm(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalCo
                       f"exact_gibbs_centres_found_K{K}": _mean(torch.cat(gibbs_found)),
                       "true_radius": model_cfg.radius},
         "settings": {"test_datasets": cfg.num_datasets, "points": cfg.num_points, "seed": cfg.seed,
-                     "apg_particles": cfg.apg_particles, "rws_particles": cfg.rws_particles},
+                     "apg_particles": cfg.apg_particles, "rws_particles": cfg.rws_particles,
+                     "resampling": cfg.resampling},
         "paper": PAPER_TABLE_1B}
     if plots is not None:
         os.makedirs(plots, exist_ok=True)
@@ -282,7 +285,7 @@ def _fig1b(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalConfig, p
             st = {k: v[0] for k, v in res.state.items()}
             _draw(axes[row, 1], x[0], _best(st, rs.log_joint(x, res.state)[0]), rws_dec, "RWS")
             sampler = apg_sampler(nets, dec)
-            res = run(sampler, x, cfg.apg_particles, 7, record_states=True, generator=g)
+            res = run(sampler, x, cfg.apg_particles, 7, record_states=True, scheme=cfg.resampling, generator=g)
             assert res.trajectory is not None
             for col, k in ((2, 3), (3, 6)):
                 state = res.trajectory[k]

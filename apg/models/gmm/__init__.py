@@ -161,6 +161,21 @@ class GMMProblem(Problem):
                                  "in the paper; the official code and coix use 0.1)")
         parser.add_argument("--budget", type=positive_int, default=None, metavar="K*L",
                             help=f"with --plots: the fixed budget K * L of Fig. 2 (default {d.budget})")
+        parser.add_argument("--fig2-blocks", choices=("blocked", "joint"), nargs="+", default=None,
+                            help="with --plots: Fig. 2's samplers: blocked (resampling before each block, the APG "
+                                 "sampler) and/or joint ({tau, mu, c} as one block, resampling once per sweep) "
+                                 f"(default {' '.join(d.budget_blocks)})")
+        parser.add_argument("--convergence-sweeps", type=positive_int, default=None, metavar="K",
+                            help="with --plots: sweeps of the convergence figure (APG, BPG, Gibbs, HMC-RWS; "
+                                 f"default {d.convergence_sweeps})")
+        parser.add_argument("--convergence-datasets", type=positive_int, default=None, metavar="N",
+                            help=f"with --plots: its test datasets (default {d.convergence_datasets}, with "
+                                 f"{d.convergence_runs} runs, as the official code)")
+        parser.add_argument("--bpg-factor", type=positive_int, default=None, metavar="F",
+                            help=f"with --plots: BPG's particles are F times APG's (default {d.bpg_factor})")
+        parser.add_argument("--hmc-leapfrog", type=positive_int, nargs="+", default=None, metavar="LF",
+                            help="with --plots: leapfrog steps per HMC transition, one curve each (default "
+                                 f"{' '.join(map(str, d.hmc_leapfrog))}; step size {d.hmc_step_size})")
         parser.add_argument("--budget-sweeps", type=positive_int, nargs="+", default=None, metavar="K",
                             help="with --plots: the values of K in Fig. 2 (default "
                                  f"{' '.join(map(str, d.budget_sweeps))})")
@@ -170,10 +185,14 @@ class GMMProblem(Problem):
                  metrics: Dict[str, Optional[str]], progress: bool) -> Dict[str, Any]:
         d = EvalConfig()
         if plots is None:
-            given = [flag for flag, key in (("--budget", "budget"), ("--budget-sweeps", "budget_sweeps"))
+            given = [flag for flag, key in (("--budget", "budget"), ("--budget-sweeps", "budget_sweeps"),
+                                            ("--fig2-blocks", "fig2_blocks"),
+                                            ("--convergence-sweeps", "convergence_sweeps"),
+                                            ("--convergence-datasets", "convergence_datasets"),
+                                            ("--bpg-factor", "bpg_factor"), ("--hmc-leapfrog", "hmc_leapfrog"))
                      if options.get(key) is not None]
             if given:
-                raise APGError(f"{' and '.join(given)} set(s) up Fig. 2, which is drawn only with --plots DIR")
+                raise APGError(f"{' and '.join(given)} set(s) up a figure, which is drawn only with --plots DIR")
         nets = {}
         for method, t in trained.items():
             loaded = t.proposals
@@ -187,7 +206,12 @@ class GMMProblem(Problem):
                          apg_particles=get("particles", d.apg_particles),
                          rws_particles=get("rws_particles", d.rws_particles), sweeps=tuple(get("sweeps", d.sweeps)),
                          budget=get("budget", d.budget), budget_sweeps=tuple(get("budget_sweeps", d.budget_sweeps)),
-                         nu0=options.get("nu0"))
+                         nu0=options.get("nu0"), resampling=get("resampling", d.resampling),
+                         budget_blocks=tuple(dict.fromkeys(get("fig2_blocks", d.budget_blocks))),
+                         convergence_sweeps=get("convergence_sweeps", d.convergence_sweeps),
+                         convergence_datasets=get("convergence_datasets", d.convergence_datasets),
+                         bpg_factor=get("bpg_factor", d.bpg_factor),
+                         hmc_leapfrog=tuple(get("hmc_leapfrog", d.hmc_leapfrog)))
         return evaluate_gmm(nets, cfg, plots=plots, metrics=metrics, progress=progress)
 
     @override

@@ -67,10 +67,21 @@ class EvalConfig:
     budget_datasets: int = 5
     chunk: int = 20000  # datasets x particles per batched call (bounds memory)
     nu0: Optional[float] = None  # the prior's nu0 for the test data and the model (None: the networks')
+    resampling: str = "systematic"  # the scheme before every block update (apg.resampling.SCHEMES)
+    budget_blocks: Sequence[str] = ("blocked",)  # Fig. 2's samplers: "blocked" (per block), "joint" (per sweep)
+    # the convergence comparison, with L = apg_particles (the official code's settings: L = 100, 30 sweeps,
+    # 3 runs on 1 dataset, HMC step 0.1 with 1, 5 and 10 leapfrog steps, BPG with 100 times the particles)
+    convergence_sweeps: int = 30
+    convergence_runs: int = 3
+    convergence_datasets: int = 1
+    hmc_step_size: float = 0.1
+    hmc_leapfrog: Sequence[int] = (1, 5, 10)
+    bpg_factor: int = 100
 
 
 def _rws_row(nets: GMMProposals, x: torch.Tensor, L: int, chunk: int,
              generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """The one-shot columns: log joint and ESS/L of the importance weights (no resampling)."""
     sampler = apg_sampler(nets)
     lj, ess = [], []
     for s in chunks(x.shape[0], max(1, chunk // L)):
@@ -80,7 +91,7 @@ def _rws_row(nets: GMMProposals, x: torch.Tensor, L: int, chunk: int,
     return {"log_joint": torch.cat(lj), "joint": torch.cat(ess)}
 
 
-def _apg_row(nets: GMMProposals, x: torch.Tensor, L: int, K: int, chunk: int,
+def _apg_row(nets: GMMProposals, x: torch.Tensor, L: int, K: int, chunk: int, scheme: str,
              generator: torch.Generator) -> Dict[str, torch.Tensor]:
     """The APG columns at K sweeps: last-sweep log joint, ESS/L per block and joint, KL per block."""
     sampler = apg_sampler(nets)
@@ -88,7 +99,7 @@ def _apg_row(nets: GMMProposals, x: torch.Tensor, L: int, K: int, chunk: int,
     out: Dict[str, List[torch.Tensor]] = {k: [] for k in ("log_joint", "globals", "assignments", "joint",
                                                            "kl_globals", "kl_assignments")}
     for s in chunks(x.shape[0], max(1, chunk // L)):
-        res = run(sampler, x[s], L, K, record_log_joint=True, generator=generator)
+        res = run(sampler, x[s], L, K, record_log_joint=True, scheme=scheme, generator=generator)
         last = res.sweeps[-1]
         out["log_joint"].append(last.mean_log_joint())
         out["globals"].append(last.ess["globals"])
@@ -96,12 +107,18 @@ def _apg_row(nets: GMMProposals, x: torch.Tensor, L: int, K: int, chunk: int,
         kl = inclusive_kl(nets, x[s], res.state, res.log_weights)
         out["kl_globals"].append(kl["globals"])
         out["kl_assignments"].append(kl["assignments"])
-        out["joint"].append(run(sampler, x[s], L, K, blocks=joint, generator=generator).sweeps[-1].ess["joint"])
+        out["joint"].append(run(sampler, x[s], L, K, blocks=joint, scheme=scheme,
+                                generator=generator).sweeps[-1].ess["joint"])
     return {k: torch.cat(v) for k, v in out.items()}
 
 
 def _mean(t: Optional[torch.Tensor]) -> Optional[float]:
     return None if t is None else float(f"{float(t.mean()):.5g}")
+
+
+def _se(t: torch.Tensor) -> float:
+    """The standard error of the mean over the test datasets (the Monte Carlo error of a table cell)."""
+    return float(f"{float(t.std() / t.numel() ** 0.5):.2g}") if t.numel() > 1 else float("nan")
 
 
 def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), plots: Optional[str] = None,
@@ -127,7 +144,7 @@ def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), 
     x = simulate(cfg.num_datasets, model, seed=cfg.seed)["x"]
     g = torch.Generator().manual_seed(cfg.seed)
     apg_methods = [m for m in ("apg", "apg-features") if m in nets]
-    bar = tqdm(total=2 + len(apg_methods) * len(cfg.sweeps) + 1 + (2 if plots is not None else 0),
+    bar = tqdm(total=2 + len(apg_methods) * len(cfg.sweeps) + 1 + (3 if plots is not None else 0),
                disable=not progress, desc="evaluate gmm", unit="step")
     rows: List[Dict[str, Any]] = []
     with torch.no_grad():
@@ -142,21 +159,24 @@ def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), 
                          "delta_log_joint": None if m == "rws-mlp" else _mean(r["log_joint"] - base),
                          "ess": {"joint": _mean(r["joint"]), "globals": None, "assignments": None},
                          "kl": {"globals": None, "assignments": None},
-                         "kl_per_point": {"globals": None, "assignments": None}})
+                         "kl_per_point": {"globals": None, "assignments": None},
+                         "se": {"log_joint": _se(r["log_joint"]), "ess": {"joint": _se(r["joint"])}}})
         assert base is not None
         # KL summed over the block's elements (as the official code sums it), and per element: per
         # cluster-dimension for {t,m}, per point for {c} (the paper's KL {c} is evidently per point)
         elements = {"globals": model.num_clusters * model.dim, "assignments": x.shape[-2]}
         for m in apg_methods:
             for K in cfg.sweeps:
-                r = _apg_row(nets[m], x, cfg.apg_particles, K, cfg.chunk, g)
+                r = _apg_row(nets[m], x, cfg.apg_particles, K, cfg.chunk, cfg.resampling, g)
                 bar.update(1)
                 rows.append({"method": METHOD_NAMES[m], "sweeps": K, "particles": cfg.apg_particles,
                              "log_joint": _mean(r["log_joint"]), "delta_log_joint": _mean(r["log_joint"] - base),
                              "ess": {"joint": _mean(r["joint"]), "globals": _mean(r["globals"]),
                                      "assignments": _mean(r["assignments"])},
                              "kl": {b: _mean(r[f"kl_{b}"]) for b in elements},
-                             "kl_per_point": {b: _mean(r[f"kl_{b}"] / n) for b, n in elements.items()}})
+                             "kl_per_point": {b: _mean(r[f"kl_{b}"] / n) for b, n in elements.items()},
+                             "se": {"log_joint": _se(r["log_joint"]),
+                                    "ess": {b: _se(r[b]) for b in ("joint", "globals", "assignments")}}})
         # reference points: the exact blocked Gibbs sampler (same L, the largest K) and the simulated truth
         K = max(cfg.sweeps)
         gib = torch.cat([gibbs(x[s], cfg.apg_particles, K, model, generator=g)["log_joint"][-1].mean(-1)
@@ -168,7 +188,8 @@ def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), 
         f"gibbs_log_joint_K{K}": _mean(gib), "true_latents_log_joint": _mean(true_lj),
         "rws_mlp_log_joint": _mean(base)}, "settings": {
         "test_datasets": cfg.num_datasets, "seed": cfg.seed, "apg_particles": cfg.apg_particles,
-        "rws_particles": cfg.rws_particles, "nu0": model.nu0}, "paper": PAPER_TABLE_1A}
+        "rws_particles": cfg.rws_particles, "nu0": model.nu0, "resampling": cfg.resampling,
+        "threads": torch.get_num_threads()}, "paper": PAPER_TABLE_1A}
     if plots is not None:
         os.makedirs(plots, exist_ok=True)
         fig2, fig2_data = _fig2(nets["apg"], cfg, os.path.join(plots, "fig2.png"))
@@ -176,6 +197,9 @@ def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), 
         out["figures"] = {"fig1a": _fig1a(nets, cfg, os.path.join(plots, "fig1a.png")), "fig2": fig2}
         bar.update(1)
         out["fig2"] = fig2_data
+        out["figures"]["convergence"], out["convergence"] = _convergence(nets["apg"], cfg,
+                                                                         os.path.join(plots, "convergence.png"))
+        bar.update(1)
         curves = _training_curves(metrics or {}, os.path.join(plots, "training.png"))
         if curves is not None:
             out["figures"]["training"] = curves
@@ -260,10 +284,11 @@ def _fig1a(nets, cfg: EvalConfig, path: str) -> str:
         for row, n in enumerate(sizes):
             x = simulate(1, nets["apg"].cfg, seed=cfg.seed + 1000 + n, num_points=n)["x"]
             _draw(axes[row, 0], x[0], None, None, f"data, N={n}")
-            rws = run(apg_sampler(nets["rws-mlp"]), x, cfg.apg_particles, 1, generator=g)
+            rws = run(apg_sampler(nets["rws-mlp"]), x, cfg.apg_particles, 1, scheme=cfg.resampling, generator=g)
             _draw(axes[row, 1], x[0], {k: v[0] for k, v in rws.state.items()}, int(rws.log_weights[0].argmax()),
                   "RWS")
-            res = run(apg_sampler(nets["apg"]), x, cfg.apg_particles, 13, record_states=True, generator=g)
+            res = run(apg_sampler(nets["apg"]), x, cfg.apg_particles, 13, record_states=True, scheme=cfg.resampling,
+                      generator=g)
             assert res.trajectory is not None
             for col, k in enumerate((4, 8, 12), start=2):
                 st = {kk: v[0] for kk, v in res.trajectory[k].items()}
@@ -273,37 +298,112 @@ def _fig1a(nets, cfg: EvalConfig, path: str) -> str:
 
 
 def _fig2(nets, cfg: EvalConfig, path: str) -> Tuple[str, Dict[str, Any]]:
-    """Fig. 2: fixed budget K * L; mean log joint and ESS/L against K (std over runs of random datasets)."""
+    """Fig. 2: fixed budget K * L; mean log joint and ESS/L against K (std over runs of random datasets).
+
+    One line per sampler of ``cfg.budget_blocks``: ``"blocked"`` resamples before each block (the APG
+    sampler), ``"joint"`` updates ``{tau, mu, c}`` as one block and resamples once per sweep
+    (`apg.sampler.joint_block`); its ESS/L is that of the joint block.
+    """
     plt = pyplot()
     Ks = [k for k in cfg.budget_sweeps if cfg.budget // k >= 1]
-    lj = torch.zeros(len(Ks), cfg.budget_runs)
-    ess = {b: torch.zeros(len(Ks), cfg.budget_runs) for b in ("globals", "assignments")}
     sampler = apg_sampler(nets)
+    variants = {"blocked": None, "joint": [joint_block(sampler.blocks, sampler.log_joint)]}
+    unknown = [b for b in cfg.budget_blocks if b not in variants]
+    if unknown:
+        raise APGError(f"Fig. 2's samplers are {sorted(variants)}, got {unknown} (--fig2-blocks)")
+    ess_blocks = {"blocked": ("globals", "assignments"), "joint": ("joint",)}
+    lj = {v: torch.zeros(len(Ks), cfg.budget_runs) for v in cfg.budget_blocks}
+    ess = {v: {b: torch.zeros(len(Ks), cfg.budget_runs) for b in ess_blocks[v]} for v in cfg.budget_blocks}
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         for r in range(cfg.budget_runs):
             x = simulate(cfg.budget_datasets, nets.cfg, seed=cfg.seed + 50_000 + r)["x"]
-            for i, K in enumerate(Ks):
-                res = run(sampler, x, cfg.budget // K, K, record_log_joint=True, generator=g)
-                lj[i, r] = res.sweeps[-1].mean_log_joint().mean()
-                for b in ess:
-                    ess[b][i, r] = (res.sweeps[-1].ess[b].mean() if K > 1 else res.sweeps[0].ess["init"].mean())
+            for v in cfg.budget_blocks:
+                for i, K in enumerate(Ks):
+                    res = run(sampler, x, cfg.budget // K, K, record_log_joint=True, blocks=variants[v],
+                              scheme=cfg.resampling, generator=g)
+                    lj[v][i, r] = res.sweeps[-1].mean_log_joint().mean()
+                    for b in ess[v]:
+                        ess[v][b][i, r] = (res.sweeps[-1].ess[b] if K > 1 else res.sweeps[0].ess["init"]).mean()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, series, label in ((a1, {"log joint": lj}, "log p(x, z)"), (a2, ess, "ESS / L")):
-        for name, t in series.items():
-            m, s = t.mean(1).numpy(), t.std(1).numpy()
-            ax.plot(Ks, m, marker="o", label=f"{name} (mean)")
-            ax.fill_between(Ks, m - s, m + s, alpha=0.25, label=f"{name}: +-1 sd over {cfg.budget_runs} runs")
+    names = {"blocked": "", "joint": "joint block, "}
+    for v in cfg.budget_blocks:
+        series = ((a1, {"log joint": lj[v]}), (a2, ess[v]))
+        for ax, curves in series:
+            for name, t in curves.items():
+                m, sd = t.mean(1).numpy(), t.std(1).numpy()
+                ax.plot(Ks, m, marker="o", label=f"{names[v]}{name} (mean)")
+                ax.fill_between(Ks, m - sd, m + sd, alpha=0.25)
+    for ax, label in ((a1, "log p(x, z)"), (a2, "ESS / L")):
         ax.set_xscale("log")
         ax.set_xlabel(f"sweeps K (L = {cfg.budget} / K)")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="best", title=f"shading: +-1 sd over {cfg.budget_runs} runs", title_fontsize=7)
     fig.suptitle(f"APG on the GMM, fixed budget K * L = {cfg.budget}", fontsize=10)
     save_figure(fig, path)
-    data: Dict[str, Any] = {"sweeps": Ks, "log_joint_mean": [round(float(v), 2) for v in lj.mean(1)],
-            "log_joint_sd": [round(float(v), 2) for v in lj.std(1)]}
-    for b, t in ess.items():
-        data[f"ess_{b}_mean"] = [round(float(v), 3) for v in t.mean(1)]
+    data: Dict[str, Any] = {"sweeps": Ks, "budget": cfg.budget, "runs": cfg.budget_runs,
+                            "datasets_per_run": cfg.budget_datasets}
+    for v in cfg.budget_blocks:
+        data[v] = {"log_joint_mean": [round(float(t), 2) for t in lj[v].mean(1)],
+                   "log_joint_sd": [round(float(t), 2) for t in lj[v].std(1)],
+                   **{f"ess_{b}_mean": [round(float(t), 3) for t in e.mean(1)] for b, e in ess[v].items()}}
+    return path, data
+
+
+def _convergence(nets: GMMProposals, cfg: EvalConfig, path: str) -> Tuple[str, Dict[str, Any]]:
+    """The convergence comparison: mean log joint against sweeps for APG, BPG, Gibbs and HMC-RWS.
+
+    Every sampler starts from the APG networks' one-shot proposal; ``convergence_runs`` runs (random streams) on
+    the same ``convergence_datasets`` test datasets (as the official code: one dataset, three runs); the shading
+    is the sd over runs of the datasets' mean. APG and BPG report the self-normalised mean over their particles
+    (at sweep 1: the importance-weighted one-shot), the chains the plain mean.
+    """
+    from .baselines import bpg_sampler, gibbs_chains, hmc_chains
+
+    plt = pyplot()
+    K, L = cfg.convergence_sweeps, cfg.apg_particles
+    curves: Dict[str, List[torch.Tensor]] = {}
+    acceptance: Dict[str, List[float]] = {}
+    sampler, bpg = apg_sampler(nets), bpg_sampler(nets)
+    x = simulate(cfg.convergence_datasets, nets.cfg, seed=cfg.seed + 70_000)["x"]
+    with torch.no_grad():
+        for r in range(cfg.convergence_runs):
+            g = torch.Generator().manual_seed(cfg.seed + r)
+
+            def add(name: str, per_sweep: torch.Tensor) -> None:  # (K, datasets)
+                curves.setdefault(name, []).append(per_sweep.mean(-1))
+
+            for label, s, n in ((f"APG (L={L})", sampler, L), (f"BPG (L={L * cfg.bpg_factor})", bpg,
+                                                                  L * cfg.bpg_factor)):
+                res = run(s, x, n, K, record_log_joint=True, scheme=cfg.resampling, generator=g)
+                add(label, torch.stack([info.mean_log_joint() for info in res.sweeps]))
+            start = sampler.init(x, L, g)[0]
+            add(f"Gibbs (L={L})", torch.cat([sampler.log_joint(x, start).mean(-1).unsqueeze(0),
+                                             gibbs_chains(x, start, K - 1, nets.cfg, generator=g).mean(-1)]))
+            for lf in cfg.hmc_leapfrog:
+                lj, acc = hmc_chains(x, start, K, nets.cfg, step_size=cfg.hmc_step_size, leapfrog=lf, generator=g)
+                label = f"HMC-RWS (L={L}, LF={lf})"
+                add(label, lj.mean(-1))
+                acceptance.setdefault(label, []).append(float(acc.mean()))
+    stacked = {k: torch.stack(v, 1) for k, v in curves.items()}  # (K, runs)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sweeps = list(range(1, K + 1))
+    for name, t in stacked.items():
+        m, sd = t.mean(1).numpy(), t.std(1).numpy() if t.shape[1] > 1 else 0 * t.mean(1).numpy()
+        ax.plot(sweeps, m, label=name)
+        ax.fill_between(sweeps, m - sd, m + sd, alpha=0.2)
+    ax.set_xlabel("sweeps (1: the one-shot proposal)")
+    ax.set_ylabel("log p(x, z), mean over particles and datasets")
+    ax.set_title(f"GMM: convergence from the one-shot proposal ({cfg.convergence_runs} runs on "
+                 f"{cfg.convergence_datasets} test dataset{'s' if cfg.convergence_datasets > 1 else ''})",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    save_figure(fig, path)
+    data = {"sweeps": K, "runs": cfg.convergence_runs, "datasets_per_run": cfg.convergence_datasets,
+            "hmc_step_size": cfg.hmc_step_size,
+            "log_joint_mean": {k: [round(float(v), 2) for v in t.mean(1)] for k, t in stacked.items()},
+            "log_joint_sd_over_runs": {k: [round(float(v), 2) for v in t.std(1)] for k, t in stacked.items()},
+            "hmc_acceptance": {k: round(sum(v) / len(v), 3) for k, v in acceptance.items()}}
     return path, data
 
 
