@@ -8,34 +8,44 @@
 * `.evaluation`: Table 1b and Fig. 1b.
 
 Methods: ``apg`` (one-shot encoder plus the kernels of ``{mu}`` and
-``{c, alpha}``) and ``rws`` (the one-shot encoder alone, trained by reweighted
-wake-sleep).  Each learns its own decoder (theta, eq. 6) with its proposals
-(phi, eq. 5).
+``{c, alpha}``, residuals on the exact conditionals) and ``rws`` (the one-shot
+encoder alone, trained by reweighted wake-sleep); ``apg-paper`` (appendix E's
+networks, `PaperDGMMProposals`) and ``rws-lstm`` (the paper's LSTM-RWS
+baseline, its one-shot statistic an LSTM).  Each learns its own decoder (theta,
+eq. 6) with its proposals (phi, eq. 5).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 from typing_extensions import override
 
-from tmcgraph.arguments import positive_int
+from tmcgraph.arguments import positive_float, positive_int
 
 from ...sampler import Result, Sampler
 from ..base import Method, Problem, Trained
 from ..common import add_sampler_arguments, option
-from .data import PAPER, DGMMConfig, simulate
+from .data import ANGLES, PAPER, DGMMConfig, simulate
 from .model import DGMMDensity, LocalKernel, MuKernel, apg_sampler, dgmm_model, exact_sampler, log_joint, pick
-from .networks import CircleDecoder, Decoder, DGMMProposals, SkipMLP, von_mises_log_prob, von_mises_sample
+from .networks import (
+    AnyProposals,
+    CircleDecoder,
+    Decoder,
+    DGMMProposals,
+    PaperDGMMProposals,
+    SkipMLP,
+    von_mises_log_prob,
+    von_mises_sample,
+)
 
 __all__ = ["CircleDecoder", "DGMMConfig", "DGMMDensity", "DGMMProblem", "DGMMProposals", "Decoder", "LocalKernel",
-           "MuKernel", "PAPER", "SkipMLP", "apg_sampler", "dgmm_model", "exact_sampler", "log_joint", "pick",
-           "simulate",
-           "von_mises_log_prob", "von_mises_sample"]
+           "MuKernel", "PAPER", "PaperDGMMProposals", "SkipMLP", "apg_sampler", "dgmm_model", "exact_sampler",
+           "log_joint", "pick", "simulate", "von_mises_log_prob", "von_mises_sample"]
 
 #: the CPU profile the shipped checkpoints were trained with (see docs/reproducing.md); the paper's
 #: settings (batch 20, K=10, L=10, lr 1e-4, 200,000 iterations) are ``--batch 20 --sweeps 10 --particles 10
@@ -59,8 +69,15 @@ class DGMMProblem(Problem):
         "rws": Method("rws", "RWS baseline: the one-shot encoder (neural sufficient statistics); learns the decoder",
                       one_shot=True, train_defaults=dict(iterations=6000, num_particles=50, num_sweeps=1,
                                                          **CPU_PROFILE)),
+        "apg-paper": Method("apg-paper", "APG with appendix E's networks ([x_n, c_n] statistics for {mu}, an MLP of "
+                            "x_n - mu_i for {c}, a Beta on the angle); learns the decoder",
+                            train_defaults=dict(iterations=6000, num_particles=10, num_sweeps=5, **CPU_PROFILE)),
+        "rws-lstm": Method("rws-lstm", "LSTM-RWS baseline (the paper's dlogp baseline): an LSTM over the points for "
+                           "{mu}, appendix E's {c, alpha} proposal; learns the decoder", one_shot=True,
+                           train_defaults=dict(iterations=6000, num_particles=50, num_sweeps=1, **CPU_PROFILE)),
     }
     metric_fields = ("ess_mu", "ess_local", "radius")
+    optional_methods = ("apg-paper", "rws-lstm")
 
     def __init__(self, cfg: DGMMConfig = PAPER) -> None:
         self.cfg = cfg
@@ -74,8 +91,35 @@ class DGMMProblem(Problem):
         return DGMMProblem(DGMMConfig(**config))
 
     @override
-    def make_proposals(self, method: str) -> DGMMProposals:
-        return DGMMProposals(self.cfg, conditional=not self.method(method).one_shot)
+    def add_train_arguments(self, parser: argparse.ArgumentParser) -> None:
+        d = PAPER
+        parser.add_argument("--noise", type=positive_float, default=None, metavar="S",
+                            help=f"the data's noise standard deviation per coordinate (default {d.noise}, the paper's "
+                                 "Sigma_eps read as a standard deviation; the official simulator's is 0.1); also the "
+                                 "model's unless --model-noise")
+        parser.add_argument("--model-noise", type=positive_float, default=None, metavar="S",
+                            help="the model's noise standard deviation (default: --noise; the official model's is 0.5)")
+        parser.add_argument("--sigma0", type=positive_float, default=None, metavar="S",
+                            help=f"standard deviation of the centres' prior (default {d.sigma0})")
+        parser.add_argument("--radius", type=positive_float, default=None, metavar="R",
+                            help=f"the simulated rings' radius (default {d.radius}; the model learns its own)")
+        parser.add_argument("--angles", choices=ANGLES, default=None,
+                            help="the simulated angles: uniform (i.i.d., the paper's model; default) or even (evenly "
+                                 "spaced in two randomly shifted laps, the official simulator)")
+
+    @override
+    def from_arguments(self, args: argparse.Namespace) -> "DGMMProblem":
+        given = {k: getattr(args, k, None) for k in ("noise", "model_noise", "sigma0", "radius", "angles")}
+        return DGMMProblem(replace(self.cfg, **{k: v for k, v in given.items() if v is not None}))
+
+    @override
+    def make_proposals(self, method: str) -> AnyProposals:
+        conditional = not self.method(method).one_shot
+        if method == "apg-paper":
+            return PaperDGMMProposals(self.cfg)
+        if method == "rws-lstm":
+            return PaperDGMMProposals(self.cfg, conditional=False, encoder="lstm")
+        return DGMMProposals(self.cfg, conditional=conditional)
 
     @override
     def make_model(self) -> Decoder:
@@ -83,7 +127,7 @@ class DGMMProblem(Problem):
 
     @override
     def sampler(self, proposals: nn.Module, model: nn.Module) -> Sampler:
-        assert isinstance(proposals, DGMMProposals) and isinstance(model, Decoder)
+        assert isinstance(proposals, (DGMMProposals, PaperDGMMProposals)) and isinstance(model, Decoder)
         return apg_sampler(proposals, model)
 
     @override
@@ -114,7 +158,7 @@ class DGMMProblem(Problem):
         d = EvalConfig()
         nets = {}
         for method, t in trained.items():
-            assert isinstance(t.proposals, DGMMProposals) and isinstance(t.model, Decoder)
+            assert isinstance(t.proposals, (DGMMProposals, PaperDGMMProposals)) and isinstance(t.model, Decoder)
             nets[method] = (t.proposals, t.model)
 
         def get(key: str, default: Any) -> Any:

@@ -11,15 +11,18 @@ Choices, and where they come from (each is a `DGMMConfig` field):
 
 * ``I = 4`` rings, ``N = 200`` points, ``sigma0 = 3.5`` and ``Sigma_eps = 0.2``: the
   paper.  We read ``Sigma_eps`` as the noise's standard deviation per
-  coordinate (the paper writes it like a covariance but gives one number; the
-  official simulator's default is a standard deviation of 0.1, its model's
-  0.5).
+  coordinate, the same in the simulator and the model.  The paper writes it like
+  a covariance but gives one number; the official code has two readings: its
+  simulator's noise standard deviation is 0.1 and its model's 0.5
+  (``noise=0.1, model_noise=0.5`` here; ``noise`` alone sets both).
 * ``radius = 2``: the official simulator (the paper does not say).
 * balanced clusters (exactly ``N / I`` points per ring, the remainder spread
   over the first rings): the official simulator.  The points are shuffled.
-* angles i.i.d. uniform: the paper's model (the official simulator spaces them
-  evenly, in two randomly shifted laps).  We use ``[-pi, pi)``, the range of the
-  von Mises proposals; any interval of length ``2 pi`` is the same model.
+* angles i.i.d. uniform (``angles="uniform"``): the paper's model.  We use
+  ``[-pi, pi)``, the range of the von Mises proposals; any interval of length
+  ``2 pi`` is the same model.  ``angles="even"`` simulates as the official code
+  does: each ring's points in two laps, each lap ``linspace(0, 2 pi)`` (both ends
+  included) shifted by a uniform fraction of its spacing.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ import torch
 
 from ...errors import APGError
 
-__all__ = ["DGMMConfig", "PAPER", "simulate"]
+__all__ = ["ANGLES", "DGMMConfig", "PAPER", "simulate"]
+
+#: the simulator's angle schemes (see the module docstring)
+ANGLES = ("uniform", "even")
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,12 @@ class DGMMConfig:
         num_clusters: I.
         num_points: N of the training datasets.
         sigma0: standard deviation of the ring centres' prior, per coordinate.
-        noise: standard deviation of the observation noise, per coordinate (the model's and the simulator's).
+        noise: standard deviation of the simulator's observation noise, per coordinate (and the model's unless
+            ``model_noise`` is set).
         radius: the true rings' radius (simulator only: the model learns its own).
+        model_noise: the model's noise standard deviation, when it differs from the simulator's (``None``: the same).
+        angles: how the simulator draws the angles: ``"uniform"`` (i.i.d., the paper's model) or ``"even"`` (evenly
+            spaced in randomly shifted laps, the official simulator).
     """
 
     num_clusters: int = 4
@@ -52,6 +62,22 @@ class DGMMConfig:
     sigma0: float = 3.5
     noise: float = 0.2
     radius: float = 2.0
+    model_noise: Optional[float] = None
+    angles: str = "uniform"
+
+    def __post_init__(self) -> None:
+        for name in ("sigma0", "noise", "radius"):
+            if not getattr(self, name) > 0:
+                raise APGError(f"{name} must be positive, got {getattr(self, name)!r} (--{name.replace('_', '-')})")
+        if self.model_noise is not None and not self.model_noise > 0:
+            raise APGError(f"model_noise must be positive, got {self.model_noise!r} (--model-noise)")
+        if self.angles not in ANGLES:
+            raise APGError(f"angles must be one of {list(ANGLES)}, got {self.angles!r} (--angles)")
+
+    @property
+    def likelihood_noise(self) -> float:
+        """The model's noise standard deviation (``model_noise``, else ``noise``)."""
+        return self.noise if self.model_noise is None else self.model_noise
 
     @property
     def dim(self) -> int:
@@ -87,7 +113,31 @@ def simulate(num_datasets: int, cfg: DGMMConfig = PAPER, *, seed: int = 0,
     order = torch.stack([torch.randperm(n, generator=g) for _ in range(num_datasets)])
     c = balanced[order]
     alpha = (torch.rand(num_datasets, n, generator=g, dtype=torch.float64) * 2 - 1) * math.pi
+    if cfg.angles == "even":
+        alpha = _even_angles(c, k, g)
     ring = cfg.radius * torch.stack([alpha.cos(), alpha.sin()], -1)
     centre = torch.gather(mu, 1, c.unsqueeze(-1).expand(-1, -1, 2))
     x = centre + ring + cfg.noise * torch.randn(num_datasets, n, 2, generator=g, dtype=torch.float64)
     return {"x": x.float(), "mu": mu.float(), "c": c, "alpha": alpha.float()}
+
+
+def _even_angles(c: torch.Tensor, k: int, g: torch.Generator, laps: int = 2) -> torch.Tensor:
+    """The official simulator's angles: each ring's points in ``laps`` laps of evenly spaced angles.
+
+    A lap of ``m`` points is ``linspace(0, 2 pi, m)`` (both ends included) plus a shift drawn uniformly in
+    ``[0, 2 pi / (m - 1))``; the angles are wrapped into ``[-pi, pi)``.  ``c (B, N)`` -> ``(B, N)`` float64.
+    """
+    alpha = torch.empty(c.shape, dtype=torch.float64)
+    for b in range(c.shape[0]):
+        for i in range(k):
+            idx = (c[b] == i).nonzero().squeeze(-1)
+            parts = []
+            for lap in torch.arange(idx.numel()).tensor_split(laps):
+                m = lap.numel()
+                if m == 0:
+                    continue
+                step = 2 * math.pi / (m - 1) if m > 1 else 2 * math.pi
+                shift = float(torch.rand((), generator=g, dtype=torch.float64)) * step
+                parts.append(torch.linspace(0, 2 * math.pi, m, dtype=torch.float64) + shift)
+            alpha[b, idx] = torch.cat(parts)
+    return torch.remainder(alpha + math.pi, 2 * math.pi) - math.pi

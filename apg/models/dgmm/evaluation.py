@@ -24,6 +24,7 @@ radius against the true one.  All randomness comes from generators seeded with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -37,11 +38,11 @@ from ...sampler import joint_block, run
 from ..common import cell, chunks, save_figure, training_curves
 from .data import DGMMConfig, simulate
 from .model import apg_sampler, exact_sampler, log_joint
-from .networks import CircleDecoder, Decoder, DGMMProposals
+from .networks import AnyProposals, CircleDecoder, Decoder
 
 __all__ = ["EvalConfig", "PAPER_TABLE_1B", "centres_found", "evaluate_dgmm", "format_table", "true_log_joint"]
 
-METHOD_NAMES = {"rws": "RWS", "apg": "APG"}
+METHOD_NAMES = {"rws": "RWS", "apg": "APG", "rws-lstm": "LSTM-RWS", "apg-paper": "APG-paper"}
 
 #: Table 1b of Wu et al. (ICML 2020) as printed: dlogp, ESS/L {mu,c,alpha}, {mu}, {c,alpha}.  Its baseline
 #: (dlogp "-") is the LSTM-RWS row; the MLP-RWS row reads 2538 above it; the evaluation L is not stated.
@@ -77,8 +78,9 @@ class EvalConfig:
 
 
 def true_log_joint(truth: Dict[str, torch.Tensor], cfg: DGMMConfig) -> torch.Tensor:
-    """``log p(x, z)`` of simulated data at its true latents under the true model: ``(B,)``."""
-    return log_joint(truth["x"], truth["mu"], truth["c"], truth["alpha"], CircleDecoder(cfg.radius), cfg)
+    """``log p(x, z)`` of simulated data at its true latents under the true model (the simulator's noise): ``(B,)``."""
+    return log_joint(truth["x"], truth["mu"], truth["c"], truth["alpha"], CircleDecoder(cfg.radius),
+                     dataclasses.replace(cfg, model_noise=None))
 
 
 def centres_found(mu: torch.Tensor, log_weights: torch.Tensor, true_mu: torch.Tensor,
@@ -92,7 +94,7 @@ def centres_found(mu: torch.Tensor, log_weights: torch.Tensor, true_mu: torch.Te
     return (dist.min(-1).values < tolerance).all(-1)
 
 
-def _row(nets: DGMMProposals, decoder: Decoder, x: torch.Tensor, true_mu: torch.Tensor, L: int, K: int,
+def _row(nets: AnyProposals, decoder: Decoder, x: torch.Tensor, true_mu: torch.Tensor, L: int, K: int,
          chunk: int, scheme: str, generator: torch.Generator) -> Dict[str, torch.Tensor]:
     """Last-sweep mean log joint, ESS/L (joint and per block) and centres found at K sweeps.
 
@@ -120,21 +122,27 @@ def _mean(t: Optional[torch.Tensor]) -> Optional[float]:
     return None if t is None else float(f"{float(t.mean()):.5g}")
 
 
-def evaluate_dgmm(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalConfig = EvalConfig(),
+def _se(t: torch.Tensor) -> float:
+    """The standard error of the mean over the test datasets."""
+    return float(f"{float(t.double().std() / t.numel() ** 0.5):.2g}") if t.numel() > 1 else float("nan")
+
+
+def evaluate_dgmm(trained: Dict[str, Tuple[AnyProposals, Decoder]], cfg: EvalConfig = EvalConfig(),
                   plots: Optional[str] = None, metrics: Optional[Dict[str, Optional[str]]] = None,
                   progress: bool = False) -> Dict[str, Any]:
     """Table 1b on held-out datasets (and Fig. 1b when ``plots`` names a directory).
 
     Args:
-        trained: method (``"rws"``, ``"apg"``) -> (proposals, decoder).
+        trained: method (``"rws"``, ``"apg"``; optionally ``"rws-lstm"``, ``"apg-paper"``) -> (proposals, decoder).
         cfg: the evaluation settings.
         plots: directory for ``fig1b.png`` (and ``training.png``).
         metrics: method -> training metrics.csv, for the training curves.
         progress: a progress bar on stderr (one step per table row and figure).
 
     Returns:
-        ``{"rows": [{"method", "sweeps", "particles", "log_joint", "delta_log_joint",
-        "ess": {"joint", "globals", "locals"}, "radius", "centres_found"}, ...], "reference": {...},
+        ``{"rows": [{"method", "sweeps", "particles", "log_joint", "delta_log_joint" (against RWS),
+        "delta_log_joint_lstm" (against LSTM-RWS, the paper's baseline), "ess": {"joint", "globals", "locals"},
+        "radius", "centres_found", "se": {"log_joint", "centres_found"}}, ...], "reference": {...},
         "settings": {...}, "paper": [...]}``; ``None`` where a column does not apply.
     """
     from tqdm.auto import tqdm
@@ -143,26 +151,31 @@ def evaluate_dgmm(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalCo
     truth = simulate(cfg.num_datasets, model_cfg, seed=cfg.seed, num_points=cfg.num_points)
     x = truth["x"]
     g = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=2 + len(cfg.sweeps) + (1 if plots is not None else 0), disable=not progress,
+    bar = tqdm(total=sum(1 if m.startswith("rws") else len(cfg.sweeps) for m in trained) + 1
+               + (1 if plots is not None else 0), disable=not progress,
                desc="evaluate dgmm", unit="step")
     rows: List[Dict[str, Any]] = []
+    rws_methods = [m for m in ("rws", "rws-lstm") if m in trained]
+    apg_methods = [m for m in ("apg", "apg-paper") if m in trained]
     with torch.no_grad():
-        nets, dec = trained["rws"]
-        r = _row(nets, dec, x, truth["mu"], cfg.rws_particles, 1, cfg.chunk, cfg.resampling, g)
-        bar.update(1)
-        base = r["log_joint"]
-        rows.append({"method": "RWS", "sweeps": 1, "particles": cfg.rws_particles, "log_joint": _mean(base),
-                     "delta_log_joint": None, "ess": {"joint": _mean(r["joint"]), "globals": None, "locals": None},
-                     "radius": round(float(dec.radius.detach()), 4), "centres_found": _mean(r["found"])})
+        lj: Dict[str, torch.Tensor] = {}  # method (at its largest K) -> per-dataset mean log joint
+        for m in rws_methods + apg_methods:
+            nets, dec = trained[m]
+            for K in ([1] if m in rws_methods else cfg.sweeps):
+                L = cfg.rws_particles if K == 1 else cfg.apg_particles
+                r = _row(nets, dec, x, truth["mu"], L, K, cfg.chunk, cfg.resampling, g)
+                bar.update(1)
+                lj[m] = r["log_joint"]
+                rows.append({"method": METHOD_NAMES[m], "sweeps": K, "particles": L, "log_joint": _mean(lj[m]),
+                             "delta_log_joint": None if m == "rws" else _mean(lj[m] - lj["rws"]),
+                             "delta_log_joint_lstm": (_mean(lj[m] - lj["rws-lstm"]) if "rws-lstm" in lj
+                                                      and m != "rws-lstm" else None),
+                             "ess": {"joint": _mean(r["joint"]), "globals": _mean(r.get("globals")),
+                                     "locals": _mean(r.get("locals"))},
+                             "radius": round(float(dec.radius.detach()), 4), "centres_found": _mean(r["found"]),
+                             "se": {"log_joint": _se(lj[m]), "centres_found": _se(r["found"])}})
+        base = lj["rws"]
         nets, dec = trained["apg"]
-        for K in cfg.sweeps:
-            r = _row(nets, dec, x, truth["mu"], cfg.apg_particles, K, cfg.chunk, cfg.resampling, g)
-            bar.update(1)
-            rows.append({"method": "APG", "sweeps": K, "particles": cfg.apg_particles,
-                         "log_joint": _mean(r["log_joint"]), "delta_log_joint": _mean(r["log_joint"] - base),
-                         "ess": {"joint": _mean(r["joint"]), "globals": _mean(r.get("globals")),
-                                 "locals": _mean(r.get("locals"))},
-                         "radius": round(float(dec.radius.detach()), 4), "centres_found": _mean(r["found"])})
         true_lj = true_log_joint(truth, model_cfg)
         # the exact blocked Gibbs sampler of the true rings, from the APG's one-shot proposal (same L, largest K)
         K = max(cfg.sweeps)
@@ -181,7 +194,7 @@ def evaluate_dgmm(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalCo
                       "true_radius": model_cfg.radius},
         "settings": {"test_datasets": cfg.num_datasets, "points": cfg.num_points, "seed": cfg.seed,
                      "apg_particles": cfg.apg_particles, "rws_particles": cfg.rws_particles,
-                     "resampling": cfg.resampling},
+                     "resampling": cfg.resampling, "model": dataclasses.asdict(model_cfg)},
         "paper": PAPER_TABLE_1B}
     if plots is not None:
         os.makedirs(plots, exist_ok=True)
@@ -198,25 +211,27 @@ def format_table(out: Dict[str, Any]) -> str:
     """Table 1b as text (ours, then the paper's)."""
     f = cell
 
-    head = (f"{'method':<14}{'L':>6}{'log p':>11}{'dlogp':>9}{'ESS/L':>9}{'':>9}{'':>9}{'radius':>8}{'found':>7}\n"
-            f"{'':<14}{'':>6}{'':>11}{'':>9}{'{m,c,a}':>9}{'{m}':>9}{'{c,a}':>9}")
+    head = (f"{'method':<18}{'L':>6}{'log p':>11}{'dlogp':>9}{'dlogp':>9}{'ESS/L':>9}{'':>9}{'':>9}{'radius':>8}"
+            f"{'found':>7}\n"
+            f"{'':<18}{'':>6}{'':>11}{'RWS':>9}{'LSTM':>9}{'{m,c,a}':>9}{'{m}':>9}{'{c,a}':>9}")
     lines = [head]
 
     def name(r: Dict[str, Any]) -> str:
         return r["method"] if r["sweeps"] == 1 else f"{r['method']} (K={r['sweeps']})"
 
     for r in out["rows"]:
-        lines.append(f"{name(r):<14}{r['particles']:>6}{f(r['log_joint'], 11, 1)}{f(r['delta_log_joint'], 9, 1)}"
-                     f"{f(r['ess']['joint'])}{f(r['ess']['globals'])}{f(r['ess']['locals'])}{f(r['radius'], 8)}"
-                     f"{f(r.get('centres_found'), 7, 2)}")
+        lines.append(f"{name(r):<18}{r['particles']:>6}{f(r['log_joint'], 11, 1)}{f(r['delta_log_joint'], 9, 1)}"
+                     f"{f(r.get('delta_log_joint_lstm'), 9, 1)}{f(r['ess']['joint'])}{f(r['ess']['globals'])}"
+                     f"{f(r['ess']['locals'])}{f(r['radius'], 8)}{f(r.get('centres_found'), 7, 2)}")
     s = out.get("settings", {})
     lines.append(f"({s.get('test_datasets')} held-out datasets of {s.get('points')} points, seed {s.get('seed')}; "
-                 "log p: mean E_w[log p(x, z)] summed over the points; dlogp: minus RWS's; ESS/L of the last sweep; "
+                 "log p: mean E_w[log p(x, z)] summed over the points; dlogp: minus RWS's, and minus LSTM-RWS's (the "
+                 "paper's baseline); ESS/L of the last sweep; "
                  "found: share of datasets whose highest-weight particle has a centre within 0.5 of every true one)")
     if out.get("paper"):
         lines.append("the paper's Table 1b (evaluation L not stated; its dlogp is against its LSTM-RWS row):")
         for r in out["paper"]:
-            lines.append(f"{name(r):<14}{'?':>6}{'':>11}{f(r['delta_log_joint'], 9, 1)}{f(r['ess']['joint'])}"
+            lines.append(f"{name(r):<18}{'?':>6}{'':>11}{'':>9}{f(r['delta_log_joint'], 9, 1)}{f(r['ess']['joint'])}"
                          f"{f(r['ess']['globals'])}{f(r['ess']['locals'])}")
     ref = out.get("reference", {})
     if ref:
@@ -264,7 +279,7 @@ def _best(state: Dict[str, torch.Tensor], log_joint_values: torch.Tensor) -> Dic
     return {k: v[best] for k, v in state.items()}
 
 
-def _fig1b(trained: Dict[str, Tuple[DGMMProposals, Decoder]], cfg: EvalConfig, path: str) -> str:
+def _fig1b(trained: Dict[str, Tuple[AnyProposals, Decoder]], cfg: EvalConfig, path: str) -> str:
     """Fig. 1b: 5 test datasets of 100-600 points.
 
     Data, RWS, APG after 3 and 6 sweeps (the particle of highest log joint, with its learned rings), and the

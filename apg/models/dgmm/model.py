@@ -27,7 +27,7 @@ from tmcgraph import JointDensity, Model
 from ...sampler import Block, Sampler
 from ..gmm.model import CategoricalKernel
 from .data import DGMMConfig
-from .networks import AnyDecoder, CircleDecoder, DGMMProposals, von_mises_log_prob, von_mises_sample
+from .networks import AnyDecoder, AnyProposals, CircleDecoder, DGMMProposals
 
 __all__ = ["DGMMDensity", "LocalKernel", "MuKernel", "apg_sampler", "dgmm_model", "exact_sampler", "log_joint",
            "pick"]
@@ -67,8 +67,9 @@ def dgmm_model(cfg: DGMMConfig, decoder: AnyDecoder, num_points: Optional[int] =
     m.latent("mu", prior=lambda: Independent(Normal(zeros, cfg.sigma0, **v), 2, **v))
     m.latent("c", prior=lambda: Categorical(logits=uniform, **v), plates=["N"])
     m.latent("alpha", prior=lambda: Uniform(lo, hi, **v), plates=["N"])
-    m.observe("x", lambda c, alpha, mu: Independent(Normal(_pick_point(mu, c) + decoder(alpha), cfg.noise, **v), 1,
-                                                    **v), plates=["N"], event_dim=1)
+    noise = cfg.likelihood_noise
+    m.observe("x", lambda c, alpha, mu: Independent(Normal(_pick_point(mu, c) + decoder(alpha), noise, **v), 1, **v),
+              plates=["N"], event_dim=1)
     return m
 
 
@@ -84,7 +85,7 @@ def log_joint(x: torch.Tensor, mu: torch.Tensor, c: torch.Tensor, alpha: torch.T
     lp_c = -n * math.log(k)
     lp_alpha = -n * math.log(2 * math.pi)
     loc = pick(mu, c) + decoder(alpha)
-    lp_x = Normal(loc, cfg.noise).log_prob(x).sum((-2, -1))
+    lp_x = Normal(loc, cfg.likelihood_noise).log_prob(x).sum((-2, -1))
     return lp_mu + lp_c + lp_alpha + lp_x
 
 
@@ -143,30 +144,28 @@ class LocalKernel:
     ``q(c_n | x_n, mu) q(alpha_n | x_n, mu_{c_n})``; densities ``(*B, L, N)``.
     """
 
-    def __init__(self, nets: DGMMProposals, decoder: AnyDecoder, x: torch.Tensor, mu: torch.Tensor) -> None:
+    def __init__(self, nets: AnyProposals, decoder: AnyDecoder, x: torch.Tensor, mu: torch.Tensor) -> None:
         self.nets, self.x, self.mu = nets, x, mu
         with torch.no_grad():
             self.radius = decoder.radius.detach().to(x.dtype)
         self.c_kernel = CategoricalKernel(nets.assignment_logits(x, mu, self.radius), normalized=True)
 
-    def _angle(self, c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.nets.angle_params(self.x, pick(self.mu, c), self.radius)
+    def _angle(self, c: torch.Tensor) -> Any:
+        return self.nets.angle_dist(self.x, pick(self.mu, c), self.radius)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Draw the block's values (no gradient), using ``generator`` if given."""
         c = self.c_kernel.sample(generator)["c"]
         with torch.no_grad():
-            loc, kappa = self._angle(c)
-            alpha = von_mises_sample(loc, kappa, generator)
+            alpha = self._angle(c).sample(generator)
         return {"c": c, "alpha": alpha}
 
     def log_prob(self, v: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The kernel's log-density of the block's values ``v``."""
-        loc, kappa = self._angle(v["c"])
-        return self.c_kernel.log_prob({"c": v["c"]}) + von_mises_log_prob(v["alpha"], loc, kappa)
+        return self.c_kernel.log_prob({"c": v["c"]}) + self._angle(v["c"]).log_prob(v["alpha"])
 
 
-def apg_sampler(nets: DGMMProposals, decoder: AnyDecoder) -> Sampler:
+def apg_sampler(nets: AnyProposals, decoder: AnyDecoder) -> Sampler:
     """The DGMM's APG sampler (the RWS baseline: the one-shot proposal alone, no blocks).
 
     One-shot: ``mu ~ q(mu | x)``, then ``(c, alpha) ~ q(c, alpha | x, mu)``.
@@ -194,16 +193,19 @@ def apg_sampler(nets: DGMMProposals, decoder: AnyDecoder) -> Sampler:
     return Sampler(init, blocks if nets.mu_stats is not None else [], dens.log_joint)
 
 
-def exact_sampler(nets: DGMMProposals, radius: float) -> Sampler:
+def exact_sampler(nets: AnyProposals, radius: float) -> Sampler:
     """The blocked Gibbs sampler of the true rings (a circle of ``radius``).
 
     ``nets``'s one-shot proposal, then the exact conditionals of ``{mu}`` and ``{c, alpha}`` (every incremental weight
     is 1).
-
-    The block kernels are those of ``nets`` with their learned residuals removed (see
+    The block kernels are those of a `DGMMProposals` with its learned residuals removed (see
     `DGMMProposals`), with `CircleDecoder` as the model.
     """
-    exact = copy.deepcopy(nets)
+    if isinstance(nets, DGMMProposals):
+        exact = copy.deepcopy(nets)
+    else:  # appendix E's networks have no exact form: fresh residual networks (zeroed below), nets' one-shot
+        exact = DGMMProposals(nets.cfg).to(next(nets.parameters()))
+        exact.oneshot_params = nets.oneshot_params  # type: ignore[method-assign]
     with torch.no_grad():
         for module in (exact.mu_stats, exact.score, exact.angle):
             if module is not None:

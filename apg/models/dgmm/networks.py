@@ -31,6 +31,21 @@ The official architecture feeds raw ``[x_n, mu_i]`` and a Beta proposal on
 posterior of a point there is split between the interval's ends); the von
 Mises lives on the circle.  Sampling uses torch's von Mises sampler, seeded
 from the sampler's generator (`von_mises_sample`).
+
+`PaperDGMMProposals` is appendix E's architecture as the official code builds it
+(selectable as the ``apg-paper`` method; ``rws-lstm`` is its one-shot LSTM-RWS
+baseline):
+
+* ``q(mu | x)`` and ``q(mu | x, c)``: per point, ``v_n = FC16(tanh(FC32(f_n)))`` and
+  ``gamma_n = softmax(FC_I(tanh(FC32(f_n))))`` with ``f_n = x_n`` (one-shot) or
+  ``[x_n, onehot(c_n)]`` (the kernel: it does not read the angles); per cluster
+  the statistic ``sum_n gamma_{n,i} v_n / sum_n gamma_{n,i}`` with the prior's
+  mean and standard deviation feeds two heads ``FC2(tanh(FC32(.)))``: the mean
+  and the log standard deviation of a Normal over ``mu_i``.  ``encoder="lstm"``
+  replaces the one-shot's statistic by an LSTM over the points (LSTM-RWS).
+* ``q(c_n | x_n, mu)``: softmax over clusters of ``FC1(relu(FC32(x_n - mu_i)))``.
+* ``q(alpha_n | x_n, mu_{c_n})``: ``(alpha_n + pi) / 2 pi ~ Beta(a, b)`` with
+  ``log a, log b = FC1(tanh(FC32(x_n - mu_{c_n})))`` each.
 """
 
 from __future__ import annotations
@@ -46,8 +61,8 @@ from typing_extensions import override
 from ...proposals import Tanh
 from .data import PAPER, DGMMConfig
 
-__all__ = ["AnyDecoder", "CircleDecoder", "DGMMProposals", "Decoder", "SkipMLP", "von_mises_log_prob",
-           "von_mises_sample"]
+__all__ = ["AnyDecoder", "AnyProposals", "BetaAngle", "CircleDecoder", "DGMMProposals", "Decoder", "PaperDGMMProposals",
+           "SkipMLP", "VonMisesAngle", "von_mises_log_prob", "von_mises_sample"]
 
 
 class Decoder(nn.Module):
@@ -153,6 +168,41 @@ def von_mises_log_prob(value: torch.Tensor, loc: torch.Tensor, concentration: to
         concentration).log()
 
 
+class VonMisesAngle:
+    """A von Mises proposal over the angles ``(..., N)`` (`von_mises_sample`, `von_mises_log_prob`)."""
+
+    def __init__(self, loc: torch.Tensor, concentration: torch.Tensor) -> None:
+        self.loc, self.concentration = loc, concentration
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draws in ``[-pi, pi)`` (no gradient)."""
+        return von_mises_sample(self.loc, self.concentration, generator)
+
+    def log_prob(self, alpha: torch.Tensor) -> torch.Tensor:
+        """``log q(alpha)``, elementwise."""
+        return von_mises_log_prob(alpha, self.loc, self.concentration)
+
+
+class BetaAngle:
+    """``(alpha + pi) / 2 pi ~ Beta(a, b)``: the official code's angle proposal, over ``[-pi, pi)``."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.a, self.b = a, b
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draws in ``(-pi, pi)`` (no gradient), from two Gamma draws of ``generator``."""
+        with torch.no_grad():
+            ga = torch._standard_gamma(self.a.detach(), generator=generator)
+            gb = torch._standard_gamma(self.b.detach(), generator=generator)
+            u = (ga / (ga + gb)).clamp(1e-6, 1 - 1e-6)
+            return (2 * u - 1) * math.pi
+
+    def log_prob(self, alpha: torch.Tensor) -> torch.Tensor:
+        """``log q(alpha)``, elementwise (the Beta density of ``u`` over the Jacobian ``2 pi``)."""
+        u = ((alpha + math.pi) / (2 * math.pi)).clamp(1e-6, 1 - 1e-6)
+        return torch.distributions.Beta(self.a, self.b, validate_args=False).log_prob(u) - math.log(2 * math.pi)
+
+
 class _GroupedNormal(nn.Module):
     """Normal ``(..., I, D)`` in conjugate form from per-point ``(r_n, t_n)`` grouped by ``gamma (..., N, I)``."""
 
@@ -203,7 +253,7 @@ class DGMMProposals(nn.Module):
         exact_t = xs - g
         f = torch.cat([xs, alpha.cos().unsqueeze(-1), alpha.sin().unsqueeze(-1), exact_t, g], -1)
         h = self.mu_stats(f)
-        r = h[..., :2].exp() / self.cfg.noise ** 2
+        r = h[..., :2].exp() / self.cfg.likelihood_noise ** 2
         t = exact_t + h[..., 2:]
         gamma = nn.functional.one_hot(c, self.cfg.num_clusters).to(x.dtype)
         return self._grouped(r, t, gamma, self.cfg.sigma0 ** -2)
@@ -212,16 +262,16 @@ class DGMMProposals(nn.Module):
     def _circle(self, d: torch.Tensor, radius: torch.Tensor):
         """``|d|``, the exact concentration ``r |d| / s^2`` and the unit direction of ``d (..., 2)``."""
         norm = d.norm(dim=-1).clamp_min(1e-6)
-        kappa = radius * norm / self.cfg.noise ** 2
+        kappa = radius * norm / self.cfg.likelihood_noise ** 2
         return norm, kappa, d / norm.unsqueeze(-1)
 
     def assignment_logits(self, x: torch.Tensor, mu: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         """``q(c | x, mu)``: ``x (*B, N, 2)``, ``mu (*B, L, I, 2)`` -> normalised logits ``(*B, L, N, I)``."""
         d = x.unsqueeze(-3).unsqueeze(-2) - mu.unsqueeze(-3)  # (*B, L, N, I, 2)
         norm, kappa, _ = self._circle(d, radius)
-        s2 = self.cfg.noise ** 2
+        s2 = self.cfg.likelihood_noise ** 2
         exact = -(norm * norm + radius * radius) / (2 * s2) + torch.special.i0e(kappa).log() + kappa
-        f = torch.stack([norm / radius, (norm - radius) / self.cfg.noise, kappa.log()], -1)
+        f = torch.stack([norm / radius, (norm - radius) / self.cfg.likelihood_noise, kappa.log()], -1)
         return torch.log_softmax(exact + self.score(f).squeeze(-1), -1)
 
     def angle_params(self, x: torch.Tensor, centre: torch.Tensor,
@@ -232,6 +282,95 @@ class DGMMProposals(nn.Module):
         """
         d = x.unsqueeze(-3) - centre
         norm, kappa, unit = self._circle(d, radius)
-        h = self.angle(torch.cat([unit, ((norm - radius) / self.cfg.noise).unsqueeze(-1)], -1))
+        h = self.angle(torch.cat([unit, ((norm - radius) / self.cfg.likelihood_noise).unsqueeze(-1)], -1))
         u = unit + h[..., :2]
         return torch.atan2(u[..., 1], u[..., 0]), kappa * h[..., 2].exp()
+
+    def angle_dist(self, x: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor) -> VonMisesAngle:
+        """``q(alpha | x, mu, c)`` as a distribution over ``(*B, L, N)`` (see `angle_params`)."""
+        return VonMisesAngle(*self.angle_params(x, centre, radius))
+
+
+def _mlp(inp: int, hidden: int, out: int, act: type = nn.Tanh) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), act(), nn.Linear(hidden, out))
+
+
+class _PaperMuEncoder(nn.Module):
+    """Appendix E's ``q(mu | ...)``: per-point features ``f (..., N, F)`` -> Normal ``loc, scale (..., I, 2)``.
+
+    ``lstm``: the LSTM-RWS encoder instead: an LSTM reads the points in order and a head maps its last hidden
+    state to every cluster's mean and log standard deviation (not permutation invariant).
+    """
+
+    def __init__(self, cfg: DGMMConfig, in_features: int, hidden: int, stats: int, lstm: bool = False) -> None:
+        super().__init__()
+        self.k = cfg.num_clusters
+        if lstm:
+            self.lstm = nn.LSTM(in_features, hidden, batch_first=True)
+            self.head = _mlp(hidden, hidden, 4 * self.k)
+            return
+        self.values = _mlp(in_features, hidden, stats)
+        self.gamma = _mlp(in_features, hidden, self.k)
+        self.loc = _mlp(stats + 4, hidden, 2)
+        self.log_scale = _mlp(stats + 4, hidden, 2)
+        self.prior: torch.Tensor
+        self.register_buffer("prior", torch.tensor([0.0, 0.0, cfg.sigma0, cfg.sigma0]), persistent=False)
+
+    @override
+    def forward(self, f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self, "lstm"):
+            _, (h, _) = self.lstm(f.reshape((-1,) + f.shape[-2:]))
+            out = self.head(h[-1]).reshape(f.shape[:-2] + (self.k, 4))
+            return out[..., :2], out[..., 2:].exp()
+        gamma = torch.softmax(self.gamma(f), -1).transpose(-1, -2)  # (..., I, N)
+        stats = (gamma @ self.values(f)) / (gamma.sum(-1, keepdim=True) + 1e-8)
+        inp = torch.cat([stats, self.prior.to(stats).expand(stats.shape[:-1] + (4,))], -1)
+        return self.loc(inp), self.log_scale(inp).exp()
+
+
+class PaperDGMMProposals(nn.Module):
+    """Appendix E's proposals of the DGMM, as the official code builds them (see the module docstring).
+
+    Args:
+        cfg: the model's settings.
+        conditional: build the kernel of ``{mu}`` (APG); ``False``: one-shot only (RWS).
+        encoder: the one-shot's statistic, ``"nss"`` (neural sufficient statistics) or ``"lstm"`` (LSTM-RWS).
+        hidden: hidden units (32 in the paper); ``stats``: the statistic's size (16).
+    """
+
+    def __init__(self, cfg: DGMMConfig = PAPER, conditional: bool = True, encoder: str = "nss", hidden: int = 32,
+                 stats: int = 16) -> None:
+        super().__init__()
+        if encoder not in ("nss", "lstm"):
+            raise ValueError(f"encoder must be 'nss' or 'lstm', got {encoder!r}")
+        self.cfg, self.encoder = cfg, encoder
+        self.oneshot = _PaperMuEncoder(cfg, 2, hidden, stats, lstm=encoder == "lstm")
+        self.mu_stats = _PaperMuEncoder(cfg, 2 + cfg.num_clusters, hidden, stats) if conditional else None
+        self.score = _mlp(2, hidden, 1, nn.ReLU)
+        self.angle_a = _mlp(2, hidden, 1)
+        self.angle_b = _mlp(2, hidden, 1)
+
+    def oneshot_params(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``q(mu | x)``: ``x (*B, N, 2)`` -> ``loc, scale (*B, I, 2)``."""
+        return self.oneshot(x)
+
+    def mu_params(self, x: torch.Tensor, c: torch.Tensor, alpha: torch.Tensor,
+                  decoder: AnyDecoder) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``q(mu | x, c)``: ``x (*B, N, 2)``, ``c (*B, L, N)`` -> ``loc, scale (*B, L, I, 2)`` (reads no angle)."""
+        assert self.mu_stats is not None, "an RWS baseline has no kernel of {mu}"
+        onehot = nn.functional.one_hot(c, self.cfg.num_clusters).to(x.dtype)
+        return self.mu_stats(torch.cat([x.unsqueeze(-3).expand(onehot.shape[:-1] + (2,)), onehot], -1))
+
+    def assignment_logits(self, x: torch.Tensor, mu: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """``q(c | x, mu)``: ``x (*B, N, 2)``, ``mu (*B, L, I, 2)`` -> normalised logits ``(*B, L, N, I)``."""
+        d = x.unsqueeze(-3).unsqueeze(-2) - mu.unsqueeze(-3)  # (*B, L, N, I, 2)
+        return torch.log_softmax(self.score(d).squeeze(-1), -1)
+
+    def angle_dist(self, x: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor) -> BetaAngle:
+        """``q(alpha | x, mu, c)``: ``x (*B, N, 2)``, ``centre (*B, L, N, 2)`` -> a `BetaAngle` over ``(*B, L, N)``."""
+        d = x.unsqueeze(-3) - centre
+        return BetaAngle(self.angle_a(d).squeeze(-1).exp(), self.angle_b(d).squeeze(-1).exp())
+
+
+#: proposals the DGMM's sampler accepts
+AnyProposals = Union[DGMMProposals, PaperDGMMProposals]
