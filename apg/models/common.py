@@ -12,7 +12,7 @@ from tmcgraph.arguments import positive_int
 from tmcgraph.resampling import SCHEMES
 
 __all__ = ["add_resampling_argument", "add_sampler_arguments", "cell", "chunks", "metrics_columns", "option",
-           "resolve_device", "save_figure", "training_curves"]
+           "resolve_device", "save_figure", "standard_error", "training_curves"]
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -49,6 +49,11 @@ def add_resampling_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resampling", choices=list(SCHEMES), default="systematic",
                         help="resampling before every block update (multinomial: the textbook scheme, more "
                              "variance)")
+
+
+def standard_error(t: torch.Tensor) -> float:
+    """The standard error of the mean of ``t`` (e.g. over test datasets: a table cell's Monte Carlo error), 2 digits."""
+    return float(f"{float(t.double().std() / t.numel() ** 0.5):.2g}") if t.numel() > 1 else float("nan")
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:

@@ -35,7 +35,7 @@ import torch
 from tmcgraph.plots import pyplot
 
 from ...sampler import joint_block, run
-from ..common import cell, chunks, save_figure, training_curves
+from ..common import cell, chunks, save_figure, standard_error, training_curves
 from .data import DGMMConfig, simulate
 from .model import apg_sampler, exact_sampler, log_joint
 from .networks import AnyProposals, CircleDecoder, Decoder
@@ -122,11 +122,6 @@ def _mean(t: Optional[torch.Tensor]) -> Optional[float]:
     return None if t is None else float(f"{float(t.mean()):.5g}")
 
 
-def _se(t: torch.Tensor) -> float:
-    """The standard error of the mean over the test datasets."""
-    return float(f"{float(t.double().std() / t.numel() ** 0.5):.2g}") if t.numel() > 1 else float("nan")
-
-
 def evaluate_dgmm(trained: Dict[str, Tuple[AnyProposals, Decoder]], cfg: EvalConfig = EvalConfig(),
                   plots: Optional[str] = None, metrics: Optional[Dict[str, Optional[str]]] = None,
                   progress: bool = False) -> Dict[str, Any]:
@@ -173,7 +168,7 @@ def evaluate_dgmm(trained: Dict[str, Tuple[AnyProposals, Decoder]], cfg: EvalCon
                              "ess": {"joint": _mean(r["joint"]), "globals": _mean(r.get("globals")),
                                      "locals": _mean(r.get("locals"))},
                              "radius": round(float(dec.radius.detach()), 4), "centres_found": _mean(r["found"]),
-                             "se": {"log_joint": _se(lj[m]), "centres_found": _se(r["found"])}})
+                             "se": {"log_joint": standard_error(lj[m]), "centres_found": standard_error(r["found"])}})
         base = lj["rws"]
         nets, dec = trained["apg"]
         true_lj = true_log_joint(truth, model_cfg)

@@ -27,7 +27,7 @@ from tmcgraph.plots import pyplot
 
 from ...errors import APGError
 from ...sampler import joint_block, run
-from ..common import cell, chunks, metrics_columns, save_figure
+from ..common import cell, chunks, metrics_columns, save_figure, standard_error
 from .algebra import GMMConfig, gibbs, log_joint, simulate
 from .model import apg_sampler, inclusive_kl
 from .networks import GMMProposals
@@ -116,11 +116,6 @@ def _mean(t: Optional[torch.Tensor]) -> Optional[float]:
     return None if t is None else float(f"{float(t.mean()):.5g}")
 
 
-def _se(t: torch.Tensor) -> float:
-    """The standard error of the mean over the test datasets (the Monte Carlo error of a table cell)."""
-    return float(f"{float(t.std() / t.numel() ** 0.5):.2g}") if t.numel() > 1 else float("nan")
-
-
 def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), plots: Optional[str] = None,
                  metrics: Optional[Dict[str, Optional[str]]] = None, progress: bool = False) -> Dict[str, Any]:
     """Table 1a on held-out datasets (and the figures when ``plots`` names a directory).
@@ -160,7 +155,8 @@ def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), 
                          "ess": {"joint": _mean(r["joint"]), "globals": None, "assignments": None},
                          "kl": {"globals": None, "assignments": None},
                          "kl_per_point": {"globals": None, "assignments": None},
-                         "se": {"log_joint": _se(r["log_joint"]), "ess": {"joint": _se(r["joint"])}}})
+                         "se": {"log_joint": standard_error(r["log_joint"]),
+                                "ess": {"joint": standard_error(r["joint"])}}})
         assert base is not None
         # KL summed over the block's elements (as the official code sums it), and per element: per
         # cluster-dimension for {t,m}, per point for {c} (the paper's KL {c} is evidently per point)
@@ -175,8 +171,8 @@ def evaluate_gmm(nets: Dict[str, GMMProposals], cfg: EvalConfig = EvalConfig(), 
                                      "assignments": _mean(r["assignments"])},
                              "kl": {b: _mean(r[f"kl_{b}"]) for b in elements},
                              "kl_per_point": {b: _mean(r[f"kl_{b}"] / n) for b, n in elements.items()},
-                             "se": {"log_joint": _se(r["log_joint"]),
-                                    "ess": {b: _se(r[b]) for b in ("joint", "globals", "assignments")}}})
+                             "se": {"log_joint": standard_error(r["log_joint"]),
+                                    "ess": {b: standard_error(r[b]) for b in ("joint", "globals", "assignments")}}})
         # reference points: the exact blocked Gibbs sampler (same L, the largest K) and the simulated truth
         K = max(cfg.sweeps)
         gib = torch.cat([gibbs(x[s], cfg.apg_particles, K, model, generator=g)["log_joint"][-1].mean(-1)
@@ -362,17 +358,19 @@ def _convergence(nets: GMMProposals, cfg: EvalConfig, path: str) -> Tuple[str, D
 
     plt = pyplot()
     K, L = cfg.convergence_sweeps, cfg.apg_particles
-    curves: Dict[str, List[torch.Tensor]] = {}
+    if K < 2:
+        raise APGError(f"the convergence figure needs at least 2 sweeps, got {K} (--convergence-sweeps)")
+    curves: Dict[str, List[torch.Tensor]] = {}  # sampler -> per run, (K,) mean log joint over the datasets
     acceptance: Dict[str, List[float]] = {}
+
+    def add(name: str, per_sweep: torch.Tensor) -> None:  # (K, datasets)
+        curves.setdefault(name, []).append(per_sweep.mean(-1))
+
     sampler, bpg = apg_sampler(nets), bpg_sampler(nets)
     x = simulate(cfg.convergence_datasets, nets.cfg, seed=cfg.seed + 70_000)["x"]
     with torch.no_grad():
         for r in range(cfg.convergence_runs):
             g = torch.Generator().manual_seed(cfg.seed + r)
-
-            def add(name: str, per_sweep: torch.Tensor) -> None:  # (K, datasets)
-                curves.setdefault(name, []).append(per_sweep.mean(-1))
-
             for label, s, n in ((f"APG (L={L})", sampler, L), (f"BPG (L={L * cfg.bpg_factor})", bpg,
                                                                   L * cfg.bpg_factor)):
                 res = run(s, x, n, K, record_log_joint=True, scheme=cfg.resampling, generator=g)
