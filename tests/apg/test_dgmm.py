@@ -189,9 +189,9 @@ def test_cli_evaluates_the_shipped_checkpoints(capsys):
                "--points", "30", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["method"] for r in out["rows"]] == ["RWS", "APG"]
-    # the shipped decoders learned rings of about the true radius
-    assert all(abs(r["radius"] - PAPER.radius) < 0.3 for r in out["rows"])
+    assert [r["method"] for r in out["rows"]] == ["RWS", "LSTM-RWS", "APG", "APG-paper"]
+    # our shipped decoders learned rings of about the true radius (LSTM-RWS's overshoots: docs/reproducing.md)
+    assert all(abs(r["radius"] - PAPER.radius) < 0.3 for r in out["rows"] if r["method"] in ("RWS", "APG"))
 
 
 def test_eq6_once_per_sweep():

@@ -311,9 +311,9 @@ def _training_curves(metrics: Dict[str, Optional[str]], path: str) -> Optional[s
     def draw(axes: Any, m: str, it: List[int], col: Callable[[str], List[float]]) -> None:
         label = METHOD_NAMES.get(m, m)
         axes[0].plot(it, col("log_joint"), label=label)
-        if m == "apg":
-            axes[1].plot(it, col("ess_mu"), label="APG {mu}")
-            axes[1].plot(it, col("ess_local"), label="APG {c, alpha}")
+        if m in ("apg", "apg-paper"):
+            axes[1].plot(it, col("ess_mu"), label=f"{label} {{mu}}")
+            axes[1].plot(it, col("ess_local"), label=f"{label} {{c, alpha}}")
         axes[1].plot(it, col("ess_init"), label=f"{label} one-shot")
         axes[2].plot(it, col("radius"), label=label)
 

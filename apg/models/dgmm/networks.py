@@ -304,7 +304,7 @@ class _PaperMuEncoder(nn.Module):
 
     def __init__(self, cfg: DGMMConfig, in_features: int, hidden: int, stats: int, lstm: bool = False) -> None:
         super().__init__()
-        self.k = cfg.num_clusters
+        self.k, self.is_lstm = cfg.num_clusters, lstm
         if lstm:
             self.lstm = nn.LSTM(in_features, hidden, batch_first=True)
             self.head = _mlp(hidden, hidden, 4 * self.k)
@@ -318,7 +318,7 @@ class _PaperMuEncoder(nn.Module):
 
     @override
     def forward(self, f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if hasattr(self, "lstm"):
+        if self.is_lstm:
             _, (h, _) = self.lstm(f.reshape((-1,) + f.shape[-2:]))
             out = self.head(h[-1]).reshape(f.shape[:-2] + (self.k, 4))
             return out[..., :2], out[..., 2:].exp()
