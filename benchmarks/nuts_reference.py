@@ -9,6 +9,10 @@ Writes, per latent: the posterior mean and variance over the kept samples (plate
 event dims), with the run's settings, the number of divergences and Pyro's effective sample sizes.
 
 Run: python benchmarks/nuts_reference.py --dataset radon --samples 2000 --warmup 1000 --json F [--folder D]
+
+``--compare A B`` prints how far run A's posterior means lie from run B's, in B's posterior standard deviations
+(the root mean square over every latent element, and the worst element): with B a longer, independently seeded
+run, the reference A's own Monte Carlo error, the floor under the errors `hierarchical.py` reports against it.
 """
 
 from __future__ import annotations
@@ -36,8 +40,17 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tree-depth", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=output_file, required=True)
+    parser.add_argument("--json", type=output_file, default=None, help="where to write the run (required to run)")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                        help="compare two runs' JSON files instead of running")
     args = parser.parse_args(argv)
+    if args.compare:
+        rms, worst, name, count = compare(*args.compare)
+        print(f"{args.compare[0]} against {args.compare[1]}: RMS {rms:.3f} posterior sds over {count} latent elements, "
+              f"worst {worst:.3f} ({name})")
+        return 0
+    if args.json is None:
+        parser.error("--json F is required to run NUTS")
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)
     module = importlib.import_module(f"tmcgraph.datasets.{args.dataset}")
@@ -73,6 +86,26 @@ def main(argv=None) -> int:
     print(f"{ds.name}: NUTS {args.samples} samples after {args.warmup} warm-up, {seconds:.0f} s, "
           f"{divergences} divergences, smallest ESS {min(ess.values()):.0f} ({min(ess, key=ess.get)})")
     return 0
+
+
+def _flat(x):
+    return [v for item in x for v in _flat(item)] if isinstance(x, list) else [x]
+
+
+def compare(a: str, b: str):
+    """``(rms, worst, worst latent, elements)`` of ``(mean_A - mean_B) / sd_B`` over every latent element."""
+    with open(a) as f:
+        A = json.load(f)
+    with open(b) as f:
+        B = json.load(f)
+    squares, worst, worst_name = [], 0.0, ""
+    for name in A["mean"]:
+        for x, y, v in zip(_flat(A["mean"][name]), _flat(B["mean"][name]), _flat(B["var"][name])):
+            e = abs(x - y) / max(v, 1e-24) ** 0.5
+            squares.append(e * e)
+            if e > worst:
+                worst, worst_name = e, name
+    return (sum(squares) / len(squares)) ** 0.5, worst, worst_name, len(squares)
 
 
 if __name__ == "__main__":
