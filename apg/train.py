@@ -194,8 +194,9 @@ def _check_resumable(files: _RunFiles, cfg: TrainConfig, problem: Problem) -> No
     saved_problem = problem.config()  # runs from before problem.json: the default settings
     if os.path.exists(files.problem):
         with open(files.problem) as f:
-            saved_problem = json.load(f)
-    if saved_problem != json.loads(json.dumps(problem.config())):
+            # through the model's own reading, so settings added since the run started take their defaults
+            saved_problem = problem.with_config(json.load(f)).config()
+    if json.loads(json.dumps(saved_problem)) != json.loads(json.dumps(problem.config())):
         raise APGError(f"{files.out_dir} holds a run of {cfg.model} with the model settings {saved_problem}, not "
                        f"{problem.config()}; resume it with its own model options, use another --out, or "
                        "pass --restart to start over")

@@ -69,6 +69,12 @@ def test_resume_is_bit_for_bit_and_model_settings_must_match(tmp_path):
     # the model's own settings (here the profile, via the default problem) must match the run's
     with pytest.raises(APGError, match="model settings"):
         train(str(tmp_path / "b"), cfg, progress=False)
+    # a run started before a setting existed (where_net) resumes with that setting's default
+    with open(tmp_path / "b" / "problem.json") as f:
+        saved = json.load(f)
+    del saved["where_net"]
+    with open(tmp_path / "b" / "problem.json", "w") as f:
+        json.dump(saved, f)
     train(str(tmp_path / "b"), cfg, progress=False, problem=_problem())
     a = torch.load(tmp_path / "a" / "proposals.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "proposals.pt", weights_only=False)
