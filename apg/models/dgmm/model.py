@@ -15,7 +15,6 @@ data ``x (*B, N, 2)``.  Blocks: ``{mu}`` (one weight per particle) and
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Dict, Optional, Tuple
 
@@ -165,17 +164,19 @@ class LocalKernel:
         return self.c_kernel.log_prob({"c": v["c"]}) + self._angle(v["c"]).log_prob(v["alpha"])
 
 
-def apg_sampler(nets: AnyProposals, decoder: AnyDecoder) -> Sampler:
+def apg_sampler(nets: AnyProposals, decoder: AnyDecoder, oneshot: Optional[AnyProposals] = None) -> Sampler:
     """The DGMM's APG sampler (the RWS baseline: the one-shot proposal alone, no blocks).
 
-    One-shot: ``mu ~ q(mu | x)``, then ``(c, alpha) ~ q(c, alpha | x, mu)``.
+    One-shot: ``mu ~ q(mu | x)`` (from ``oneshot``'s networks if given, else ``nets``'), then
+    ``(c, alpha) ~ q(c, alpha | x, mu)``.
     Blocks: ``"mu"`` (``q(mu | x, c, alpha)``) and ``"local"`` (``q(c, alpha | x, mu)``, per point).
     Data ``x (*B, N, 2)``; state ``mu (*B, L, I, 2)``, ``c, alpha (*B, L, N)``.
     """
     dens = DGMMDensity(nets.cfg, decoder)
+    first = nets if oneshot is None else oneshot
 
     def init(x, L, generator=None):
-        loc, scale = nets.oneshot_params(x)  # (*B, I, 2)
+        loc, scale = first.oneshot_params(x)  # (*B, I, 2)
         expand = lambda t: t.unsqueeze(-3).expand(t.shape[:-2] + (L,) + t.shape[-2:])  # noqa: E731
         k_mu = MuKernel(expand(loc), expand(scale))
         mu = k_mu.sample(generator)
@@ -198,16 +199,14 @@ def exact_sampler(nets: AnyProposals, radius: float) -> Sampler:
 
     ``nets``'s one-shot proposal, then the exact conditionals of ``{mu}`` and ``{c, alpha}`` (every incremental weight
     is 1).
-    The block kernels are those of a `DGMMProposals` with its learned residuals removed (see
-    `DGMMProposals`), with `CircleDecoder` as the model.
+    The block kernels are those of a `DGMMProposals` whose residuals are zero (see `DGMMProposals`), with
+    `CircleDecoder` as the model.
     """
-    if isinstance(nets, DGMMProposals):
-        exact = copy.deepcopy(nets)
-    else:  # appendix E's networks have no exact form: fresh residual networks (zeroed below), nets' one-shot
-        exact = DGMMProposals(nets.cfg).to(next(nets.parameters()))
-        exact.oneshot_params = nets.oneshot_params  # type: ignore[method-assign]
+    # fresh residual networks, zeroed below (the kernels of either kind of networks have no exact form otherwise)
+    with torch.random.fork_rng(devices=[]):  # building them leaves torch's global stream untouched
+        exact = DGMMProposals(nets.cfg, conditional=nets.mu_stats is not None).to(next(nets.parameters()))
     with torch.no_grad():
         for module in (exact.mu_stats, exact.score, exact.angle):
             if module is not None:
                 module.zero_residual_()
-    return apg_sampler(exact, CircleDecoder(radius))
+    return apg_sampler(exact, CircleDecoder(radius), oneshot=nets)
