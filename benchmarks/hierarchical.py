@@ -1,17 +1,25 @@
 """VI, DReGs, MP-RWS and QEM on a real hierarchical data set: ELBO and held-out predictive log-likelihood.
 
-For each method and K, ``fit`` runs ``--steps`` steps from the same seed; every ``--eval-every`` steps the
-held-out predictive log-likelihood (`tmcgraph.learn.predictive_log_likelihood`, ``--samples`` posterior samples)
-is measured outside the timed part.  Printed: the ELBO (``log P_TMC`` averaged over the last ``--tail`` steps),
-the last predictive log-likelihood, and the median seconds per step; with ``--reference`` (a NUTS run of
+For each method, K and seed, ``fit`` runs ``--steps`` steps; every ``--eval-every`` steps the held-out predictive
+log-likelihood (`tmcgraph.learn.predictive_log_likelihood`, ``--samples`` posterior samples) is measured outside
+the timed part.  Printed, averaged over the seeds (with their standard error when there are several): the ELBO
+(``log P_TMC`` averaged over the last ``--tail`` steps), the predictive log-likelihood (averaged over the
+evaluations in the last ``--tail`` steps), and the median seconds per step; with ``--reference`` (a NUTS run of
 `benchmarks/nuts_reference.py`) the fitted posterior's means against NUTS's, as the root mean square of their
-difference in NUTS standard deviations over every latent element.  With ``--json`` the whole curves (against
-steps and against cumulative seconds), with ``--figure`` one figure of both curves per method and K.
+difference in NUTS standard deviations over every latent element.  With ``--paper`` (the numbers
+`benchmarks/qem_paper_figure.py` read from the QEM paper's figure) the paper's numbers for the same data set,
+method and K stand beside ours, and its curves are drawn dashed in the figure.
+
+With ``--json`` the whole curves (against steps and against cumulative seconds) and every run's fitted
+posterior means; ``--rescore FILE --reference REF`` reports a saved run's mean error against another reference
+without running anything.  With ``--figure`` one figure of both curves per method and K (the first seed).
 
 The latents the papers draw jointly share one sample index (`tmcgraph.datasets.Dataset.groups`) unless
 ``--no-groups``.
 
 Run: python benchmarks/hierarchical.py --dataset radon --Ks 3 10 --steps 300 [--threads 1] [--json F] [--figure F]
+     the QEM paper's settings: --Ks 30 --steps 250 --seeds 0 1 2 3 4 --samples 100 --eval-every 10
+                               --lr qem=0.1 rws=0.03 vi=0.03 dregs=0.03 --paper benchmarks/results/qem_paper_figure.json
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
+import os
 import statistics
-from typing import Dict, List
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,37 +40,105 @@ from tmcgraph.learn import METHODS, fit, predictive_log_likelihood
 LRS = {"vi": 0.05, "dregs": 0.05, "rws": 0.05, "qem": 0.1}
 
 
-def moment_error(estimator, data, reference: Dict, draws: int) -> float:
-    """Root mean square over every latent element of ``(E_TMC[z] - E_NUTS[z]) / sd_NUTS[z]``.
-
-    ``E_TMC`` averages the posterior means of ``draws`` TMC draws (`tmcgraph.TMC.moments`) of the fitted model.
-    """
+def fitted_means(estimator, data, draws: int) -> Dict[str, List]:
+    """Each latent's posterior mean under the fitted model: the average of ``draws`` TMC draws' `TMC.moments`."""
     with torch.no_grad():
         means = [estimator.moments(data) for _ in range(draws)]
+    return {name: torch.stack([m[name] for m in means]).mean(0).tolist() for name in means[0]}
+
+
+def moment_error(means: Mapping[str, List], reference: Dict) -> float:
+    """Root mean square over every latent element of ``(E_TMC[z] - E_NUTS[z]) / sd_NUTS[z]``."""
     errors = []
     for name, ref in reference["mean"].items():
-        got = torch.stack([m[name] for m in means]).mean(0)
         sd = torch.tensor(reference["var"][name]).clamp_min(1e-12).sqrt()
-        errors.append(((got - torch.tensor(ref)) / sd).flatten())
+        errors.append(((torch.tensor(means[name]) - torch.tensor(ref)) / sd).flatten())
     return float(torch.cat(errors).pow(2).mean().sqrt())
 
 
-def plot(runs: List[Dict], name: str, path: str) -> None:
-    """One figure of a data set's runs: ELBO and held-out predictive log-likelihood, against steps and seconds."""
+def mean_and_error(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """The mean of ``values`` and its standard error (``None`` for a single value)."""
+    if len(values) < 2:
+        return float(values[0]), None
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _fmt(value: Tuple[float, Optional[float]], digits: int = 2) -> str:
+    mean, err = value
+    return f"{mean:.{digits}f}" + ("" if err is None else f" +- {err:.{digits}f}")
+
+
+def summarise(runs: List[Dict], tail: int, steps: int, references: Mapping[str, Dict],
+              paper: Optional[Dict], dataset: str) -> List[Dict]:
+    """One row per (K, method): the seeds' mean (and standard error) of each measure, the paper's beside it."""
+    rows = []
+    for K, method in dict.fromkeys((r["K"], r["method"]) for r in runs):
+        group = [r for r in runs if r["K"] == K and r["method"] == method]
+        row = {"K": K, "method": method, "lr": group[0]["lr"], "seeds": [r["seed"] for r in group],
+               "elbo": mean_and_error([statistics.fmean(r["elbo"][-tail:]) for r in group]),
+               "predictive_ll": mean_and_error([statistics.fmean(p for s, _, p in r["predictive"] if s > steps - tail)
+                                                for r in group]),
+               "ms_per_step": 1e3 * statistics.median(s for r in group for s in r["seconds"])}
+        for label, reference in references.items():
+            row[f"mean_error_vs_{label}"] = mean_and_error([moment_error(r["posterior_mean"], reference)
+                                                            for r in group])
+        theirs = (paper or {}).get("curves", {}).get(dataset, {})
+        if theirs.get("K") == K:
+            for metric in ("elbo", "predictive_ll"):
+                if method in theirs.get(metric, {}):
+                    c = theirs[metric][method]
+                    row[f"paper_{metric}"] = (c[f"mean_last_{tail}"] if f"mean_last_{tail}" in c else None,
+                                              c["final"], c["final_stderr"])
+            seconds = (paper or {}).get("seconds_per_iteration", {}).get(dataset, {}).get(method, {}).get(str(K))
+            if seconds is not None:
+                row["paper_ms_per_step"] = 1e3 * seconds
+        rows.append(row)
+    return rows
+
+
+def print_rows(rows: List[Dict]) -> None:
+    """The summary table, one line per (K, method)."""
+    for row in rows:
+        line = (f"K={row['K']:<4d} {row['method']:<6s} lr {row['lr']:<5g} ELBO {_fmt(row['elbo']):>18s}   "
+                f"predictive ll {_fmt(row['predictive_ll']):>18s}   {row['ms_per_step']:7.1f} ms/step")
+        for key, value in row.items():
+            if key.startswith("mean_error_vs_"):
+                line += f"   mean error vs {key[len('mean_error_vs_'):]} {_fmt(value, 3)}"
+        for metric in ("elbo", "predictive_ll"):
+            if f"paper_{metric}" in row:
+                tail_mean, final, err = row[f"paper_{metric}"]
+                line += f"   | paper {metric}: last {tail_mean:.2f}, final {final:.2f} +- {err:.2f}"
+        if "paper_ms_per_step" in row:
+            line += f"   | paper {row['paper_ms_per_step']:.1f} ms/step (GPU)"
+        print(line)
+
+
+def plot(runs: List[Dict], name: str, path: str, paper: Optional[Dict] = None) -> None:
+    """One figure of a data set's runs (each method and K's first seed): ELBO and held-out predictive
+    log-likelihood, against steps and seconds; the paper's curves (``paper``) dashed against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    colours: Dict[str, str] = {}
     for run in runs:
+        if run.get("seed", 0) != runs[0].get("seed", 0):
+            continue
         label = f"{run['method']} K={run['K']}"
         seconds = torch.tensor(run["seconds"]).cumsum(0).tolist()
         axes[0, 0].plot(range(1, len(run["elbo"]) + 1), run["elbo"], label=label, lw=0.8)
         axes[0, 1].plot(seconds, run["elbo"], label=label, lw=0.8)
         steps, secs, pll = zip(*run["predictive"])
         axes[1, 0].plot(steps, pll, marker="o", label=label)
-        axes[1, 1].plot(secs, pll, marker="o", label=label)
+        lines = axes[1, 1].plot(secs, pll, marker="o", label=label)
+        colours.setdefault(run["method"], lines[0].get_color())
+    theirs = (paper or {}).get("curves", {}).get(name, {})
+    for row, metric in enumerate(("elbo", "predictive_ll")):
+        for method, c in theirs.get(metric, {}).items():
+            axes[row, 0].plot(range(1, len(c["curve"]) + 1), c["curve"], ls="--", lw=1, color=colours.get(method),
+                              label=f"QEM paper: {method} K={theirs['K']}")
     for ax in axes[0]:
         ax.set_ylabel("ELBO (log P_TMC of each step's draw)")
     for ax in axes[1]:
@@ -80,10 +158,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default="radon")
     parser.add_argument("--folder", default=None, help="the data folder of a data set not shipped (chimpanzees)")
     parser.add_argument("--no-groups", action="store_true", help="one index per latent, not the papers' groups")
-    parser.add_argument("--reference", default=None,
-                        help="a benchmarks/nuts_reference.py JSON: report the posterior means' error against it")
+    parser.add_argument("--reference", nargs="+", default=[],
+                        help="benchmarks/nuts_reference.py JSON files: report the posterior means' error against each")
+    parser.add_argument("--paper", default=None, help="benchmarks/qem_paper_figure.py's JSON: the paper's numbers")
+    parser.add_argument("--rescore", default=None, help="a --json file of this script: report it, run nothing")
     parser.add_argument("--moment-draws", type=int, default=10,
-                        help="TMC draws averaged for the fitted posterior's means (with --reference)")
+                        help="TMC draws averaged for each run's fitted posterior means")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--Ks", type=int, nargs="+", default=[3, 10])
     parser.add_argument("--steps", type=int, default=300)
@@ -91,16 +171,36 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--chunk-size", type=int, default=None, help="posterior samples per pass (memory)")
     parser.add_argument("--tail", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
+                        help=f"step sizes other than the defaults {LRS}")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=output_file, default=None)
     parser.add_argument("--figure", type=output_file, default=None)
     parser.add_argument("--plot-only", default=None, help="redraw --figure from this --json file, run nothing")
     args = parser.parse_args(argv)
-    if args.plot_only:
-        with open(args.plot_only) as f:
+    lrs = dict(LRS)
+    for item in args.lr:
+        method, _, value = item.partition("=")
+        if method not in METHODS or not value:
+            parser.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {METHODS}")
+        lrs[method] = float(value)
+    references = {}
+    for path in args.reference:
+        with open(path) as f:
+            references[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
+    paper = None
+    if args.paper:
+        with open(args.paper) as f:
+            paper = json.load(f)
+    if args.plot_only or args.rescore:
+        with open(args.plot_only or args.rescore) as f:
             saved = json.load(f)
-        plot(saved["runs"], saved["dataset"], args.figure)
+        if args.rescore:
+            print_rows(summarise(saved["runs"], saved.get("tail", args.tail), saved["steps"], references, paper,
+                                 saved["dataset"]))
+        if args.figure:
+            plot(saved["runs"], saved["dataset"], args.figure, paper)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,39 +208,35 @@ def main(argv=None) -> int:
     ds = module.load(args.folder) if args.folder else module.load()
     options = {} if args.no_groups else {"groups": ds.groups}
     model = ds.model()
-    reference = None
-    if args.reference:
-        with open(args.reference) as f:
-            reference = json.load(f)
     runs: List[Dict] = []
-    print(f"{ds.name}: {args.steps} steps, seed {args.seed}, torch threads {torch.get_num_threads()}, "
-          f"groups {options.get('groups', ())}")
-    for K in args.Ks:
-        for method in args.methods:
-            curve: List = []
+    print(f"{ds.name}: {args.steps} steps, seeds {args.seeds}, torch threads {torch.get_num_threads()}, "
+          f"groups {options.get('groups', ())}, {args.samples} samples for the predictive log-likelihood")
+    for K, method, seed in ((K, m, s) for K in args.Ks for m in args.methods for s in args.seeds):
+        curve: List = []
 
-            def evaluate(step, result, curve=curve):
-                if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        def evaluate(step, result, curve=curve, seed=seed):
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                with torch.random.fork_rng():  # evaluating leaves the training draws as they would be without it
+                    torch.manual_seed(1_000_003 * seed + step)
                     pll = predictive_log_likelihood(result.estimator, ds.train, ds.test_log_likelihood,
                                                     num_samples=args.samples, latents=ds.test_latents,
                                                     chunk_size=args.chunk_size)
-                    curve.append((step + 1, sum(result.history["seconds"]), float(pll)))
+                curve.append((step + 1, sum(result.history["seconds"]), float(pll)))
 
-            r = fit(model, ds.train, method=method, K=K, steps=args.steps, lr=LRS[method], seed=args.seed,
-                    progress=False, callback=evaluate, estimator_options=options)
-            elbo = r.history["elbo"]
-            tail = statistics.fmean(elbo[-args.tail:])
-            per_step = statistics.median(r.history["seconds"])
-            error = None if reference is None else moment_error(r.estimator, ds.train, reference, args.moment_draws)
-            print(f"K={K:<4d} {method:<6s} ELBO {tail:10.2f}   predictive ll {curve[-1][2]:10.2f}   "
-                  f"{1e3 * per_step:7.1f} ms/step" + ("" if error is None else f"   mean error vs NUTS {error:.3f}"))
-            runs.append({"K": K, "method": method, "lr": LRS[method], "elbo": elbo, "seconds": r.history["seconds"],
-                         "predictive": curve, "mean_error_vs_nuts": error})
+        r = fit(model, ds.train, method=method, K=K, steps=args.steps, lr=lrs[method], seed=seed,
+                progress=False, callback=evaluate, estimator_options=options)
+        runs.append({"K": K, "method": method, "lr": lrs[method], "seed": seed, "elbo": r.history["elbo"],
+                     "seconds": r.history["seconds"], "predictive": curve,
+                     "posterior_mean": fitted_means(r.estimator, ds.train, args.moment_draws)})
+        print(f"  done: K={K} {method} seed {seed}: ELBO {statistics.fmean(r.history['elbo'][-args.tail:]):.2f}, "
+              f"predictive ll {curve[-1][2]:.2f}", flush=True)
+    print_rows(summarise(runs, args.tail, args.steps, references, paper, ds.name))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"dataset": ds.name, "steps": args.steps, "seed": args.seed, "runs": runs}, f)
+            json.dump({"dataset": ds.name, "steps": args.steps, "tail": args.tail, "samples": args.samples,
+                       "eval_every": args.eval_every, "seeds": args.seeds, "runs": runs}, f)
     if args.figure:
-        plot(runs, ds.name, args.figure)
+        plot(runs, ds.name, args.figure, paper)
     return 0
 
 
