@@ -41,10 +41,12 @@ LRS = {"vi": 0.05, "dregs": 0.05, "rws": 0.05, "qem": 0.1}
 
 
 def fitted_means(estimator, data, draws: int) -> Dict[str, List]:
-    """Each latent's posterior mean under the fitted model: the average of ``draws`` TMC draws' `TMC.moments`."""
+    """Each sampled latent's posterior mean under the fitted model: the average of ``draws`` TMC draws'
+    `TMC.moments` (enumerated latents have no NUTS reference and are left out)."""
+    sampled = {n: None for n in estimator.model.latents() if not estimator.model.sites[n].enumerate}
     with torch.no_grad():
-        means = [estimator.moments(data) for _ in range(draws)]
-    return {name: torch.stack([m[name] for m in means]).mean(0).tolist() for name in means[0]}
+        means = [estimator.moments(data, sampled) for _ in range(draws)]
+    return {name: torch.stack([m[name] for m in means]).mean(0).tolist() for name in sampled}
 
 
 def moment_error(means: Mapping[str, List], reference: Dict) -> float:
@@ -225,9 +227,13 @@ def main(argv=None) -> int:
 
         r = fit(model, ds.train, method=method, K=K, steps=args.steps, lr=lrs[method], seed=seed,
                 progress=False, callback=evaluate, estimator_options=options)
-        runs.append({"K": K, "method": method, "lr": lrs[method], "seed": seed, "elbo": r.history["elbo"],
-                     "seconds": r.history["seconds"], "predictive": curve,
-                     "posterior_mean": fitted_means(r.estimator, ds.train, args.moment_draws)})
+        means = fitted_means(r.estimator, ds.train, args.moment_draws)
+        runs.append({"K": K, "method": method, "lr": lrs[method], "seed": seed,
+                     "elbo": [round(v, 3) for v in r.history["elbo"]],
+                     "seconds": [round(v, 6) for v in r.history["seconds"]],
+                     "predictive": [(s, round(t, 6), round(p, 3)) for s, t, p in curve],
+                     "posterior_mean": {n: torch.tensor(v).double().mul(1e5).round().div(1e5).tolist()
+                                        for n, v in means.items()}})
         print(f"  done: K={K} {method} seed {seed}: ELBO {statistics.fmean(r.history['elbo'][-args.tail:]):.2f}, "
               f"predictive ll {curve[-1][2]:.2f}", flush=True)
     print_rows(summarise(runs, args.tail, args.steps, references, paper, ds.name))

@@ -175,6 +175,58 @@ def test_wake_theta_learns_a_model_parameter_by_maximum_likelihood(method):
     assert abs(theta.item() - X.mean().item()) < 0.15
 
 
+def _mixture(theta, w, scale):
+    """mu ~ N(theta, 1) (proposal N(w, scale)); c_n ~ Bernoulli(sigmoid(w)) enumerated; x_n ~ N(c_n mu, 1)."""
+    m = tmcgraph.Model().plate("N", N)
+    m.latent("mu", prior=lambda: Normal(theta, 1.0), proposal=lambda: Normal(w, scale))
+    m.latent("c", prior=lambda: torch.distributions.Bernoulli(logits=w), enumerate=True, plates=["N"])
+    m.observe("x", lambda mu, c: Normal(c * mu, 1.0), plates=["N"])
+    return m
+
+
+@pytest.mark.parametrize("data", [{"x": X}, {"x": torch.stack([X, X.flip(0), 2 * X])}], ids=["one", "batch of 3"])
+def test_the_differentiable_log_marginal_is_log_p_of_the_same_draw_with_its_gradient(data):
+    """``posterior(differentiable=True).differentiable_log_marginal()`` has the value and the gradient (model
+    parameter, proposal parameter through log q and the reparameterised samples) of ``log_marginal`` on the
+    same draw, for a sampled and an enumerated latent, over repeated draws and a batch of datasets."""
+    theta, w = torch.tensor(0.3, requires_grad=True), torch.tensor(-0.2, requires_grad=True)
+    est = _mixture(theta, w, 0.8).compile(K=7)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        plain = est.log_marginal(data).sum()
+        want = torch.autograd.grad(plain, [theta, w])
+        torch.manual_seed(seed)
+        post = est.posterior(data, differentiable=True)
+        got = post.differentiable_log_marginal()
+        torch.testing.assert_close(got, plain)
+        torch.testing.assert_close(torch.autograd.grad(got, [theta, w]), want)
+        torch.manual_seed(seed + 100)  # a different draw has another gradient: the check can fail
+        other = torch.autograd.grad(est.posterior(data, differentiable=True).differentiable_log_marginal(), [theta])
+        assert not torch.allclose(other[0], want[0])
+    with pytest.raises(TMCError, match=r"differentiable=True"):
+        est.posterior(data).differentiable_log_marginal()
+
+
+def test_the_differentiable_log_marginal_has_finite_gradients_past_zero_probability_samples():
+    """x ~ Uniform(u - theta, u + theta) gives the samples u of the wide proposal far from x zero likelihood
+    (log-factor -inf, depending on theta): the value and gradient stay those of log_marginal, finite."""
+    theta = torch.tensor(1.0, requires_grad=True)
+    m = tmcgraph.Model()
+    m.latent("u", prior=lambda: Normal(theta, 1.0), proposal=lambda: Normal(0.0, 3.0))
+    m.observe("x", lambda u: torch.distributions.Uniform(u - theta, u + theta, validate_args=False))
+    est = m.compile(K=50)
+    torch.manual_seed(0)
+    assert (est.posterior({"x": torch.tensor(0.5)}).samples["u"] - 0.5).abs().gt(1).any()  # some are impossible
+    torch.manual_seed(0)
+    plain = est.log_marginal({"x": torch.tensor(0.5)})
+    (want,) = torch.autograd.grad(plain, [theta])
+    torch.manual_seed(0)
+    got = est.posterior({"x": torch.tensor(0.5)}, differentiable=True).differentiable_log_marginal()
+    (grad,) = torch.autograd.grad(got, [theta])
+    assert torch.isfinite(grad) and torch.isfinite(got)
+    torch.testing.assert_close((got, grad), (plain, want))
+
+
 # -- runs: seeds, checkpoints, interruption -------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["vi", "qem"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, method):

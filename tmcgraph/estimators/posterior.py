@@ -31,11 +31,13 @@ class Posterior:
 
     def __init__(self, model: "Model", tr: Trace, plan: Plan, norm: float,
                  log_sum: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
-                 rng: Optional[Callable[[str], ContextManager[object]]] = None) -> None:
+                 rng: Optional[Callable[[str], ContextManager[object]]] = None, *,
+                 differentiable: bool = False) -> None:
         """One draw ``tr`` of ``model`` contracted by ``plan``.
 
         ``log_sum(factors)`` is the estimator's contraction of factors laid out as ``tr``'s (all-reduced when sharded),
-        ``rng(latent)`` its random stream for a latent (sharded TMC), ``norm`` its log-normaliser.
+        ``rng(latent)`` its random stream for a latent (sharded TMC), ``norm`` its log-normaliser;
+        ``differentiable``: keep what `differentiable_log_marginal` needs.
         """
         self._model, self._trace, self._log_sum, self._rng = model, tr, log_sum, rng
         layout = tr.layout
@@ -48,17 +50,45 @@ class Posterior:
             if not bool(torch.isfinite(total).all()):
                 raise TMCError("every sample combination has zero weight (log P_TMC = -inf) for some batch element; "
                                "the posterior over samples is undefined")
-            grads = torch.autograd.grad(total.sum(), [leaves[n] for n in model.latents()])
+            names = list(leaves) if differentiable else list(model.latents())
+            grads = dict(zip(names, torch.autograd.grad(total.sum(), [leaves[n] for n in names])))
         self.log_marginal = total.detach() - norm
+        self._surrogate: Optional[torch.Tensor] = None
+        if differentiable:
+            # d log P / d theta = sum over factors and entries of (d log P / d f) (d f / d theta): the contraction's
+            # gradient, already computed, against the factors' own graph; entries of zero weight (f = -inf, gradient
+            # 0) are masked so they give 0, not 0 * inf
+            self._surrogate = sum(((g * f.expand(batch + tuple(f.shape[f.dim() - core[n]:])).masked_fill(g == 0, 0.0))
+                                   .sum() for n, g in grads.items() for f in (tr.factors[n],) if f.requires_grad),
+                                  torch.zeros((), dtype=total.dtype, device=total.device))
         self.samples: Dict[str, torch.Tensor] = {}
         self.marginals: Dict[str, torch.Tensor] = {}
         self._event: Dict[str, int] = {}
-        for n, g in zip(model.latents(), grads):
+        for n in model.latents():
+            g = grads[n]
             extra = len(factor_indices(model, layout.index_of, n)) - 1
             w = g.sum(dim=tuple(range(g.dim() - extra, g.dim()))) if extra else g
             self.marginals[n] = w
             self._event[n] = tr.event_dims[n]
             self.samples[n] = layout.site_view(tr.values[n].detach(), n, tr.event_dims[n])
+
+    def differentiable_log_marginal(self) -> torch.Tensor:
+        """This draw's ``log P_TMC``, summed over the data batch, with its gradient: a 0-dim tensor.
+
+        Its gradient with respect to anything the draw's log-factors depend on (the model's parameters; the
+        proposals' parameters, through their log-densities and reparameterised samples) is that of ``log P_TMC``
+        of this very draw, at no second contraction: the contraction's gradient with respect to each factor,
+        computed for the marginals, is paired with the factors' own graph.  Wake-theta of reweighted wake-sleep
+        uses it (`tmcgraph.learn.fit`).
+
+        Raises:
+            TMCError: the posterior was built without ``differentiable=True`` (`TMC.posterior`).
+        """
+        if self._surrogate is None:
+            raise TMCError("differentiable_log_marginal needs the posterior built by TMC.posterior(data, "
+                           "differentiable=True)")
+        value = self.log_marginal.sum()
+        return value + (self._surrogate - self._surrogate.detach())
 
     def mean(self, name: str, fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """Posterior expectation ``E[fn(z)]`` of latent ``name`` per plate element.

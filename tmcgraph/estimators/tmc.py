@@ -260,16 +260,28 @@ class TMC(GraphEstimator):
     def _paper_dregs_from_trace(self, tr: Trace, plan: Plan) -> torch.Tensor:
         return dregs.paper_surrogate(tr, plan, self.evaluator)
 
-    def posterior(self, data: Mapping[str, object]) -> "Posterior":
+    def posterior(self, data: Mapping[str, object], *, differentiable: bool = False) -> "Posterior":
         """Draw samples, contract, and return posterior summaries over them.
+
+        Args:
+            data: observation name -> value ``(*batch, *plates, *event)``.
+            differentiable: also keep the draw's ``log P_TMC`` with its gradient
+                (`Posterior.differentiable_log_marginal`); not for a sharded estimator.
 
         Returns:
             a `Posterior` with the per-latent marginal weights over
             samples (autodiff of ``log P_TMC``), posterior means and backward
             sampling through the contraction.
+
+        Raises:
+            TMCError: ``differentiable`` with a sharded estimator.
         """
+        if differentiable and self.shard is not None:
+            raise TMCError("posterior(differentiable=True) is not supported by a sharded estimator; use "
+                           "log_marginal for gradients")
         tr, plan, norm = self._trace(data)
-        return Posterior(self.model, tr, plan, norm, lambda fs: self._log_sum(plan, fs, share=False), self._rng)
+        return Posterior(self.model, tr, plan, norm, lambda fs: self._log_sum(plan, fs, share=False), self._rng,
+                         differentiable=differentiable)
 
     def moments(self, data: Mapping[str, object],
                 statistics: Optional[Mapping[str, Callable[[torch.Tensor], torch.Tensor]]] = None

@@ -7,7 +7,8 @@ Four methods, each one step per iteration on a fresh TMC draw of K samples per l
   parameters by ``log P_TMC``.
 * ``"rws"``: massively parallel reweighted wake-sleep (Heap, Leech and Aitchison, UAI 2023).  Wake-phi: the
   proposals ascend ``sum_i sum_k m_i(k) log q_i(z_i^k)``, the TMC posterior's weights ``m`` (held fixed) on the
-  samples (held fixed): the inclusive KL's gradient.  Wake-theta: the model's parameters ascend ``log P_TMC``.
+  samples (held fixed): the inclusive KL's gradient.  Wake-theta: the model's parameters ascend ``log P_TMC`` of
+  the same draw (`tmcgraph.Posterior.differentiable_log_marginal`).
 * ``"qem"``: QEM (Heap, Bowyer and Aitchison, AABI 2025).  Each exponential-family proposal moves its mean
   parameters towards the TMC posterior's expected sufficient statistics,
   ``m <- (1 - lr) m + lr E_post[T(z)]`` (`tmcgraph.learn.families.ExpFamily.qem_step`); no gradients.  Model
@@ -164,7 +165,7 @@ def _step(method: str, est: TMC, data: Mapping[str, object], qs: Mapping[str, An
         if model_params:  # the surrogate's gradient is the proposals' only: the model's take log P's
             (-est.log_marginal(data).sum()).backward(inputs=model_params)
     else:  # rws, qem: the posterior weights of one draw
-        post = est.posterior(data)
+        post = est.posterior(data, differentiable=bool(model_params))
         value = float(post.log_marginal.sum())
         if method == "rws":
             wake_phi = sum(_weighted_log_q(qs[n], post, n) for n in qs)
@@ -176,8 +177,8 @@ def _step(method: str, est: TMC, data: Mapping[str, object], qs: Mapping[str, An
                                f"a data batch dim (log P has shape {tuple(post.log_marginal.shape)})")
             for name, q in qs.items():
                 q.qem_step(post.mean(name, q.statistics), lr)
-        if model_params:  # wake-theta: the model's parameters ascend log P (on a draw of their own)
-            (-est.log_marginal(data).sum()).backward(inputs=model_params)
+        if model_params:  # wake-theta: the model's parameters ascend log P of the same draw
+            (-post.differentiable_log_marginal()).backward(inputs=list(model_params))
     if optimizer is not None:
         optimizer.step()
     return value
