@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="radon")
     parser.add_argument("--folder", default=None, help="the data folder of a data set not shipped (chimpanzees)")
+    parser.add_argument("--option", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="keyword arguments of the data set's load (JSON values), e.g. latent_delay=true")
     parser.add_argument("--no-groups", action="store_true", help="one index per latent, not the papers' groups")
     parser.add_argument("--reference", nargs="+", default=[],
                         help="benchmarks/nuts_reference.py JSON files: report the posterior means' error against each")
@@ -207,12 +209,17 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     module = importlib.import_module(f"tmcgraph.datasets.{args.dataset}")
-    ds = module.load(args.folder) if args.folder else module.load()
-    options = {} if args.no_groups else {"groups": ds.groups}
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)
+    ds = module.load(args.folder, **options) if args.folder else module.load(**options)
+    compile_options = {} if args.no_groups else {"groups": ds.groups}
     model = ds.model()
     runs: List[Dict] = []
     print(f"{ds.name}: {args.steps} steps, seeds {args.seeds}, torch threads {torch.get_num_threads()}, "
-          f"groups {options.get('groups', ())}, {args.samples} samples for the predictive log-likelihood")
+          f"groups {compile_options.get('groups', ())}, {args.samples} samples for the predictive log-likelihood"
+          + (f", load options {options}" if options else ""))
     for K, method, seed in ((K, m, s) for K in args.Ks for m in args.methods for s in args.seeds):
         curve: List = []
 
@@ -226,7 +233,7 @@ def main(argv=None) -> int:
                 curve.append((step + 1, sum(result.history["seconds"]), float(pll)))
 
         r = fit(model, ds.train, method=method, K=K, steps=args.steps, lr=lrs[method], seed=seed,
-                progress=False, callback=evaluate, estimator_options=options)
+                progress=False, callback=evaluate, estimator_options=compile_options)
         means = fitted_means(r.estimator, ds.train, args.moment_draws)
         runs.append({"K": K, "method": method, "lr": lrs[method], "seed": seed,
                      "elbo": [round(v, 3) for v in r.history["elbo"]],
@@ -239,8 +246,8 @@ def main(argv=None) -> int:
     print_rows(summarise(runs, args.tail, args.steps, references, paper, ds.name))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"dataset": ds.name, "steps": args.steps, "tail": args.tail, "samples": args.samples,
-                       "eval_every": args.eval_every, "seeds": args.seeds, "runs": runs}, f)
+            json.dump({"dataset": ds.name, "load_options": options, "steps": args.steps, "tail": args.tail,
+                       "samples": args.samples, "eval_every": args.eval_every, "seeds": args.seeds, "runs": runs}, f)
     if args.figure:
         plot(runs, ds.name, args.figure, paper)
     return 0
