@@ -346,6 +346,31 @@ def test_the_bus_breakdown_data_set():
     assert ds.test_log_likelihood(samples).shape == (5,)
 
 
+def test_the_bus_breakdown_variant_of_the_qem_papers_figure_has_a_latent_logit_per_incident():
+    """``load(latent_delay=True)``: log_delay_ybi ~ N(logits, 1), delayed ~ Bernoulli(logits=log_delay); its joint
+    density is the hand-written one, and its held-out likelihood draws the held-out logits."""
+    from tmcgraph.datasets import bus_breakdown
+
+    ds = bus_breakdown.load(latent_delay=True)
+    m = ds.model()
+    assert list(m.sites["log_delay"].plates) == ["years", "boroughs", "incidents"]
+    torch.manual_seed(0)
+    values = {n: v[0] for n, v in ds.model().compile(K=2, groups=ds.groups).posterior(ds.train).sample(1).items()
+              if not n.startswith("@")}
+    cols = bus_breakdown._columns()
+    logits = bus_breakdown._logits(values["alpha"][..., None], values["phi"], values["psi"],
+                                   cols["bus_company"][..., :150], cols["run_type"][..., :150])
+    by_hand = (Normal(logits, 1.0).log_prob(values["log_delay"]).sum()
+               + torch.distributions.Bernoulli(logits=values["log_delay"]).log_prob(ds.train["delayed"]).sum())
+    density = tmcgraph.JointDensity(m)
+    got = density.log_prob({n: v[None] for n, v in values.items()}, ds.train, sites=["log_delay", "delayed"])
+    torch.testing.assert_close(got.reshape(()), by_hand, rtol=1e-5, atol=1e-3)
+    samples = {n: v.expand(4, *v.shape) for n, v in values.items()}
+    first, second = ds.test_log_likelihood(samples), ds.test_log_likelihood(samples)
+    assert first.shape == (4,) and not torch.equal(first, second)  # the held-out logits are drawn
+    assert ds.test_latents == ("alpha", "phi", "psi")
+
+
 def test_the_occupancy_data_set_and_its_held_out_likelihood_summing_presence_out():
     from tmcgraph.datasets import occupancy
 
