@@ -11,8 +11,10 @@ difference in NUTS standard deviations over every latent element.  With ``--pape
 method and K stand beside ours, and its curves are drawn dashed in the figure.
 
 With ``--json`` the whole curves (against steps and against cumulative seconds) and every run's fitted
-posterior means; ``--rescore FILE --reference REF`` reports a saved run's mean error against another reference
-without running anything.  With ``--figure`` one figure of both curves per method and K (the first seed).
+posterior means, written after every run: a run interrupted and started again with the same ``--json`` and
+settings skips the runs already there.  ``--rescore FILE [FILE ...]`` reports saved runs (merged), against
+other ``--reference`` files too, and redraws ``--figure``, running nothing.  With ``--figure`` one figure of
+both curves per method and K (the first seed).
 
 The latents the papers draw jointly share one sample index (`tmcgraph.datasets.Dataset.groups`) unless
 ``--no-groups``.
@@ -109,7 +111,8 @@ def print_rows(rows: List[Dict]) -> None:
         for metric in ("elbo", "predictive_ll"):
             if f"paper_{metric}" in row:
                 tail_mean, final, err = row[f"paper_{metric}"]
-                line += f"   | paper {metric}: last {tail_mean:.2f}, final {final:.2f} +- {err:.2f}"
+                line += (f"   | paper {metric}: " + ("" if tail_mean is None else f"last {tail_mean:.2f}, ")
+                         + f"final {final:.2f} +- {err:.2f}")
         if "paper_ms_per_step" in row:
             line += f"   | paper {row['paper_ms_per_step']:.1f} ms/step (GPU)"
         print(line)
@@ -140,7 +143,7 @@ def plot(runs: List[Dict], name: str, path: str, paper: Optional[Dict] = None) -
     for row, metric in enumerate(("elbo", "predictive_ll")):
         for method, c in theirs.get(metric, {}).items():
             axes[row, 0].plot(range(1, len(c["curve"]) + 1), c["curve"], ls="--", lw=1, color=colours.get(method),
-                              label=f"QEM paper: {method} K={theirs['K']}")
+                              label=f"QEM paper: {method} K={theirs['K']} (5 runs, smoothed)")
     for ax in axes[0]:
         ax.set_ylabel("ELBO (log P_TMC of each step's draw)")
     for ax in axes[1]:
@@ -165,7 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", nargs="+", default=[],
                         help="benchmarks/nuts_reference.py JSON files: report the posterior means' error against each")
     parser.add_argument("--paper", default=None, help="benchmarks/qem_paper_figure.py's JSON: the paper's numbers")
-    parser.add_argument("--rescore", default=None, help="a --json file of this script: report it, run nothing")
+    parser.add_argument("--rescore", nargs="+", default=None,
+                        help="--json files of this script (one data set): report them, redraw --figure, run nothing")
     parser.add_argument("--moment-draws", type=int, default=10,
                         help="TMC draws averaged for each run's fitted posterior means")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -181,7 +185,6 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=output_file, default=None)
     parser.add_argument("--figure", type=output_file, default=None)
-    parser.add_argument("--plot-only", default=None, help="redraw --figure from this --json file, run nothing")
     args = parser.parse_args(argv)
     lrs = dict(LRS)
     for item in args.lr:
@@ -197,14 +200,22 @@ def main(argv=None) -> int:
     if args.paper:
         with open(args.paper) as f:
             paper = json.load(f)
-    if args.plot_only or args.rescore:
-        with open(args.plot_only or args.rescore) as f:
-            saved = json.load(f)
-        if args.rescore:
-            print_rows(summarise(saved["runs"], saved.get("tail", args.tail), saved["steps"], references, paper,
-                                 saved["dataset"]))
+    if args.rescore:
+        saved = []
+        for path in args.rescore:
+            with open(path) as f:
+                saved.append(json.load(f))
+        settings = {(d["dataset"], d["steps"], d["tail"]) for d in saved}
+        if len(settings) != 1:
+            parser.error(f"--rescore: the files are of different data sets or settings {sorted(settings)}")
+        dataset, steps, tail = settings.pop()
+        runs = [r for d in saved for r in d["runs"]]
+        keys = [(r["K"], r["method"], r["seed"], r["lr"]) for r in runs]
+        if len(set(keys)) != len(keys):
+            parser.error("--rescore: a run (K, method, seed, lr) appears twice")
+        print_rows(summarise(runs, tail, steps, references, paper, dataset))
         if args.figure:
-            plot(saved["runs"], saved["dataset"], args.figure, paper)
+            plot(runs, dataset, args.figure, paper)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -216,11 +227,23 @@ def main(argv=None) -> int:
     ds = module.load(args.folder, **options) if args.folder else module.load(**options)
     compile_options = {} if args.no_groups else {"groups": ds.groups}
     model = ds.model()
+    header = {"dataset": ds.name, "load_options": options, "steps": args.steps, "tail": args.tail,
+              "samples": args.samples, "eval_every": args.eval_every, "groups": not args.no_groups}
     runs: List[Dict] = []
+    if args.json and os.path.exists(args.json):  # resume: keep the runs of the same settings already done
+        with open(args.json) as f:
+            saved = json.load(f)
+        if {k: saved.get(k) for k in header} != header:
+            parser.error(f"--json {args.json} holds runs of other settings ({ {k: saved.get(k) for k in header} }); "
+                         "remove it or give another file")
+        runs = saved["runs"]
+        print(f"resuming: {len(runs)} runs already in {args.json}")
     print(f"{ds.name}: {args.steps} steps, seeds {args.seeds}, torch threads {torch.get_num_threads()}, "
           f"groups {compile_options.get('groups', ())}, {args.samples} samples for the predictive log-likelihood"
           + (f", load options {options}" if options else ""))
     for K, method, seed in ((K, m, s) for K in args.Ks for m in args.methods for s in args.seeds):
+        if any((r["K"], r["method"], r["seed"], r["lr"]) == (K, method, seed, lrs[method]) for r in runs):
+            continue
         curve: List = []
 
         def evaluate(step, result, curve=curve, seed=seed):
@@ -243,11 +266,11 @@ def main(argv=None) -> int:
                                         for n, v in means.items()}})
         print(f"  done: K={K} {method} seed {seed}: ELBO {statistics.fmean(r.history['elbo'][-args.tail:]):.2f}, "
               f"predictive ll {curve[-1][2]:.2f}", flush=True)
+        if args.json:  # after every run, atomically: an interrupted benchmark keeps what it finished
+            with open(args.json + ".tmp", "w") as f:
+                json.dump({**header, "runs": runs}, f)
+            os.replace(args.json + ".tmp", args.json)
     print_rows(summarise(runs, args.tail, args.steps, references, paper, ds.name))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"dataset": ds.name, "load_options": options, "steps": args.steps, "tail": args.tail,
-                       "samples": args.samples, "eval_every": args.eval_every, "seeds": args.seeds, "runs": runs}, f)
     if args.figure:
         plot(runs, ds.name, args.figure, paper)
     return 0

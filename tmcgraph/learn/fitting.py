@@ -4,7 +4,7 @@ Four methods, each one step per iteration on a fresh TMC draw of K samples per l
 
 * ``"vi"``: gradient ascent on ``log P_TMC`` with reparameterised samples (the TMC bound).
 * ``"dregs"``: the proposals by the TMC DReGs surrogate (`tmcgraph.TMC.dregs_surrogate`), the model's
-  parameters by ``log P_TMC``.
+  parameters by ``log P_TMC`` of a draw of their own (the surrogate's gradient is the proposals' only).
 * ``"rws"``: massively parallel reweighted wake-sleep (Heap, Leech and Aitchison, UAI 2023).  Wake-phi: the
   proposals ascend ``sum_i sum_k m_i(k) log q_i(z_i^k)``, the TMC posterior's weights ``m`` (held fixed) on the
   samples (held fixed): the inclusive KL's gradient.  Wake-theta: the model's parameters ascend ``log P_TMC`` of
