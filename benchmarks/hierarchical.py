@@ -100,21 +100,40 @@ def summarise(runs: List[Dict], tail: int, steps: int, references: Mapping[str, 
     return rows
 
 
-def print_rows(rows: List[Dict]) -> None:
-    """The summary table, one line per (K, method)."""
+def print_rows(rows: List[Dict], markdown: bool = False) -> None:
+    """The summary table, one line per (K, method); ``markdown``: as a Markdown table (docs/learning.md)."""
+    if not rows:
+        return
+    errors = [k for k in rows[0] if k.startswith("mean_error_vs_")]
+    has_paper = any(f"paper_{m}" in row for row in rows for m in ("elbo", "predictive_ll"))
+
+    def paper(row: Dict, metric: str) -> str:
+        if f"paper_{metric}" not in row:
+            return "-"
+        tail_mean, final, err = row[f"paper_{metric}"]
+        return f"{final:.2f} +- {err:.2f}" + ("" if tail_mean is None else f" (last 50: {tail_mean:.2f})")
+
+    if markdown:
+        head = ["K", "method", "lr", "seeds", "ELBO", "predictive ll", "ms / step"]
+        head += [f"mean error vs {k[len('mean_error_vs_'):]}" for k in errors]
+        if has_paper:
+            head += ["paper ELBO", "paper predictive ll", "paper ms / step (GPU)"]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
     for row in rows:
-        line = (f"K={row['K']:<4d} {row['method']:<6s} lr {row['lr']:<5g} ELBO {_fmt(row['elbo']):>18s}   "
-                f"predictive ll {_fmt(row['predictive_ll']):>18s}   {row['ms_per_step']:7.1f} ms/step")
-        for key, value in row.items():
-            if key.startswith("mean_error_vs_"):
-                line += f"   mean error vs {key[len('mean_error_vs_'):]} {_fmt(value, 3)}"
-        for metric in ("elbo", "predictive_ll"):
-            if f"paper_{metric}" in row:
-                tail_mean, final, err = row[f"paper_{metric}"]
-                line += (f"   | paper {metric}: " + ("" if tail_mean is None else f"last {tail_mean:.2f}, ")
-                         + f"final {final:.2f} +- {err:.2f}")
-        if "paper_ms_per_step" in row:
-            line += f"   | paper {row['paper_ms_per_step']:.1f} ms/step (GPU)"
+        cells = [str(row["K"]), row["method"], f"{row['lr']:g}", str(len(row["seeds"])), _fmt(row["elbo"]),
+                 _fmt(row["predictive_ll"]), f"{row['ms_per_step']:.1f}"] + [_fmt(row[k], 3) for k in errors]
+        if has_paper:
+            cells += [paper(row, "elbo"), paper(row, "predictive_ll"),
+                      f"{row['paper_ms_per_step']:.1f}" if "paper_ms_per_step" in row else "-"]
+        if markdown:
+            print("| " + " | ".join(cells) + " |")
+            continue
+        line = (f"K={cells[0]:<4s} {cells[1]:<6s} lr {cells[2]:<5s} ELBO {cells[4]:>18s}   "
+                f"predictive ll {cells[5]:>18s}   {cells[6]:>7s} ms/step")
+        line += "".join(f"   mean error vs {k[len('mean_error_vs_'):]} {c}" for k, c in zip(errors, cells[7:]))
+        if has_paper:
+            line += f"   | paper: ELBO {cells[-3]}, predictive ll {cells[-2]}, {cells[-1]} ms/step (GPU)"
         print(line)
 
 
@@ -183,6 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                         help=f"step sizes other than the defaults {LRS}")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--markdown", action="store_true", help="print the summary as a Markdown table")
     parser.add_argument("--json", type=output_file, default=None)
     parser.add_argument("--figure", type=output_file, default=None)
     args = parser.parse_args(argv)
@@ -213,7 +233,7 @@ def main(argv=None) -> int:
         keys = [(r["K"], r["method"], r["seed"], r["lr"]) for r in runs]
         if len(set(keys)) != len(keys):
             parser.error("--rescore: a run (K, method, seed, lr) appears twice")
-        print_rows(summarise(runs, tail, steps, references, paper, dataset))
+        print_rows(summarise(runs, tail, steps, references, paper, dataset), args.markdown)
         if args.figure:
             plot(runs, dataset, args.figure, paper)
         return 0
@@ -270,7 +290,7 @@ def main(argv=None) -> int:
             with open(args.json + ".tmp", "w") as f:
                 json.dump({**header, "runs": runs}, f)
             os.replace(args.json + ".tmp", args.json)
-    print_rows(summarise(runs, args.tail, args.steps, references, paper, ds.name))
+    print_rows(summarise(runs, args.tail, args.steps, references, paper, ds.name), args.markdown)
     if args.figure:
         plot(runs, ds.name, args.figure, paper)
     return 0
