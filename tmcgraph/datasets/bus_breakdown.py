@@ -19,8 +19,7 @@ Model (as those papers declare it)::
 2024), with a latent logit per incident, ``log_delay_ybi ~ N(alpha_yb + phi[company_ybi] + psi[run_type_ybi], 1)``
 and ``delayed_ybi ~ Bernoulli(logits = log_delay_ybi)``.  Its held-out log-likelihood draws each held-out
 incident's ``log_delay`` once from that prior per posterior sample, as the paper's extended importance sample
-does.  (Fitted at K = 30 by QEM, it gives that figure's ELBO, -410.5 against the figure's -410.6, where the
-model without ``log_delay`` gives -405.6: docs/learning.md.)
+does.  docs/learning.md compares both models' fits with the figure.
 """
 
 from __future__ import annotations

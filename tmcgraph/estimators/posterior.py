@@ -58,9 +58,13 @@ class Posterior:
             # d log P / d theta = sum over factors and entries of (d log P / d f) (d f / d theta): the contraction's
             # gradient, already computed, against the factors' own graph; entries of zero weight (f = -inf, gradient
             # 0) are masked so they give 0, not 0 * inf
-            self._surrogate = sum(((g * f.expand(batch + tuple(f.shape[f.dim() - core[n]:])).masked_fill(g == 0, 0.0))
-                                   .sum() for n, g in grads.items() for f in (tr.factors[n],) if f.requires_grad),
-                                  torch.zeros((), dtype=total.dtype, device=total.device))
+            terms = []
+            for n, g in grads.items():
+                f = tr.factors[n]
+                if f.requires_grad:
+                    f = f.expand(batch + tuple(f.shape[f.dim() - core[n]:]))
+                    terms.append((g * f.masked_fill(g == 0, 0.0)).sum())
+            self._surrogate = torch.stack(terms).sum() if terms else total.new_zeros(())
         self.samples: Dict[str, torch.Tensor] = {}
         self.marginals: Dict[str, torch.Tensor] = {}
         self._event: Dict[str, int] = {}
