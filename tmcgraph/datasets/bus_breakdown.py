@@ -69,14 +69,14 @@ def model(bus_company: torch.Tensor, run_type: torch.Tensor, latent_delay: bool 
     m.latent("beta", prior=lambda mu_beta, sigma_beta: Normal(mu_beta, sigma_beta.exp()), plates=["years"])
     m.latent("sigma_alpha", prior=lambda: Normal(0.0, 1.0), plates=["years"])
     m.latent("alpha", prior=lambda beta, sigma_alpha: Normal(beta, sigma_alpha.exp()), plates=["years", "boroughs"])
-    incidents = ["years", "boroughs", "incidents"]
+    per_incident = ["years", "boroughs", "incidents"]
     if latent_delay:
-        m.latent("log_delay", plates=incidents,
+        m.latent("log_delay", plates=per_incident,
                  prior=lambda alpha, phi, psi: Normal(_logits(alpha, phi, psi, bus_company, run_type), 1.0))
-        m.observe("delayed", lambda log_delay: Bernoulli(logits=log_delay), plates=incidents)
+        m.observe("delayed", lambda log_delay: Bernoulli(logits=log_delay), plates=per_incident)
     else:
         m.observe("delayed", lambda alpha, phi, psi: Bernoulli(logits=_logits(alpha, phi, psi, bus_company, run_type)),
-                  plates=incidents)
+                  plates=per_incident)
     return m
 
 
