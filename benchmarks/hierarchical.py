@@ -36,6 +36,7 @@ import statistics
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from _util import standardised_errors  # benchmarks/, the script's directory
 
 from tmcgraph.arguments import output_file
 from tmcgraph.learn import METHODS, fit, predictive_log_likelihood
@@ -57,11 +58,7 @@ def fitted_means(estimator, data, draws: int) -> Dict[str, List]:
 
 def moment_error(means: Mapping[str, List], reference: Dict) -> float:
     """Root mean square over every latent element of ``(E_TMC[z] - E_NUTS[z]) / sd_NUTS[z]``."""
-    errors = []
-    for name, ref in reference["mean"].items():
-        sd = torch.tensor(reference["var"][name]).clamp_min(1e-12).sqrt()
-        errors.append(((torch.tensor(means[name]) - torch.tensor(ref)) / sd).flatten())
-    return float(torch.cat(errors).pow(2).mean().sqrt())
+    return float(torch.cat(list(standardised_errors(means, reference).values())).pow(2).mean().sqrt())
 
 
 def mean_and_error(values: Sequence[float]) -> Tuple[float, Optional[float]]:
@@ -76,12 +73,15 @@ def _fmt(value: Tuple[float, Optional[float]], digits: int = 2) -> str:
     return f"{mean:.{digits}f}" + ("" if err is None else f" +- {err:.{digits}f}")
 
 
+def paper_of(paper: Optional[Dict], dataset: str, load_options: Mapping[str, object]) -> Optional[Dict]:
+    """``paper`` where its figure is of this data set's model with these load options (`PAPER_MODELS`), else None."""
+    return paper if PAPER_MODELS.get(dataset) == dict(load_options) else None
+
+
 def summarise(runs: List[Dict], tail: int, steps: int, references: Mapping[str, Dict],
-              paper: Optional[Dict], dataset: str, load_options: Mapping[str, object]) -> List[Dict]:
-    """One row per (K, method): the seeds' mean (and standard error) of each measure, and the paper's where its
-    figure is of the same model (`PAPER_MODELS`)."""
-    if PAPER_MODELS.get(dataset) != dict(load_options):
-        paper = None
+              paper: Optional[Dict], dataset: str) -> List[Dict]:
+    """One row per (K, method): the seeds' mean (and standard error) of each measure, and ``paper``'s beside it
+    (give it through `paper_of`)."""
     rows = []
     for K, method in dict.fromkeys((r["K"], r["method"]) for r in runs):
         group = [r for r in runs if r["K"] == K and r["method"] == method]
@@ -241,10 +241,10 @@ def main(argv=None) -> int:
         keys = [(r["K"], r["method"], r["seed"], r["lr"]) for r in runs]
         if len(set(keys)) != len(keys):
             parser.error("--rescore: a run (K, method, seed, lr) appears twice")
-        rows = summarise(runs, tail, steps, references, paper, dataset, json.loads(load_options))
-        print_rows(rows, args.markdown)
+        paper = paper_of(paper, dataset, json.loads(load_options))
+        print_rows(summarise(runs, tail, steps, references, paper, dataset), args.markdown)
         if args.figure:
-            plot(runs, dataset, args.figure, paper if PAPER_MODELS.get(dataset) == json.loads(load_options) else None)
+            plot(runs, dataset, args.figure, paper)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -299,9 +299,10 @@ def main(argv=None) -> int:
             with open(args.json + ".tmp", "w") as f:
                 json.dump({**header, "runs": runs}, f)
             os.replace(args.json + ".tmp", args.json)
-    print_rows(summarise(runs, args.tail, args.steps, references, paper, ds.name, options), args.markdown)
+    paper = paper_of(paper, ds.name, options)
+    print_rows(summarise(runs, args.tail, args.steps, references, paper, ds.name), args.markdown)
     if args.figure:
-        plot(runs, ds.name, args.figure, paper if PAPER_MODELS.get(ds.name) == options else None)
+        plot(runs, ds.name, args.figure, paper)
     return 0
 
 

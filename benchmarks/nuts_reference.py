@@ -24,6 +24,7 @@ import time
 
 import pyro
 import torch
+from _util import standardised_errors  # benchmarks/, the script's directory
 from pyro.infer.mcmc import MCMC, NUTS
 
 from tmcgraph import JointDensity
@@ -88,24 +89,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def _flat(x):
-    return [v for item in x for v in _flat(item)] if isinstance(x, list) else [x]
-
-
 def compare(a: str, b: str):
     """``(rms, worst, worst latent, elements)`` of ``(mean_A - mean_B) / sd_B`` over every latent element."""
     with open(a) as f:
         A = json.load(f)
     with open(b) as f:
         B = json.load(f)
-    squares, worst, worst_name = [], 0.0, ""
-    for name in A["mean"]:
-        for x, y, v in zip(_flat(A["mean"][name]), _flat(B["mean"][name]), _flat(B["var"][name])):
-            e = abs(x - y) / max(v, 1e-24) ** 0.5
-            squares.append(e * e)
-            if e > worst:
-                worst, worst_name = e, name
-    return (sum(squares) / len(squares)) ** 0.5, worst, worst_name, len(squares)
+    errors = standardised_errors(A["mean"], B)
+    flat = torch.cat(list(errors.values())).abs()
+    worst_name = max(errors, key=lambda n: float(errors[n].abs().max()))
+    return float(flat.pow(2).mean().sqrt()), float(flat.max()), worst_name, flat.numel()
 
 
 if __name__ == "__main__":
